@@ -1,0 +1,95 @@
+"""Tokenised reference batches for the contrastive objective.
+
+Each item carries its reference index (which sample-token set S_i it owns). Texts are right-padded
+and end with EOS so the domain tokens also learn where an example stops. The contrastive term
+needs at least two references per batch, so a last batch of one is dropped (which reference is
+dropped rotates with the epoch's shuffle)."""
+from __future__ import annotations
+
+import logging
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+log = logging.getLogger(__name__)
+
+
+def tokenize_texts(tokenizer, texts: list[str], max_len: int, what: str = "texts") -> list[list[int]]:
+    """Token ids of each text followed by EOS, truncated to max_len tokens with one warning."""
+    eos = tokenizer.eos_token_id
+    enc = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    out, n_cut = [], 0
+    for ids in enc:
+        ids = list(ids) + ([eos] if eos is not None else [])
+        if len(ids) > max_len:
+            ids, n_cut = ids[:max_len], n_cut + 1
+        out.append(ids)
+    if n_cut:
+        log.warning("%d of %d %s are longer than max_len=%d tokens and were truncated", n_cut, len(texts),
+                    what, max_len)
+    return out
+
+
+def pad_batch(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad to the longest sequence: (input_ids, attention_mask)."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+class IndexedTexts(Dataset):
+    def __init__(self, token_ids: list[list[int]]):
+        self.token_ids = token_ids
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"index": i, "input_ids": self.token_ids[i]}
+
+
+class Collate:
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, items: list[dict]) -> dict:
+        ids, mask = pad_batch([it["input_ids"] for it in items], self.pad_id)
+        return {"index": torch.tensor([it["index"] for it in items]), "input_ids": ids,
+                "attention_mask": mask}
+
+
+class DomainDataModule(L.LightningDataModule):
+    def __init__(self, tokenizer, references: list[str], heldout: list[str] | None = None,
+                 batch_size: int = 4, max_len: int = 256, val_size: int | None = 16,
+                 num_workers: int = 0, min_batch: int = 2):
+        super().__init__()
+        if batch_size < min_batch:
+            raise ValueError(f"data.batch_size={batch_size}: the contrastive objective needs at least "
+                             f"{min_batch} references per batch")
+        self.tokenizer, self.batch_size, self.num_workers = tokenizer, batch_size, num_workers
+        self.min_batch = min_batch
+        self.train_ids = tokenize_texts(tokenizer, references, max_len, "references")
+        held = list(heldout or [])[: val_size if val_size is not None else None]
+        self.val_ids = tokenize_texts(tokenizer, held, max_len, "held-out texts") if held else []
+        self.collate = Collate(tokenizer.pad_token_id)
+
+    def train_dataloader(self) -> DataLoader:
+        world = getattr(self.trainer, "world_size", 1) if self.trainer is not None else 1
+        per_rank = -(-len(self.train_ids) // world)
+        drop_last = per_rank % self.batch_size != 0 and per_rank % self.batch_size < self.min_batch
+        if per_rank < self.min_batch:
+            raise ValueError(f"{len(self.train_ids)} references over {world} process(es) leave fewer than "
+                             f"{self.min_batch} per batch")
+        return DataLoader(IndexedTexts(self.train_ids), batch_size=self.batch_size, shuffle=True,
+                          drop_last=drop_last, collate_fn=self.collate, num_workers=self.num_workers)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.val_ids:
+            return []
+        return DataLoader(IndexedTexts(self.val_ids), batch_size=self.batch_size, shuffle=False,
+                          collate_fn=self.collate, num_workers=self.num_workers)
