@@ -56,8 +56,6 @@ class DominoModule(L.LightningModule):
                                    k=k, l=l if method == "domino" else 0, init=init, text_ids=text_ids,
                                    domain_head=domain_head, domain_head_hidden=domain_head_hidden,
                                    sample_rank=sample_rank, seed=seed)
-        # the backbone is excluded from checkpoints; on_load_checkpoint checks the rest strictly
-        self.strict_loading = False
 
     # ------------------------------------------------------------------ parameters & counts
     def param_counts(self) -> dict[str, int]:
@@ -146,6 +144,9 @@ class DominoModule(L.LightningModule):
             raise ValueError(f"checkpoint was trained on backbone {meta.get('backbone_id')} "
                              f"(config hash {meta.get('backbone_hash')}), this is {self.backbone_id} "
                              f"({self.backbone_hash})")
+        # the frozen backbone was loaded from its own source: hand its tensors back so that the
+        # (strict) state-dict load sees every key without the checkpoint ever storing them
+        checkpoint["state_dict"].update({BACKBONE_PREFIX + k: v for k, v in self.backbone.state_dict().items()})
 
     def export_domain_prompt(self, out_dir: str | Path, metadata: dict[str, Any]) -> Path:
         """domain_prompt.safetensors (D only, heads folded) + domain_prompt.json (how to rebuild)."""

@@ -5,6 +5,7 @@ import hashlib
 import json
 import logging
 import subprocess
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,8 @@ from domino.data.records import write_jsonl
 from domino.module import DominoModule
 
 log = logging.getLogger(__name__)
+# the frozen backbone is in eval mode on purpose (no dropout)
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
 
 
 def git_commit() -> str | None:

@@ -1,0 +1,51 @@
+"""Shared fixtures: Hydra composition against the real conf/, a tiny random backbone, small sizes."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+TINY = {"name": "tiny", "path": "tiny", "dtype": "float32",
+        "tiny": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "intermediate_size": 128, "seed": 0}}
+# sizes that keep a tiny training step well under a second on 2 CPU cores
+SMALL_TRAIN = ["backbone=tiny", "domain.n_references=8", "data.max_len=48", "data.val_size=4",
+               "data.batch_size=4", "prompt.k=4", "prompt.l=4", "trainer.max_steps=2",
+               "trainer.enable_model_summary=false", "trainer.enable_progress_bar=false"]
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone():
+    from domino.backbone import load_backbone
+    return load_backbone(**TINY)
+
+
+@pytest.fixture()
+def compose():
+    """compose(config_name, overrides, output_dir) -> DictConfig, as the entry point would see it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    def _compose(name: str, overrides: list[str] = (), output_dir: str | os.PathLike | None = None):
+        GlobalHydra.instance().clear()
+        extra = [f"paths.output_dir={output_dir}"] if output_dir is not None else ["paths.output_dir=/tmp/x"]
+        extra += [f"paths.root_dir={ROOT}"]
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            return hydra_compose(config_name=name, overrides=list(overrides) + extra)
+
+    yield _compose
+    GlobalHydra.instance().clear()

@@ -1,0 +1,107 @@
+"""End to end on the tiny backbone: training lowers the loss, checkpoints hold only the soft
+tokens and resume, the export carries its provenance, a multirun sweep completes."""
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from domino.data.datamodule import pad_batch, tokenize_texts
+from domino.module import DominoModule
+from domino.training import train
+
+from .conftest import ROOT, SMALL_TRAIN, TINY
+
+PIN_TEXTS = ["def f(x):\n    return x", "import os\nprint(1)", "a = [1, 2, 3]", "while True:\n    pass"]
+
+
+@pytest.mark.parametrize("form,pinned", [("paper", 11.91328), ("official", 10.817687)])
+def test_initial_loss_is_pinned(form, pinned):
+    """Seeded tiny model + seeded prompts: the first loss is a fixed number (regression pin)."""
+    m = DominoModule(backbone=TINY, n_references=4, k=4, l=4, seed=0, form=form)
+    ids, mask = pad_batch(tokenize_texts(m.tokenizer, PIN_TEXTS, 32), m.tokenizer.pad_token_id)
+    out = m.losses({"index": torch.arange(4), "input_ids": ids, "attention_mask": mask})
+    assert out["loss"].item() == pytest.approx(pinned, abs=1e-3)
+
+
+def read_metric(out_dir, name):
+    with open(out_dir / "csv" / "metrics.csv") as fh:
+        return [float(r[name]) for r in csv.DictReader(fh) if r.get(name)]
+
+
+def test_training_lowers_loss_and_exports(compose, tmp_path):
+    # full batch (8 references, batch 8) so every step sees the same texts
+    cfg = compose("train", SMALL_TRAIN + ["data.batch_size=8", "trainer.max_steps=8", "optim.lr_domain=0.05",
+                                          "optim.lr_sample=0.05", "optim.warmup_steps=0"], tmp_path)
+    result = train(cfg)
+    losses = read_metric(tmp_path, "train/loss")
+    assert len(losses) == 8 and losses[-1] < losses[0] - 0.05, losses
+    assert read_metric(tmp_path, "val/nll_dom")  # held-out NLL under D alone is logged
+    for name in ("train/loss_dom", "train/loss_con", "train/contrast_gap"):
+        assert read_metric(tmp_path, name)
+    D = load_file(tmp_path / "domain_prompt.safetensors")
+    assert list(D) == ["domain_tokens"] and D["domain_tokens"].shape == (4, 64)
+    meta = json.loads((tmp_path / "domain_prompt.json").read_text())
+    for key in ("backbone_id", "backbone_hash", "config_hash", "hidden_size", "k", "method", "objective",
+                "reference_fingerprint", "seed", "git_commit"):
+        assert key in meta
+    assert meta["k"] == 4 and meta["method"] == "domino" and meta["steps"] == 8
+    refs = [json.loads(x) for x in (tmp_path / "references.jsonl").read_text().splitlines()]
+    held = [json.loads(x) for x in (tmp_path / "heldout.jsonl").read_text().splitlines()]
+    assert len(refs) == 8 and len(held) == 156 and result["domain_prompt"].endswith(".safetensors")
+
+
+def test_checkpoint_holds_only_soft_tokens_and_resumes(compose, tmp_path):
+    cfg = compose("train", SMALL_TRAIN + ["trainer.max_steps=2"], tmp_path)
+    train(cfg)
+    ckpt_path = tmp_path / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    assert set(ckpt["state_dict"]) == {"prompts.domain", "prompts.samples"}
+    assert ckpt["state_dict"]["prompts.samples"].shape == (8, 4, 64)
+    assert "backbone" not in json.dumps(list(ckpt["state_dict"]))
+    # round trip: rebuilt from hyperparameters alone, same tensors
+    m = DominoModule.load_from_checkpoint(ckpt_path)
+    torch.testing.assert_close(m.prompts.domain.detach(), ckpt["state_dict"]["prompts.domain"])
+    # resume to 4 steps from the 2-step checkpoint
+    out2 = tmp_path / "resumed"
+    cfg2 = compose("train", SMALL_TRAIN + ["trainer.max_steps=4", f"ckpt_path={ckpt_path}"], out2)
+    train(cfg2)
+    assert json.loads((out2 / "domain_prompt.json").read_text())["steps"] == 4
+    assert len(read_metric(out2, "train/loss")) == 2  # only the two new steps ran
+
+
+def test_checkpoint_with_wrong_keys_is_refused(compose, tmp_path):
+    cfg = compose("train", SMALL_TRAIN, tmp_path)
+    train(cfg)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt["state_dict"]["prompts.extra"] = torch.zeros(1)
+    torch.save(ckpt, tmp_path / "bad.ckpt")
+    with pytest.raises(KeyError, match="unexpected.*prompts.extra"):
+        DominoModule.load_from_checkpoint(tmp_path / "bad.ckpt")
+
+
+def test_soft_prompt_baseline_has_no_sample_tokens(compose, tmp_path):
+    cfg = compose("train", SMALL_TRAIN + ["method=soft_prompt"], tmp_path)
+    train(cfg)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert set(ckpt["state_dict"]) == {"prompts.domain"}
+    assert read_metric(tmp_path, "train/loss") and not read_metric(tmp_path, "train/loss_con")
+
+
+def test_too_few_references_is_a_clear_error(compose, tmp_path):
+    cfg = compose("train", SMALL_TRAIN + ["domain.n_references=1"], tmp_path)
+    with pytest.raises(ValueError, match="at least 2 references"):
+        train(cfg)
+
+
+@pytest.mark.slow
+def test_multirun_sweep_completes(tmp_path):
+    args = [sys.executable, "train.py", "-m", "method.lambda=0,1", f"hydra.sweep.dir={tmp_path}"] + SMALL_TRAIN
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lams = sorted(json.loads((tmp_path / str(i) / "domain_prompt.json").read_text())["objective"]["lambda"]
+                  for i in (0, 1))
+    assert lams == [0.0, 1.0]
