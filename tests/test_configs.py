@@ -52,3 +52,30 @@ def test_paper_scale_gpu_config_composes_from_cli():
     cfg = OmegaConf.create(out.stdout)
     assert cfg.backbone.path == "Qwen/Qwen2.5-Coder-7B-Instruct" and cfg.trainer.strategy == "deepspeed_stage_2"
     assert cfg.domain.text_field == "description"
+
+
+EXPERIMENTS = sorted((CONF / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.stem for p in EXPERIMENTS])
+def test_experiment_files_start_with_their_command_and_compose(compose, path):
+    lines = path.read_text().splitlines()
+    assert lines[0] == "# @package _global_"
+    cmd = lines[1].lstrip("# ").split()
+    assert cmd[0] == "python" and cmd[1].endswith(".py") and f"experiment={path.stem}" in cmd, lines[1]
+    entry = cmd[1][: -len(".py")]
+    cfg = compose(entry, [f"experiment={path.stem}"])
+    OmegaConf.to_container(cfg, resolve=True)
+
+
+def test_paper_codegen_matches_the_published_setup(compose):
+    cfg = compose("train", ["experiment=paper_codegen"])
+    assert (cfg.prompt.k, cfg.prompt.l, cfg.optim.lr_domain, cfg.optim.warmup_steps) == (256, 256, 1e-3, 0)
+    assert (cfg.data.batch_size, cfg.data.max_len, cfg.trainer.max_epochs) == (3, 1024, 10)
+    assert cfg.backbone.dtype == "bfloat16" and cfg.backbone.gradient_checkpointing
+    assert cfg.trainer.strategy == "deepspeed_stage_2"
+
+
+def test_optuna_search_config_composes(compose):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="optional extra: pip install -e '.[optuna]'")
+    compose("train", ["hparams_search=optuna"])
