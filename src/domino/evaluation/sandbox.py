@@ -1,0 +1,302 @@
+"""Execute untrusted programs against tests, one fresh interpreter per program.
+
+Isolation, strongest available first (`isolation=auto` picks it, see docs/evaluation.md):
+
+- `namespaces` (needs root and util-linux `unshare`): `unshare --net --pid --mount-proc --fork
+  --kill-child` starts `python -I sandbox_child.py` as pid 1 of new network/pid/mount namespaces.
+  The child mounts private tmpfs over /tmp, /var/tmp, /dev/shm, hides directories the sandbox uid
+  cannot traverse (e.g. /root), lowers rlimits, then drops to a dedicated unprivileged uid (one
+  per worker slot, so RLIMIT_NPROC is a real per-sandbox process cap even though we are root).
+  No network interface but a down loopback; when pid 1 dies the kernel kills every process of
+  the sandbox, including ones that called setsid() or double-forked.
+- `process`: same child, same rlimits, same uid as the harness, private temp working dir, new
+  session killed as a group. No network or filesystem isolation: trusted-ish code only.
+
+Never a fork of the model-holding process running untrusted code: `subprocess` exec's a fresh
+interpreter (no preexec_fn, which is unsafe in a multi-threaded torch process). The environment
+is minimal. A program passes only if the child wrote the per-run random nonce line, after all
+tests ran, on a dedicated fd, with passed == total == the number of tests the harness sent.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import queue
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+log = logging.getLogger(__name__)
+
+CHILD = Path(__file__).with_name("sandbox_child.py")
+RUNNER_VERSION = "1"  # bump when the child's semantics change: it is part of the cache key
+MINIMAL_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
+               "HOME": "/tmp", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@dataclass
+class SandboxConfig:
+    workers: int = 2
+    timeout_per_test: float = 3.0     # seconds per test (and for running the program's top level)
+    timeout_total: float = 30.0       # wall clock for the whole program incl. interpreter start
+    memory_mb: int = 2048             # RLIMIT_AS
+    cpu_seconds: int = 30             # RLIMIT_CPU per process
+    fsize_mb: int = 16                # RLIMIT_FSIZE: largest file (incl. stdout) the program may write
+    nofile: int = 64                  # RLIMIT_NOFILE
+    nproc: int = 32                   # RLIMIT_NPROC for the sandbox uid (namespaces mode)
+    tmpfs_mb: int = 64                # size of each private tmpfs
+    max_output_bytes: int = 1 << 20   # stdout compared for stdin tests
+    isolation: str = "auto"           # auto | namespaces | process
+    uid_base: int = 1_600_000_000     # uid of worker slot i = uid_base + i (no passwd entry needed)
+    gid: int = 65534                  # nogroup
+    python: str = field(default_factory=lambda: sys.executable)
+
+    def fingerprint(self) -> dict:
+        """What changes an outcome: part of the execution-cache key."""
+        keys = ("timeout_per_test", "memory_mb", "cpu_seconds", "fsize_mb", "nofile", "nproc")
+        return {k: getattr(self, k) for k in keys} | {"runner": RUNNER_VERSION}
+
+
+@dataclass
+class ExecResult:
+    status: str                  # passed | failed | error | timeout | sandbox_error
+    passed_tests: int
+    total_tests: int
+    seconds: float
+    detail: str = ""
+    exit_code: int | None = None
+    stderr_tail: str = ""
+    cached: bool = False
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "passed"
+
+
+@functools.lru_cache(maxsize=None)
+def probe_isolation(python: str = sys.executable) -> str:
+    """`namespaces` if we can build the full sandbox here (root + unshare that works), else `process`."""
+    unshare = shutil.which("unshare")
+    if os.geteuid() != 0 or unshare is None:
+        return "process"
+    try:
+        r = subprocess.run([unshare, "--net", "--pid", "--fork", "--kill-child", "--mount-proc",
+                            "--propagation", "private", python, "-I", "-c", "pass"],
+                           capture_output=True, timeout=30, env=MINIMAL_ENV)
+    except (OSError, subprocess.TimeoutExpired):
+        return "process"
+    return "namespaces" if r.returncode == 0 else "process"
+
+
+def execution_key(program: str, tests: list, test_type: str, fingerprint: dict) -> str:
+    blob = json.dumps([program, tests, test_type, fingerprint], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class ExecutionCache:
+    """Append-only JSONL of key -> result, so a rerun never executes the same program twice.
+    Timeouts and sandbox errors are not cached: they depend on machine load, not on the program."""
+
+    def __init__(self, path: str | Path | None):
+        self.path = Path(path) if path else None
+        self._mem: dict[str, dict] = {}
+        if self.path and self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                    self._mem[rec["key"]] = rec["result"]
+                except (ValueError, KeyError):
+                    continue  # a torn last line after a crash: that program simply runs again
+        self._fh = None
+
+    def get(self, key: str) -> ExecResult | None:
+        rec = self._mem.get(key)
+        return ExecResult(**rec, cached=True) if rec else None
+
+    def put(self, key: str, result: ExecResult) -> None:
+        if result.status in ("timeout", "sandbox_error"):
+            return
+        rec = {k: v for k, v in asdict(result).items() if k != "cached"}
+        self._mem[key] = rec
+        if self.path:
+            if self._fh is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._fh = open(self.path, "a")
+            self._fh.write(json.dumps({"key": key, "result": rec}) + "\n")
+            self._fh.flush()
+
+    def close(self):
+        if self._fh:
+            self._fh.close()
+            self._fh = None
+
+
+class Sandbox:
+    def __init__(self, config: SandboxConfig | None = None, cache: ExecutionCache | None = None, **overrides):
+        self.config = config or SandboxConfig(**overrides)
+        want = self.config.isolation
+        have = probe_isolation(self.config.python)
+        if want == "namespaces" and have != "namespaces":
+            raise RuntimeError("sandbox.isolation=namespaces needs root and a working `unshare` "
+                               "(util-linux); use isolation=process to run without it")
+        if want not in ("auto", "namespaces", "process"):
+            raise ValueError(f"sandbox.isolation={want!r}: expected auto, namespaces or process")
+        self.isolation = have if want == "auto" else want
+        if self.isolation == "process":
+            log.warning("sandbox isolation=process: no network/filesystem isolation, programs run as "
+                        "uid %d. Only evaluate code you would run yourself.", os.getuid())
+        self.cache = cache or ExecutionCache(None)
+        self._slots: queue.Queue[int] = queue.Queue()
+        for i in range(max(1, self.config.workers)):
+            self._slots.put(i)
+
+    # ------------------------------------------------------------------ one program
+    def run(self, program: str, tests: list, test_type: str = "functional") -> ExecResult:
+        if test_type not in ("functional", "stdin"):
+            raise ValueError(f"test_type={test_type!r}: expected functional or stdin")
+        key = execution_key(program, tests, test_type, self.config.fingerprint())
+        hit = self.cache.get(key)
+        if hit is not None:
+            return hit
+        slot = self._slots.get()
+        try:
+            result = self._execute(program, tests, test_type, slot)
+        finally:
+            self._slots.put(slot)
+        self.cache.put(key, result)
+        return result
+
+    def _execute(self, program: str, tests: list, test_type: str, slot: int) -> ExecResult:
+        cfg = self.config
+        if not tests:
+            return ExecResult("error", 0, 0, 0.0, detail="no tests: a program without tests never passes")
+        nonce = secrets.token_hex(16)
+        scratch = Path(tempfile.mkdtemp(prefix="domino-sbx-"))  # 0700, ours: job, result, logs
+        started = time.monotonic()
+        namespaced = self.isolation == "namespaces"
+        res_r, res_w = os.pipe()
+        proc = None
+        try:
+            job = {"program": program, "tests": tests, "test_type": test_type, "nonce": nonce,
+                   "result_fd": res_w, "timeout_per_test": cfg.timeout_per_test,
+                   "memory_mb": cfg.memory_mb, "cpu_seconds": cfg.cpu_seconds, "fsize_mb": cfg.fsize_mb,
+                   "nofile": cfg.nofile, "nproc": cfg.nproc, "tmpfs_mb": cfg.tmpfs_mb,
+                   "max_output_bytes": cfg.max_output_bytes, "namespace": namespaced,
+                   "uid": cfg.uid_base + slot if namespaced else None, "gid": cfg.gid}
+            (scratch / "job.json").write_text(json.dumps(job))
+            if namespaced:
+                cmd = [shutil.which("unshare"), "--net", "--pid", "--fork", "--kill-child", "--mount-proc",
+                       "--propagation", "private", cfg.python, "-I", str(CHILD)]
+                cwd = "/"
+            else:
+                work = scratch / "work"
+                work.mkdir()
+                cmd, cwd = [cfg.python, "-I", str(CHILD)], str(work)
+            with open(scratch / "job.json", "rb") as stdin, open(scratch / "stderr", "wb") as stderr:
+                proc = subprocess.Popen(cmd, stdin=stdin, stdout=subprocess.DEVNULL, stderr=stderr,
+                                        pass_fds=(res_w,), cwd=cwd, env=MINIMAL_ENV, start_new_session=True,
+                                        close_fds=True)
+            os.close(res_w)
+            res_w = -1
+            timed_out = False
+            try:
+                proc.wait(timeout=min(cfg.timeout_total, 2.0 + cfg.timeout_per_test * (len(tests) + 1)))
+            except subprocess.TimeoutExpired:
+                timed_out = True
+            _kill_group(proc.pid)
+            proc.wait()
+            raw = _read_all(res_r)
+            stderr_tail = (scratch / "stderr").read_bytes()[-2000:].decode("utf-8", "replace")
+        finally:
+            if proc is not None and proc.returncode is None:
+                _kill_group(proc.pid)
+                proc.wait()
+            for fd in (res_r, res_w):
+                if fd >= 0:
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
+            shutil.rmtree(scratch, ignore_errors=True)
+        seconds = time.monotonic() - started
+        return _judge(raw, nonce, len(tests), timed_out, proc.returncode, seconds, stderr_tail)
+
+    # ------------------------------------------------------------------ many programs
+    def run_many(self, jobs: Iterable[tuple[str, list, str]],
+                 on_result: Callable[[int, ExecResult], Any] | None = None) -> list[ExecResult]:
+        """Run (program, tests, test_type) jobs on `workers` threads (each waits on a subprocess)."""
+        jobs = list(jobs)
+        results: list[ExecResult | None] = [None] * len(jobs)
+        with ThreadPoolExecutor(max_workers=max(1, self.config.workers)) as pool:
+            futures = {pool.submit(self.run, *job): i for i, job in enumerate(jobs)}
+            for fut in _as_completed(futures):
+                i = futures[fut]
+                results[i] = fut.result()
+                if on_result:
+                    on_result(i, results[i])
+        return results  # type: ignore[return-value]
+
+
+def _as_completed(futures):
+    from concurrent.futures import as_completed
+    return as_completed(futures)
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _read_all(fd: int, limit: int = 1 << 16) -> bytes:
+    os.set_blocking(fd, False)
+    chunks, size = [], 0
+    while size < limit:
+        try:
+            b = os.read(fd, limit - size)
+        except BlockingIOError:
+            break
+        if not b:
+            break
+        chunks.append(b)
+        size += len(b)
+    return b"".join(chunks)
+
+
+def _judge(raw: bytes, nonce: str, n_tests: int, timed_out: bool, returncode: int | None,
+           seconds: float, stderr_tail: str) -> ExecResult:
+    lines = [ln for ln in raw.decode("utf-8", "replace").splitlines() if ln.strip()]
+    ours = [ln for ln in lines if ln.startswith(nonce + " ")]
+    if timed_out and not ours:
+        return ExecResult("timeout", 0, n_tests, seconds, "global timeout", returncode, stderr_tail)
+    if len(ours) != 1 or len(lines) != 1:
+        if "Traceback" in stderr_tail and "sandbox_child.py" in stderr_tail \
+                and "<program>" not in stderr_tail:
+            return ExecResult("sandbox_error", 0, n_tests, seconds, "sandbox child crashed", returncode,
+                              stderr_tail)
+        why = "no result: the program exited before its tests completed" if not lines else \
+            "result channel tampered with"
+        return ExecResult("error", 0, n_tests, seconds, why, returncode, stderr_tail)
+    try:
+        passed_s, total_s, kind, where_s, msg_hex = ours[0][len(nonce) + 1:].split(" ")
+        passed, total, _ = int(passed_s), int(total_s), int(where_s)
+        message = bytes.fromhex(msg_hex).decode("utf-8", "replace")
+    except ValueError:
+        return ExecResult("error", 0, n_tests, seconds, "malformed result line", returncode, stderr_tail)
+    if kind == "passed" and passed == total == n_tests:
+        return ExecResult("passed", passed, n_tests, seconds, "", returncode, stderr_tail)
+    status = {"timeout": "timeout", "error": "error", "failed": "failed"}.get(kind, "error")
+    detail = message or f"{passed}/{n_tests} tests reported passing"
+    return ExecResult(status, min(passed, n_tests), n_tests, seconds, detail, returncode, stderr_tail)
