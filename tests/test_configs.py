@@ -50,7 +50,7 @@ def test_paper_scale_gpu_config_composes_from_cli():
                           "--cfg", "job"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     cfg = OmegaConf.create(out.stdout)
-    assert cfg.backbone.path == "Qwen/Qwen2.5-Coder-7B-Instruct" and cfg.trainer.strategy == "deepspeed_stage_2"
+    assert cfg.backbone.path == "Qwen/Qwen2.5-Coder-7B-Instruct" and cfg.trainer.strategy.stage == 2
     assert cfg.domain.text_field == "description"
 
 
@@ -73,7 +73,7 @@ def test_paper_codegen_matches_the_published_setup(compose):
     assert (cfg.prompt.k, cfg.prompt.l, cfg.optim.lr_domain, cfg.optim.warmup_steps) == (256, 256, 1e-3, 0)
     assert (cfg.data.batch_size, cfg.data.max_len, cfg.trainer.max_epochs) == (3, 1024, 10)
     assert cfg.backbone.dtype == "bfloat16" and cfg.backbone.gradient_checkpointing
-    assert cfg.trainer.strategy == "deepspeed_stage_2"
+    assert cfg.trainer.strategy.stage == 2 and cfg.trainer.strategy.exclude_frozen_parameters
 
 
 def test_optuna_search_config_composes(compose):

@@ -1,0 +1,175 @@
+"""The LoRA SFT LightningModule: a frozen backbone wrapped by peft, a loss on assistant tokens only,
+AdamW with linear warmup/decay, and checkpoints that hold only the LoRA tensors."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+
+from domino.backbone import count_params, load_backbone
+from domino.finetune.data import IGNORE
+
+log = logging.getLogger(__name__)
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+CKPT_META = "domino_finetune"
+
+
+class LoRAModule(L.LightningModule):
+    def __init__(self, backbone: dict[str, Any], r: int = 16, alpha: float = 32, dropout: float = 0.05,
+                 target_modules: Sequence[str] = DEFAULT_TARGETS, bias: str = "none", lr: float = 2e-4,
+                 weight_decay: float = 0.0, betas: Sequence[float] = (0.9, 0.999), warmup_steps: int = 10,
+                 seed: int = 0):
+        super().__init__()
+        from peft import LoraConfig, get_peft_model
+
+        # plain config values only: a checkpoint rebuilds the backbone from them
+        self.save_hyperparameters()
+        bb = load_backbone(**backbone)
+        self.tokenizer = bb.tokenizer
+        self.backbone_id, self.backbone_hash = bb.id, bb.config_hash
+        self.lora_config = LoraConfig(task_type="CAUSAL_LM", r=r, lora_alpha=alpha, lora_dropout=dropout,
+                                      target_modules=list(target_modules), bias=bias)
+        with torch.random.fork_rng(devices=[]):  # LoRA A is randomly initialised: make it a function of seed
+            torch.manual_seed(seed)
+            self.model = get_peft_model(bb.model, self.lora_config)
+        if not self.trainable_keys():
+            raise ValueError(f"lora.target_modules={list(target_modules)} matched no module of {bb.id}")
+
+    # ------------------------------------------------------------------ parameters & modes
+    def trainable_keys(self) -> set[str]:
+        return {n for n, p in self.named_parameters() if p.requires_grad}
+
+    def param_counts(self) -> dict[str, int]:
+        trainable, frozen = count_params(self.model)
+        return {"trainable": trainable, "frozen": frozen}
+
+    def on_fit_start(self) -> None:
+        c = self.param_counts()
+        rank_zero_info(f"finetune: trainable {c['trainable']:,} params (LoRA r={self.hparams.r}) | frozen "
+                       f"{c['frozen']:,} params (backbone {self.backbone_id}) | "
+                       f"{100 * c['trainable'] / max(1, c['trainable'] + c['frozen']):.4f}% trainable")
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode:  # the frozen base never uses dropout; LoRA's own dropout does
+            self.model.eval()
+            for name, m in self.model.named_modules():
+                if name.endswith("lora_dropout"):
+                    m.train()
+        return self
+
+    # ------------------------------------------------------------------ forward & loss
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        """Full logits of the adapted model (what evaluate.py's PeftModel computes)."""
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=False).logits
+
+    def nll_sum(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed NLL, count) over the assistant tokens of the batch. The LM head runs only on the
+        positions that predict a labelled token, which at a 150k vocabulary is most of the memory."""
+        targets = batch["labels"][:, 1:]
+        sel = targets != IGNORE
+        base = self.model.get_base_model()
+        # use_cache=False: with a cache transformers skips its packed-sequence (block-diagonal) mask
+        kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                      position_ids=batch.get("position_ids"), use_cache=False)
+        if getattr(base.config, "final_logit_softcapping", None):  # the head is more than a linear layer
+            logits = self.model(**kwargs).logits[:, :-1][sel]
+        else:
+            hidden = base.get_decoder()(**kwargs).last_hidden_state
+            logits = base.get_output_embeddings()(hidden[:, :-1][sel])
+        nll = F.cross_entropy(logits.float(), targets[sel], reduction="sum")
+        return nll, sel.sum()
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        total, count = self.nll_sum(batch)
+        loss = total / count.clamp(min=1)  # a batch whose replies were all truncated away gives 0
+        B = batch["input_ids"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=B)
+        self.log("train/tokens", count.float(), reduce_fx="sum", batch_size=B)
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sum = torch.zeros((), device=self.device)
+        self._val_cnt = torch.zeros((), device=self.device)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        total, count = self.nll_sum(batch)  # token-weighted over the whole validation set
+        self._val_sum += total.detach()
+        self._val_cnt += count
+
+    def on_validation_epoch_end(self) -> None:
+        total, count = self._val_sum, self._val_cnt
+        if self.trainer.world_size > 1:
+            total, count = self.all_gather(total).sum(), self.all_gather(count).sum()
+        if count > 0:
+            self.log("val/loss", total / count, prog_bar=True)  # already summed over ranks
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        hp = self.hparams
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas))
+        est = self.trainer.estimated_stepping_batches
+        total = max(1, int(est)) if est != float("inf") else None  # no max_steps/max_epochs: early stopping ends it
+        warm = hp.warmup_steps if total is None else (min(hp.warmup_steps, total - 1) if total > 1 else 0)
+
+        def schedule(step: int) -> float:  # linear warmup, then linear decay to 0 at the last step
+            if step < warm:
+                return (step + 1) / (warm + 1)
+            return 1.0 if total is None else max(0.0, (total - step) / max(1, total - warm))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------------ checkpoints & export
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        keep = self.trainable_keys()
+        sd = checkpoint["state_dict"]
+        for key in [k for k in sd if k not in keep]:
+            del sd[key]
+        checkpoint[CKPT_META] = {"backbone_id": self.backbone_id, "backbone_hash": self.backbone_hash}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.check_checkpoint(checkpoint)
+        # the frozen backbone came from its own source: hand its tensors back so the strict
+        # state-dict load sees every key without the checkpoint ever storing them
+        sd = checkpoint["state_dict"]
+        sd.update({k: v for k, v in self.state_dict().items() if k not in sd})
+
+    def check_checkpoint(self, checkpoint: dict) -> None:
+        got, want = set(checkpoint["state_dict"]), self.trainable_keys()
+        if got != want:
+            raise KeyError(f"checkpoint does not match this LoRA model: missing {sorted(want - got)[:5]}, "
+                           f"unexpected {sorted(got - want)[:5]}")
+        meta = checkpoint.get(CKPT_META, {})
+        if meta.get("backbone_hash") not in (None, self.backbone_hash):
+            raise ValueError(f"checkpoint was trained on backbone {meta.get('backbone_id')} "
+                             f"(config hash {meta.get('backbone_hash')}), this is {self.backbone_id} "
+                             f"({self.backbone_hash})")
+
+    def load_trainable(self, ckpt_path: str | Path) -> None:
+        """Load the LoRA tensors of a Lightning checkpoint (e.g. the best one) into this module."""
+        ckpt = torch.load(str(ckpt_path), map_location="cpu", weights_only=False)
+        self.check_checkpoint(ckpt)
+        self.load_state_dict(ckpt["state_dict"], strict=False)
+
+    def export_adapter(self, out_dir: str | Path) -> Path:
+        """peft's own format: adapter_config.json + adapter_model.safetensors (LoRA tensors only)."""
+        out_dir = Path(out_dir)
+        self.model.save_pretrained(str(out_dir))
+        return out_dir
+
+    def export_merged(self, out_dir: str | Path) -> Path:
+        """Full weights with the adapter folded in, plus the tokenizer. Consumes the module: the
+        LoRA layers are merged into the base weights in place (no second copy of the model)."""
+        out_dir = Path(out_dir)
+        merged = self.model.merge_and_unload()
+        merged.save_pretrained(str(out_dir))
+        self.tokenizer.save_pretrained(str(out_dir))
+        return out_dir

@@ -1,0 +1,127 @@
+"""What `finetune.py` runs: read the SFT records, fit a LoRA adapter, export it with provenance."""
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf
+
+from domino.finetune.data import SFTDataModule, load_sft, sha256_file, split
+from domino.finetune.module import LoRAModule
+from domino.training import config_hash, git_commit
+
+log = logging.getLogger(__name__)
+# the frozen base is in eval mode on purpose (no dropout)
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+PROVENANCE = "domino_finetune.json"
+VAL_METRIC = "val/loss"
+
+
+def build_module(cfg: DictConfig) -> LoRAModule:
+    lo, opt = cfg.lora, cfg.optim
+    return LoRAModule(backbone=OmegaConf.to_container(cfg.backbone, resolve=True), r=lo.r, alpha=lo.alpha,
+                      dropout=lo.dropout, target_modules=list(lo.target_modules), bias=lo.bias, lr=opt.lr,
+                      weight_decay=opt.weight_decay, betas=list(opt.betas), warmup_steps=opt.warmup_steps,
+                      seed=cfg.seed)
+
+
+def read_data(cfg: DictConfig) -> tuple[list[dict], list[dict], dict[str, Any]]:
+    """Training and validation records (a seeded split unless `val_data` names a file) and their
+    provenance. Relative paths are relative to where the command was started (no chdir)."""
+    path = Path(cfg.data).expanduser().resolve()
+    records = load_sft(path)
+    info: dict[str, Any] = {"path": str(path), "sha256": sha256_file(path), "n_records": len(records)}
+    if cfg.get("val_data"):
+        vpath = Path(cfg.val_data).expanduser().resolve()
+        train, val = records, load_sft(vpath)
+        info["val_data"] = {"path": str(vpath), "sha256": sha256_file(vpath)}
+    else:
+        train, val = split(records, cfg.sft.val_size, cfg.seed)
+    info.update(n_train=len(train), n_val=len(val), val_ids=[r["id"] for r in val])
+    return train, val, info
+
+
+def callbacks_for(cfg: DictConfig, out: Path, has_val: bool) -> tuple[list, ModelCheckpoint | None]:
+    last = ModelCheckpoint(dirpath=str(out / "checkpoints"), save_last=True, save_top_k=0,
+                           every_n_train_steps=cfg.get("checkpoint_every_n_steps") or None)
+    callbacks: list = [last, LearningRateMonitor(logging_interval="step")]
+    best = None
+    if has_val:
+        best = ModelCheckpoint(dirpath=str(out / "checkpoints"), filename="best", monitor=VAL_METRIC,
+                               mode="min", save_top_k=1, save_last=False, auto_insert_metric_name=False)
+        callbacks.append(best)
+        es = cfg.early_stopping
+        if es.patience is not None:
+            callbacks.append(EarlyStopping(monitor=VAL_METRIC, mode="min", patience=es.patience,
+                                           min_delta=es.min_delta, check_on_train_epoch_end=False))
+    else:
+        log.warning("no validation records (sft.val_size=0 or a single record): no early stopping, "
+                    "the adapter is the last step's")
+    return callbacks, best
+
+
+def finetune(cfg: DictConfig) -> dict[str, Any]:
+    """Fit the adapter; returns the final metrics (floats) and the export paths."""
+    if cfg.export not in ("best", "last"):
+        raise ValueError(f"export={cfg.export!r} is not one of ('best', 'last')")
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True)
+
+    train, val, data_info = read_data(cfg)
+    module = build_module(cfg)
+    s = cfg.sft
+    dm = SFTDataModule(module.tokenizer, train, val, max_len=s.max_len, batch_size=s.batch_size,
+                       packing=s.packing, shuffle=s.shuffle, num_workers=s.num_workers, seed=cfg.seed)
+    data_info.update(n_train_tokens=dm.n_train_tokens, n_label_tokens=dm.n_label_tokens,
+                     n_train_rows=len(dm.train_rows))
+    loggers = [TensorBoardLogger(save_dir=str(out), name="tensorboard", version=""),
+               CSVLogger(save_dir=str(out), name="csv", version="")]
+    callbacks, best = callbacks_for(cfg, out, bool(val))
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers, callbacks=callbacks)
+    trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    result: dict[str, Any] = {"metrics": metrics, "output_dir": str(out)}
+    if not trainer.is_global_zero:
+        return result
+    exported_from = "last"
+    best_path = best.best_model_path if best is not None else ""
+    if cfg.export == "best" and best_path:
+        if Path(best_path).is_file():
+            module.load_trainable(best_path)
+            exported_from = "best"
+        else:  # DeepSpeed writes a directory of shards; the in-memory weights are the last step's
+            log.warning("best checkpoint %s is not a single file (DeepSpeed?): exporting the last weights",
+                        best_path)
+    adapter = module.export_adapter(out / "adapter")
+    import peft
+    import torch
+    import transformers
+    prov = {"data": data_info,
+            "base_model": {"id": module.backbone_id, "config_hash": module.backbone_hash,
+                           "backbone": OmegaConf.to_container(cfg.backbone, resolve=True)},
+            "lora": OmegaConf.to_container(cfg.lora, resolve=True),
+            "exported_from": exported_from, "best_checkpoint": best_path or None,
+            "best_val_loss": float(best.best_model_score) if best is not None and best.best_model_score is not None
+            else None,
+            "steps": trainer.global_step, "epochs": trainer.current_epoch, "metrics": metrics,
+            "config_hash": config_hash(cfg), "git_commit": git_commit(),
+            "versions": {"peft": peft.__version__, "transformers": transformers.__version__,
+                         "torch": torch.__version__},
+            "config": OmegaConf.to_container(cfg, resolve=True)}
+    (adapter / PROVENANCE).write_text(json.dumps(prov, indent=2, default=str))
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    result["adapter"] = str(adapter)
+    log.info("LoRA adapter (%s weights) written to %s", exported_from, adapter)
+    if cfg.merge:
+        result["merged"] = str(module.export_merged(out / "merged"))
+        log.info("merged weights written to %s", result["merged"])
+    return result
