@@ -1,0 +1,129 @@
+"""Synthesis throughput: the HF engine (shared prefix KV cache, batched, KV cache throughout) vs a
+naive loop that calls `generate` once per sample with use_cache=False and inputs_embeds=D.
+
+    .venv/bin/python bench/synthesize.py --n 64 --max-new-tokens 128 --threads 1
+
+Same model (the embedded SmolLM2-135M-Instruct), same domain tokens (k random vocabulary rows, the
+sample_vocab init, or --ckpt), same sampling settings. Every sample is forced to exactly
+max_new_tokens tokens (min_new_tokens = max_new_tokens) so both sides generate the same number of
+tokens. The engine is timed --repeats times, interleaved with the single naive pass (the machine is
+shared; the median is reported). Writes bench/results/synthesize.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from domino.backbone import load_backbone
+from domino.synthesis.hf_engine import HFEngine
+from domino.synthesis.params import SamplingParams, sample_seed
+
+OUT = Path(__file__).resolve().parent / "results" / "synthesize.json"
+
+
+def domain_tokens(bb, k: int, ckpt: str | None) -> torch.Tensor:
+    if ckpt:
+        from domino.synthesis.checkpoint import check_backbone, load_domain_prompt
+        p = load_domain_prompt(ckpt)
+        check_backbone(p, bb.config_hash, bb.hidden_size, bb.id)
+        return p.tokens
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, bb.embed.weight.shape[0], (k,), generator=g)
+    return bb.embed.weight[idx].detach().clone()
+
+
+def run_engine(bb, D, n, params, batch_size):
+    e = HFEngine(bb.model, bb.tokenizer, params, batch_size=batch_size)
+    t0 = time.perf_counter()
+    prefix = e.prefill(D)
+    toks = 0
+    for start in range(0, n, batch_size):
+        seeds = [sample_seed(0, i) for i in range(start, min(start + batch_size, n))]
+        toks += sum(len(g.token_ids) for g in e.generate_shared(prefix, seeds))
+    return time.perf_counter() - t0, toks
+
+
+@torch.no_grad()
+def run_naive(bb, D, n, p: SamplingParams, budget_s: float | None):
+    """(seconds, tokens, samples measured): stops after the sample that crosses budget_s."""
+    torch.manual_seed(0)
+    t0, toks, done = time.perf_counter(), 0, 0
+    for _ in range(n):
+        if budget_s is not None and time.perf_counter() - t0 > budget_s:
+            break
+        out = bb.model.generate(inputs_embeds=D[None], use_cache=False, do_sample=True,
+                                temperature=p.temperature, top_p=p.top_p, top_k=p.top_k or None,
+                                max_new_tokens=p.max_new_tokens, min_new_tokens=p.min_new_tokens,
+                                pad_token_id=bb.tokenizer.pad_token_id)
+        toks += out.shape[1]  # inputs_embeds only: generate returns just the new tokens
+        done += 1
+    return time.perf_counter() - t0, toks, done
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=64)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--ckpt", default=None)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--top-p", type=float, default=0.95)
+    ap.add_argument("--naive-budget-s", type=float, default=None,
+                    help="stop the naive loop after this many seconds; its tokens/s is then measured on "
+                         "the samples it finished (reported, never hidden)")
+    ap.add_argument("--out", default=str(OUT))
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    bb = load_backbone(path="embedded")
+    D = domain_tokens(bb, a.k, a.ckpt)
+    p = SamplingParams(temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.max_new_tokens,
+                       min_new_tokens=a.max_new_tokens)
+    run_engine(bb, D, min(4, a.n), p, a.batch_size)  # warm-up (allocator, kernels)
+    engine_runs, naive = [], None
+    for r in range(a.repeats):
+        engine_runs.append(run_engine(bb, D, a.n, p, a.batch_size))
+        print(f"engine run {r + 1}: {engine_runs[-1][1]} tokens in {engine_runs[-1][0]:.1f}s", flush=True)
+        if r == 0:
+            naive = run_naive(bb, D, a.n, p, a.naive_budget_s)
+            print(f"naive: {naive[2]} samples, {naive[1]} tokens in {naive[0]:.1f}s", flush=True)
+    e_s = statistics.median(s for s, _ in engine_runs)
+    e_tok = engine_runs[0][1]
+    res = {
+        "command": "python bench/synthesize.py " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items() if v is not None and k != "out"),
+        "model": bb.id, "device": "cpu", "torch_threads": a.threads,
+        "cpu": platform.processor() or platform.machine(),
+        "n": a.n, "k": int(D.shape[0]), "max_new_tokens": a.max_new_tokens, "batch_size": a.batch_size,
+        "sampling": p.to_dict(),
+        "engine": {"seconds_runs": [round(s, 2) for s, _ in engine_runs], "seconds_median": round(e_s, 2),
+                   "tokens": e_tok, "tokens_per_s": round(e_tok / e_s, 1),
+                   "samples_per_s": round(a.n / e_s, 3)},
+        "naive": {"seconds": round(naive[0], 2), "tokens": naive[1],
+                  "tokens_per_s": round(naive[1] / naive[0], 1), "samples_per_s": round(naive[2] / naive[0], 3),
+                  "measured_samples": naive[2],
+                  # every sample has exactly max_new_tokens tokens, so tokens/s over a subset is the
+                  # rate; only the time for all n is extrapolated
+                  "extrapolated": naive[2] < a.n,
+                  "seconds_for_n_extrapolated":
+                      round(naive[0] * a.n / naive[2], 1) if naive[2] < a.n else None},
+    }
+    res["speedup_tokens_per_s"] = round(res["engine"]["tokens_per_s"] / res["naive"]["tokens_per_s"], 1)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(res, indent=2))
+    print(f"| engine (prefix cache, batch {a.batch_size}) | {e_tok} | {e_s:.1f} | {e_tok / e_s:.1f} |")
+    print(f"| naive generate, use_cache=False, 1 sample per call ({naive[2]}/{a.n} samples measured) | "
+          f"{naive[1]} | {naive[0]:.1f} | {naive[1] / naive[0]:.1f} |")
+    print(f"speed-up (tokens/s): {res['speedup_tokens_per_s']}x")
+
+
+if __name__ == "__main__":
+    main()

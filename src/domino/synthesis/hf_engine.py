@@ -1,0 +1,223 @@
+"""Batched sampling on a transformers model with a KV cache throughout.
+
+A shared prefix (the domain tokens D, or a text prompt every sample starts from) is run through
+the model ONCE; its per-layer keys/values and last logits are kept, and every batch starts from a
+fresh DynamicCache filled with those tensors expanded along the batch axis (the cache grows by
+concatenation, so the stored prefix tensors are never mutated). Per-sample prompts (few-shot) are
+left-padded and prefilled per batch. Finished rows are dropped from the batch (and from the cache)
+as soon as they finish, so they cost nothing afterwards.
+
+Each row draws its random numbers from its own generator seeded by its sample seed, so a sample
+does not depend on which other samples share its batch (up to float rounding).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from domino.synthesis.params import Generation, SamplingParams
+
+
+@dataclass
+class SharedPrefix:
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (1, heads, P, head_dim)
+    logits: torch.Tensor                         # (V,) fp32, next-token logits after the prefix
+    length: int
+
+
+def eos_token_ids(model: nn.Module, tokenizer) -> list[int]:
+    ids = set()
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for e in (tokenizer.eos_token_id, gen_eos):
+        if e is None:
+            continue
+        ids.update([e] if isinstance(e, int) else list(e))
+    return sorted(ids)
+
+
+class HFEngine:
+    name = "hf"
+
+    def __init__(self, model: nn.Module, tokenizer, params: SamplingParams, batch_size: int = 32):
+        from transformers import DynamicCache  # noqa: F401 - fail early on an old transformers
+        if batch_size < 1:
+            raise ValueError(f"engine.batch_size={batch_size} must be >= 1")
+        self.model, self.tok, self.params, self.batch_size = model.eval(), tokenizer, params, batch_size
+        self.device = next(model.parameters()).device
+        self.dtype = model.get_input_embeddings().weight.dtype
+        self.stop_ids = sorted(set(eos_token_ids(model, tokenizer)) | set(params.stop_token_ids))
+        self._eos = set(eos_token_ids(model, tokenizer))
+        # a stop string of c characters spans at most c tokens (+ slack for partial UTF-8 tokens)
+        self._stop_window = max((len(s) for s in params.stop), default=0) + 4
+        self.n_forward = 0  # model calls, for tests and benchmarks
+
+    # ------------------------------------------------------------------ prefixes
+    def embed_ids(self, ids: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            return self.model.get_input_embeddings()(torch.tensor(ids, device=self.device))
+
+    @torch.no_grad()
+    def prefill(self, embeds: torch.Tensor) -> SharedPrefix:
+        """Run a (P, h) prefix once and keep its cache: the only time the prefix is computed."""
+        from transformers import DynamicCache
+        if embeds.dim() != 2 or embeds.shape[0] < 1:
+            raise ValueError(f"prefix embeddings must be (P>=1, hidden), got {tuple(embeds.shape)}")
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(inputs_embeds=embeds[None].to(self.device, self.dtype), past_key_values=cache,
+                         use_cache=True, logits_to_keep=1)
+        self.n_forward += 1
+        kv = [(layer.keys.detach(), layer.values.detach()) for layer in out.past_key_values.layers]
+        return SharedPrefix(kv=kv, logits=out.logits[0, -1].float(), length=embeds.shape[0])
+
+    def _expand(self, prefix: SharedPrefix, B: int):
+        from transformers import DynamicCache
+
+        # update() concatenates onto an empty tensor, so each batch owns a copy; the stored prefix
+        # tensors are only read
+        data = [(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in prefix.kv]
+        return DynamicCache(ddp_cache_data=data, config=self.model.config)
+
+    # ------------------------------------------------------------------ entry points
+    @torch.no_grad()
+    def generate_shared(self, prefix: SharedPrefix, seeds: list[int]) -> list[Generation]:
+        """One sample per seed, all continuing the same cached prefix."""
+        B = len(seeds)
+        cache = self._expand(prefix, B)
+        logits = prefix.logits[None].expand(B, -1).clone()
+        pos = torch.full((B,), prefix.length, dtype=torch.long, device=self.device)
+        return self._decode(cache, logits, pos, None, seeds)
+
+    @torch.no_grad()
+    def generate_prompts(self, prompts: list[list[int]], seeds: list[int]) -> list[Generation]:
+        """One sample per (token-id prompt, seed); prompts are left-padded into one batch."""
+        from transformers import DynamicCache
+        if len(prompts) != len(seeds):
+            raise ValueError("one seed per prompt")
+        B, T = len(prompts), max(len(p) for p in prompts)
+        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
+        ids = torch.full((B, T), pad, dtype=torch.long, device=self.device)
+        mask = torch.zeros((B, T), dtype=torch.long, device=self.device)
+        for i, p in enumerate(prompts):
+            ids[i, T - len(p):] = torch.tensor(p, device=self.device)
+            mask[i, T - len(p):] = 1
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        self.n_forward += 1
+        logits = out.logits[:, -1].float()
+        return self._decode(out.past_key_values, logits, mask.sum(-1), mask, seeds)
+
+    # ------------------------------------------------------------------ decoding
+    def _decode(self, cache, logits: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None,
+                seeds: list[int]) -> list[Generation]:
+        p = self.params
+        B, V = logits.shape
+        gens = None if p.greedy else [torch.Generator(device=self.device).manual_seed(int(s))
+                                      for s in seeds]
+        rows = list(range(B))                    # active row j -> original row rows[j]
+        tokens: list[list[int]] = [[] for _ in range(B)]
+        results: list[Generation | None] = [None] * B
+        seen = (torch.zeros((B, V), dtype=torch.bool, device=self.device)
+                if p.repetition_penalty != 1 else None)
+        stop_set = set(self.stop_ids)
+        for step in range(p.max_new_tokens):
+            nxt = self._pick(logits, seen, step, None if gens is None else [gens[r] for r in rows])
+            if seen is not None:
+                seen[torch.arange(len(rows), device=self.device), nxt] = True
+            done = []
+            for j, t in enumerate(nxt.tolist()):
+                r = rows[j]
+                if t in stop_set:
+                    reason = "eos" if t in self._eos else t
+                    results[r] = self._finish(tokens[r], "stop", reason)
+                    done.append(j)
+                    continue
+                tokens[r].append(t)
+                hit = self._stop_hit(tokens[r]) if p.stop else None
+                if hit is not None:
+                    results[r] = Generation(list(tokens[r]), hit[0], "stop", hit[1])
+                    done.append(j)
+                elif len(tokens[r]) >= p.max_new_tokens:
+                    results[r] = self._finish(tokens[r], "length", None)
+                    done.append(j)
+            if len(done) == len(rows):
+                break
+            if done:
+                gone = set(done)
+                keep = torch.tensor([j for j in range(len(rows)) if j not in gone], device=self.device)
+                cache.batch_select_indices(keep)
+                nxt, pos = nxt[keep], pos[keep]
+                mask = mask[keep] if mask is not None else None
+                seen = seen[keep] if seen is not None else None
+                rows = [rows[j] for j in keep.tolist()]
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
+            out = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos[:, None],
+                             past_key_values=cache, use_cache=True)
+            self.n_forward += 1
+            pos = pos + 1
+            logits = out.logits[:, -1].float()
+        return results  # type: ignore[return-value]
+
+    def _finish(self, toks: list[int], finish: str, reason) -> Generation:
+        return Generation(list(toks), self.tok.decode(toks, skip_special_tokens=True), finish, reason)
+
+    def _stop_hit(self, toks: list[int]) -> tuple[str, str] | None:
+        """(text cut before the first stop string, that string) once a stop string has appeared."""
+        tail = self.tok.decode(toks[-self._stop_window:], skip_special_tokens=True)
+        if not any(s in tail for s in self.params.stop):
+            return None
+        text = self.tok.decode(toks, skip_special_tokens=True)
+        found = [(text.find(s), s) for s in self.params.stop if s in text]
+        if not found:
+            return None
+        at, s = min(found)
+        return text[:at], s
+
+    def _pick(self, logits: torch.Tensor, seen: torch.Tensor | None, step: int,
+              gens: list[torch.Generator] | None) -> torch.Tensor:
+        """Next token per row; the processors run in transformers' order (repetition penalty,
+        min length, temperature, top-k, top-p)."""
+        p = self.params
+        if seen is not None:
+            pen = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
+            logits = torch.where(seen, pen, logits)
+        if step < p.min_new_tokens and self.stop_ids:
+            logits = logits.clone()
+            logits[:, self.stop_ids] = float("-inf")
+        if gens is None:
+            return logits.argmax(-1)
+        return self._sample(logits / p.temperature, gens)
+
+    def _sample(self, logits: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
+        """Top-k / top-p (transformers' rules) on the smallest candidate set that provably holds the
+        nucleus, then inverse-CDF sampling with one uniform draw per row from that row's generator.
+        A full-vocabulary sort per step cost more than the forward pass on CPU."""
+        p, V = self.params, logits.shape[-1]
+        idx = None
+        if p.top_k or p.top_p < 1:
+            K = min(V, p.top_k) if p.top_k else min(V, 256)
+            while True:
+                vals, idx = logits.topk(K, dim=-1)  # descending
+                if p.top_k:  # top-k renormalises over the kept tokens; top-p then applies within them
+                    probs = vals.softmax(-1)
+                    break
+                probs = (vals - logits.logsumexp(-1, keepdim=True)).exp()
+                # the nucleus lies inside the top K once their mass reaches top_p
+                if K == V or bool((probs.sum(-1) >= p.top_p).all()):
+                    break
+                K = min(V, K * 4)
+            if p.top_p < 1:
+                # keep a token while the mass strictly above it is < top_p (always keeps the first)
+                probs = probs * ((probs.cumsum(-1) - probs) < p.top_p)
+        else:
+            probs = logits.softmax(-1)
+        cdf = probs.cumsum(-1)
+        u = torch.cat([torch.rand(1, generator=g, device=self.device) for g in gens])
+        # (1 - u) is in (0, 1]: the first index whose cdf reaches it has non-zero probability
+        pick = torch.searchsorted(cdf, ((1 - u) * cdf[:, -1]).unsqueeze(-1)).squeeze(-1)
+        pick = pick.clamp_(max=cdf.shape[-1] - 1)
+        return pick if idx is None else idx.gather(-1, pick[:, None]).squeeze(-1)

@@ -1,0 +1,229 @@
+"""What `synthesize.py` runs. `stage` picks the stage (`sample` now; `curate` is where the curation
+stage plugs in); `sample` loads the domain tokens or builds a baseline prompt, opens (or resumes)
+the output, and writes samples batch by batch."""
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+from domino.synthesis.checkpoint import DomainPrompt, check_backbone, load_domain_prompt
+from domino.synthesis.methods import DOMAIN_METHODS, Plan, build_plan, stop_strings
+from domino.synthesis.output import SampleStore, sample_id
+from domino.synthesis.params import Generation, SamplingParams, sample_seed
+from domino.synthesis.progress import SynthesisProgress
+
+log = logging.getLogger(__name__)
+CURATE_UNAVAILABLE = ("the curation stage is not available yet: run synthesis without curate=true "
+                      "(stage=sample) and curate samples.jsonl once the curation stage lands")
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    stage = cfg.get("stage") or "sample"
+    if stage not in STAGES:
+        raise ValueError(f"stage={stage!r} is not one of {sorted(STAGES)}")
+    if stage == "sample" and cfg.get("curate"):
+        raise NotImplementedError(f"curate=true: {CURATE_UNAVAILABLE}")
+    return STAGES[stage](cfg)
+
+
+def _curate(cfg: DictConfig) -> dict[str, Any]:
+    raise NotImplementedError(f"stage=curate: {CURATE_UNAVAILABLE}")
+
+
+# ---------------------------------------------------------------------------------- backbone
+def backbone_config(c: dict[str, Any], prompt: DomainPrompt | None) -> dict[str, Any]:
+    """The backbone to load: an explicit backbone= group wins (and is checked against the
+    checkpoint), else the checkpoint's own, else the embedded default (baselines)."""
+    cache_dir = c.get("paths", {}).get("cache_dir")
+    if c.get("backbone"):
+        return dict(c["backbone"])
+    if prompt is not None and prompt.meta.get("backbone"):
+        # the checkpoint's cache_dir names the training machine's cache; use this machine's
+        return {**prompt.meta["backbone"], "cache_dir": cache_dir}
+    return {"name": "smollm2", "path": "embedded", "dtype": "float32", "cache_dir": cache_dir}
+
+
+def _model_dir(bcfg: dict[str, Any]) -> str:
+    from domino.backbone import embedded_model_dir
+    path = bcfg.get("path") or "embedded"
+    if path == "tiny":
+        raise ValueError("engine=vllm cannot load the random tiny test backbone; use engine=hf")
+    return str(embedded_model_dir(bcfg.get("cache_dir"))) if path == "embedded" else str(path)
+
+
+# ---------------------------------------------------------------------------------- the sample stage
+def _build_engine(c: dict[str, Any], bcfg: dict[str, Any], params_cfg: dict, plan_fn: Callable):
+    """(engine, tokenizer, backbone identity dict, plan, params): the model is loaded once."""
+    import torch
+
+    from domino.backbone import config_hash, load_backbone, load_tokenizer, resolve_dtype
+    ecfg = c["engine"]
+    if ecfg["name"] == "hf":
+        if ecfg.get("num_threads"):
+            torch.set_num_threads(int(ecfg["num_threads"]))
+        bb = load_backbone(**bcfg)
+        device = ecfg.get("device") or "auto"
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        dtype = resolve_dtype(ecfg.get("dtype") or bcfg.get("dtype") or "float32")
+        bb.model.to(device=device, dtype=dtype)
+        ident = {"backbone_id": bb.id, "backbone_hash": bb.config_hash, "hidden_size": bb.hidden_size,
+                 "vocab_size": bb.model.config.vocab_size}
+        tok = bb.tokenizer
+        model = bb.model
+    elif ecfg["name"] == "vllm":
+        from transformers import AutoConfig
+        model_dir = _model_dir(bcfg)
+        tok = load_tokenizer(model_dir)
+        conf = AutoConfig.from_pretrained(model_dir, trust_remote_code=bool(bcfg.get("trust_remote_code")))
+        ident = {"backbone_id": str(bcfg.get("path")), "backbone_hash": config_hash(conf),
+                 "hidden_size": conf.get_text_config().hidden_size,
+                 "vocab_size": conf.get_text_config().vocab_size}
+        model = None
+    else:
+        raise ValueError(f"engine.name={ecfg['name']!r} is not one of ('hf', 'vllm')")
+    plan: Plan = plan_fn(tok, ident)
+    stops = list(params_cfg.get("stop") or []) + stop_strings(plan)
+    params = SamplingParams.from_config({**params_cfg, "stop": stops}, stop_token_ids=plan.stop_token_ids)
+    if ecfg["name"] == "hf":
+        from domino.synthesis.hf_engine import HFEngine
+        engine = HFEngine(model, tok, params, batch_size=int(ecfg.get("batch_size", 32)))
+    else:
+        from domino.synthesis.vllm_engine import VLLMEngine
+        engine = VLLMEngine(_model_dir(bcfg), _model_dir(bcfg), params,
+                            batch_size=int(ecfg.get("batch_size", 1024)),
+                            tensor_parallel_size=int(ecfg.get("tensor_parallel_size", 1)),
+                            dtype=str(ecfg.get("dtype") or "auto"),
+                            gpu_memory_utilization=float(ecfg.get("gpu_memory_utilization", 0.9)),
+                            max_model_len=ecfg.get("max_model_len"),
+                            enforce_eager=bool(ecfg.get("enforce_eager")),
+                            seed=int(c["seed"]), trust_remote_code=bool(bcfg.get("trust_remote_code")),
+                            enable_prefix_caching=ecfg.get("enable_prefix_caching"), extra=ecfg.get("extra"))
+    return engine, tok, ident, plan, params
+
+
+def sample(cfg: DictConfig) -> dict[str, Any]:
+    c = OmegaConf.to_container(cfg, resolve=True)
+    method = dict(c["method"])
+    name, n, seed = method["name"], int(c["n"]), int(c["seed"])
+    if n < 1:
+        raise ValueError(f"n={n}: ask for at least one sample")
+    out_dir = Path(c.get("output_dir") or c["paths"]["output_dir"])
+    prompt = load_domain_prompt(c["ckpt"]) if c.get("ckpt") else None
+    if prompt is None and name in DOMAIN_METHODS:
+        raise ValueError(f"method={name} needs ckpt=<train run>/domain_prompt.safetensors "
+                         "(or <run>/checkpoints/last.ckpt)")
+    bcfg = backbone_config(c, prompt)
+    domain = dict(c.get("domain") or {})
+    references = None
+    if name == "few_shot":
+        from domino.data.domains import load_domain
+        references, _ = load_domain(**domain)  # reference split only: held-out stays unseen
+
+    def plan_fn(tok, ident):
+        if prompt is not None:
+            check_backbone(prompt, ident["backbone_hash"], ident["hidden_size"], ident["backbone_id"],
+                           ident["vocab_size"], len(tok))
+        return build_plan(method, tok, prompt if name in DOMAIN_METHODS else None, domain, references)
+
+    engine, tok, ident, plan, params = _build_engine(c, bcfg, dict(c["sampling"]), plan_fn)
+    ecfg = dict(c["engine"])
+    inputs = {"method": method, "plan": plan.describe, "backbone_hash": ident["backbone_hash"],
+              "sampling": params.to_dict(), "seed": seed,
+              "engine": {k: v for k, v in ecfg.items() if k not in ("device", "num_threads")},
+              "domain": ({k: domain.get(k) for k in ("name", "path", "n_references", "split_seed", "description")}
+                         if name in ("few_shot", "zero_shot") else None)}
+    meta = {"ckpt": prompt.path if prompt else None, "ckpt_meta": prompt.meta if prompt else None,
+            "backbone": bcfg, **ident, "git_commit": _git_commit(), "config": c}
+    store = SampleStore(out_dir, inputs, meta, overwrite=bool(c.get("overwrite")))
+    base_source = {"ckpt": prompt.path if prompt else None, "model": ident["backbone_id"],
+                   "backbone_hash": ident["backbone_hash"], "engine": engine.name, "run_seed": seed,
+                   **{k: v for k, v in params.to_dict().items() if k != "stop_token_ids"},
+                   "fingerprint": store.fingerprint}
+    log.info("synthesis: method=%s n=%d -> %s (%d already there; resume or extend by rerunning with "
+             "output_dir=%s)", name, n, store.path, len(store.done), out_dir)
+    try:
+        stats = _sample_loop(engine, plan, store, name, n, seed, base_source, bool(c.get("progress", True)))
+    finally:
+        store.close()
+    total = sum(1 for i in range(n) if sample_id(name, i) in store.done)
+    result = {"output_dir": str(out_dir), "samples": str(store.path), "n": n, "n_present": total, **stats}
+    store.update_meta(last_run={k: v for k, v in result.items() if k not in ("output_dir", "samples")})
+    if c.get("save_dataset"):
+        result["dataset"] = str(store.save_dataset())
+    log.info("synthesis done: %d/%d samples in %s (%d new, %.1f samples/s, %.0f tokens/s, finish: %s)",
+             total, n, store.path, stats["n_new"], stats["samples_per_s"], stats["tokens_per_s"],
+             stats["finish_reasons"])
+    return result
+
+
+def _sample_loop(engine, plan: Plan, store: SampleStore, name: str, n: int, seed: int,
+                 base_source: dict[str, Any], show: bool) -> dict[str, Any]:
+    bs = engine.batch_size
+    # fixed batch boundaries: a resumed batch is regenerated whole (same rows, same numerics) and
+    # only its missing samples are written
+    batches = [range(s, min(s + bs, n)) for s in range(0, n, bs)]
+    todo = [b for b in batches if any(sample_id(name, i) not in store.done for i in b)]
+    already = sum(1 for i in range(n) if sample_id(name, i) in store.done)
+    prefix = None
+    n_new = n_tok = 0
+    reasons: Counter = Counter()
+    t0 = time.perf_counter()
+    with SynthesisProgress(total=n, completed=already, enabled=show) as bar:
+        for idx in todo:
+            seeds = [sample_seed(seed, i) for i in idx]
+            if plan.per_sample is not None:
+                built = [plan.per_sample(s) for s in seeds]
+                gens = engine.generate_prompts([ids for ids, _ in built], seeds)
+                extras = [ex for _, ex in built]
+            else:
+                if prefix is None:  # once per run, only if there is work left
+                    prefix = _prefix(engine, plan)
+                gens = engine.generate_shared(prefix, seeds)
+                extras = [{}] * len(seeds)
+            for i, s, g, ex in zip(idx, seeds, gens, extras):
+                sid = sample_id(name, i)
+                if sid in store.done:
+                    continue
+                store.write(_record(sid, name, i, s, g, ex, base_source))
+                n_new += 1
+                n_tok += len(g.token_ids)
+                reasons[g.finish_reason] += 1
+            dt = max(time.perf_counter() - t0, 1e-9)
+            bar.update(already + n_new, n_new / dt, n_tok / dt)
+    dt = time.perf_counter() - t0
+    return {"n_new": n_new, "new_tokens": n_tok, "elapsed_s": round(dt, 3),
+            "samples_per_s": n_new / dt if dt > 0 else 0.0, "tokens_per_s": n_tok / dt if dt > 0 else 0.0,
+            "finish_reasons": dict(reasons)}
+
+
+def _prefix(engine, plan: Plan):
+    if plan.prefix_embeds is not None:
+        return engine.prefill(plan.prefix_embeds)
+    if engine.name == "vllm":
+        return list(plan.prefix_ids)
+    return engine.prefill(engine.embed_ids(plan.prefix_ids))
+
+
+def _record(sid: str, method: str, index: int, seed: int, g: Generation, extra: dict, base: dict) -> dict:
+    return {"id": sid, "text": g.text, "method": method, "finish_reason": g.finish_reason,
+            "n_tokens": len(g.token_ids),
+            "source": {**base, "index": index, "seed": seed, "truncated": g.finish_reason == "length",
+                       "stop_reason": g.stop_reason, **extra}}
+
+
+def _git_commit() -> str | None:
+    import subprocess
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+STAGES: dict[str, Callable[[DictConfig], dict[str, Any]]] = {"sample": sample, "curate": _curate}

@@ -1,0 +1,24 @@
+"""Sample new in-domain examples from learned domain tokens (or a baseline prompt).
+
+    python synthesize.py ckpt=lightning_logs/train/runs/<time>/domain_prompt.safetensors n=1000
+    python synthesize.py method=few_shot domain=humaneval n=1000
+    python synthesize.py ckpt=... n=2000 output_dir=<the dir of an earlier run>   # resume / extend
+"""
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+# the first argument that is set: lets `output_dir=` become the Hydra run dir
+OmegaConf.register_new_resolver(
+    "domino_first", lambda *xs: next((x for x in xs if x not in (None, "", "None", "null")), None),
+    replace=True)
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="synthesize")
+def main(cfg: DictConfig) -> None:
+    from domino.synthesis.runner import run  # heavy imports after Hydra has parsed the command line
+
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

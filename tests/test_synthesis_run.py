@@ -1,0 +1,204 @@
+"""synthesize.py end to end on the tiny backbone: both checkpoint kinds, provenance, backbone and
+method checks, baselines, resume (also after SIGKILL), overwrite refusal, stage dispatch."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from domino.synthesis.runner import run
+
+from .conftest import CONF, ROOT, SMALL_TRAIN
+
+FAST = ["n=4", "engine.batch_size=2", "sampling.max_new_tokens=8", "progress=false", "engine.num_threads=1"]
+
+
+def _compose(name, overrides, output_dir):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        extra = [f"paths.output_dir={output_dir}", f"paths.root_dir={ROOT}"]
+        return compose(config_name=name, overrides=list(overrides) + extra)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A real (2-step) training run on the tiny backbone."""
+    from domino.training import train
+    out = tmp_path_factory.mktemp("train")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(_compose("train", SMALL_TRAIN, out))
+    finally:
+        torch.set_num_threads(n)
+    assert (out / "domain_prompt.safetensors").exists() and (out / "checkpoints" / "last.ckpt").exists()
+    return out
+
+
+def synth(out, *overrides):
+    n = torch.get_num_threads()
+    try:
+        return run(_compose("synthesize", FAST + list(overrides), out))
+    finally:
+        torch.set_num_threads(n)
+
+
+def records(out):
+    return [json.loads(x) for x in (Path(out) / "samples.jsonl").read_text().splitlines()]
+
+
+def test_every_method_and_engine_composes(tmp_path):
+    for method in ("domino", "soft_prompt", "few_shot", "zero_shot", "magpie"):
+        for engine in ("hf", "vllm"):
+            cfg = _compose("synthesize", [f"method={method}", f"engine={engine}"], tmp_path)
+            c = OmegaConf.to_container(cfg, resolve=True)
+            assert c["method"]["name"] == method and c["engine"]["name"] == engine
+            assert c["stage"] == "sample" and c["curate"] is False and c["sampling"]["temperature"] == 1.0
+
+
+def test_both_checkpoint_kinds_give_the_same_samples_with_provenance(run_dir, tmp_path):
+    a = synth(tmp_path / "a", f"ckpt={run_dir / 'domain_prompt.safetensors'}")
+    b = synth(tmp_path / "b", f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}")
+    c = synth(tmp_path / "c", f"ckpt={run_dir}")  # a run dir: its export
+    assert c["n_present"] == 4
+    ra, rb, rc = records(tmp_path / "a"), records(tmp_path / "b"), records(tmp_path / "c")
+    assert a["n_present"] == b["n_present"] == 4
+    assert [r["text"] for r in ra] == [r["text"] for r in rb] == [r["text"] for r in rc]
+    assert [r["id"] for r in ra] == [f"domino-{i:07d}" for i in range(4)]
+    meta = json.loads((run_dir / "domain_prompt.json").read_text())
+    for i, r in enumerate(ra):
+        assert r["method"] == "domino" and r["finish_reason"] in ("stop", "length")
+        s = r["source"]
+        assert s["ckpt"].endswith("domain_prompt.safetensors") and s["backbone_hash"] == meta["backbone_hash"]
+        assert s["index"] == i and s["run_seed"] == 0 and s["temperature"] == 1.0 and s["max_new_tokens"] == 8
+        assert s["truncated"] == (r["finish_reason"] == "length") and isinstance(s["seed"], int)
+    assert rb[0]["source"]["ckpt"].endswith("last.ckpt")
+    saved = json.loads((tmp_path / "a" / "samples.meta.json").read_text())
+    assert saved["fingerprint"] == ra[0]["source"]["fingerprint"] and saved["last_run"]["n_present"] == 4
+
+
+def test_same_seed_same_samples_other_seed_others(run_dir, tmp_path):
+    ck = f"ckpt={run_dir / 'domain_prompt.safetensors'}"
+    synth(tmp_path / "a", ck, "seed=7")
+    synth(tmp_path / "b", ck, "seed=7")
+    synth(tmp_path / "c", ck, "seed=8")
+    ta, tb, tc = ([r["text"] for r in records(tmp_path / x)] for x in "abc")
+    assert ta == tb and ta != tc and len(set(ta)) == 4
+
+
+def test_backbone_mismatch_is_refused(run_dir, tmp_path):
+    ck = f"ckpt={run_dir / 'domain_prompt.safetensors'}"
+    with pytest.raises(ValueError, match="hidden size"):
+        synth(tmp_path / "a", ck, "backbone=tiny", "backbone.tiny.hidden_size=32")
+    with pytest.raises(ValueError, match="config hash"):
+        synth(tmp_path / "b", ck, "backbone=tiny", "backbone.tiny.num_layers=3")
+    # the matching backbone, given explicitly, is accepted
+    assert synth(tmp_path / "c", ck, "backbone=tiny", "n=1")["n_present"] == 1
+
+
+def test_metadata_that_does_not_match_its_tensor_is_refused(run_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+    d = tmp_path / "bad"
+    d.mkdir()
+    D = load_file(run_dir / "domain_prompt.safetensors")["domain_tokens"]
+    save_file({"domain_tokens": D[:, :32].contiguous()}, str(d / "domain_prompt.safetensors"))
+    (d / "domain_prompt.json").write_text((run_dir / "domain_prompt.json").read_text())
+    with pytest.raises(ValueError, match="do not belong together"):
+        synth(tmp_path / "o", f"ckpt={d / 'domain_prompt.safetensors'}")
+
+
+def test_method_must_match_the_checkpoint(run_dir, tmp_path):
+    with pytest.raises(ValueError, match="trained with method=domino"):
+        synth(tmp_path / "a", f"ckpt={run_dir / 'domain_prompt.safetensors'}", "method=soft_prompt")
+    with pytest.raises(ValueError, match="needs ckpt"):
+        synth(tmp_path / "b", "method=domino")
+
+
+@pytest.mark.parametrize("method", ["few_shot", "zero_shot", "magpie"])
+def test_baselines_write_records_of_their_method(run_dir, tmp_path, method):
+    # the checkpoint only lends its backbone (tiny) to the baseline
+    res = synth(tmp_path, f"method={method}", f"ckpt={run_dir}", "domain.n_references=8", "method.k=2"
+                if method == "few_shot" else "n=4")
+    recs = records(tmp_path)
+    assert res["n_present"] == 4 and [r["method"] for r in recs] == [method] * 4
+    assert all(r["id"].startswith(method + "-") for r in recs)
+    meta = json.loads((tmp_path / "samples.meta.json").read_text())
+    if method == "few_shot":
+        refs = [r["source"]["references"] for r in recs]
+        assert all(len(x) == 2 for x in refs) and len({tuple(x) for x in refs}) > 1
+        assert all(x.startswith("HumanEval/") for r in refs for x in r)
+    if method == "zero_shot":
+        assert "Python programming problems" in meta["inputs"]["plan"]["prompt"]
+    if method == "magpie":
+        assert meta["inputs"]["plan"]["pre_query"].endswith("<|im_start|>user\n")
+
+
+def test_rerun_continues_extends_and_refuses_other_configs(run_dir, tmp_path):
+    ck = f"ckpt={run_dir / 'domain_prompt.safetensors'}"
+    synth(tmp_path / "full", ck, "n=6")
+    first = synth(tmp_path / "o", ck, "n=3")
+    again = synth(tmp_path / "o", ck, "n=3")
+    assert first["n_new"] == 3 and again["n_new"] == 0 and len(records(tmp_path / "o")) == 3
+    more = synth(tmp_path / "o", ck, "n=6")
+    assert more["n_new"] == 3
+    assert records(tmp_path / "o") == records(tmp_path / "full")
+    with pytest.raises(FileExistsError, match="temperature"):
+        synth(tmp_path / "o", ck, "n=6", "sampling.temperature=0.5")
+    res = synth(tmp_path / "o", ck, "n=2", "sampling.temperature=0.5", "overwrite=true")
+    assert res["n_new"] == 2 and len(records(tmp_path / "o")) == 2
+
+
+def test_save_dataset(run_dir, tmp_path):
+    from datasets import load_from_disk
+    res = synth(tmp_path, f"ckpt={run_dir}", "save_dataset=true")
+    ds = load_from_disk(res["dataset"])
+    assert ds.num_rows == 4 and ds[0]["id"] == "domino-0000000" and json.loads(ds[0]["source"])["index"] == 0
+
+
+def test_stage_dispatch_and_curate_not_available(run_dir, tmp_path):
+    with pytest.raises(NotImplementedError, match="not available yet"):
+        synth(tmp_path, f"ckpt={run_dir}", "curate=true")
+    with pytest.raises(NotImplementedError, match="not available yet"):
+        synth(tmp_path, "stage=curate")
+    with pytest.raises(ValueError, match="stage="):
+        synth(tmp_path, "stage=nope")
+    assert not (tmp_path / "samples.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_is_exact(run_dir, tmp_path):
+    out = tmp_path / "killed"
+    cmd = [sys.executable, str(ROOT / "synthesize.py"), f"ckpt={run_dir / 'domain_prompt.safetensors'}",
+           "n=16", "engine.batch_size=2", "sampling.max_new_tokens=24", "progress=false", f"output_dir={out}",
+           f"paths.log_dir={tmp_path / 'logs'}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    samples, deadline = out / "samples.jsonl", time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if samples.exists() and len(samples.read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "finished before it could be killed: " + proc.stderr.read().decode()[-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = len(samples.read_text().splitlines())
+    assert 5 <= partial < 16
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed = records(out)
+    assert (out / "synthesize.log").exists()  # output_dir= is the Hydra run dir: logs beside samples
+    reference = synth(tmp_path / "uninterrupted", f"ckpt={run_dir / 'domain_prompt.safetensors'}", "n=16",
+                      "sampling.max_new_tokens=24")
+    assert reference["n_new"] == 16
+    assert [r["id"] for r in resumed] == [f"domino-{i:07d}" for i in range(16)]
+    assert resumed == records(tmp_path / "uninterrupted")
