@@ -228,7 +228,13 @@ def run_passk(cfg: Any) -> dict:
     return summary
 
 
-TASKS: dict[str, Callable[[Any], dict]] = {"passk": run_passk}
+def run_data_quality(cfg: Any) -> dict:
+    """task=data_quality: diversity, alignment, coverage and memorisation of sample sets."""
+    from domino.evaluation.quality_report import run_data_quality as _run  # keeps matplotlib/sklearn out of pass@k
+    return _run(cfg)
+
+
+TASKS: dict[str, Callable[[Any], dict]] = {"passk": run_passk, "data_quality": run_data_quality}
 
 
 def run_task(cfg: Any) -> dict:

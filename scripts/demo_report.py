@@ -1,0 +1,81 @@
+"""Print (and write to <demo dir>/demo_report.md) the table of a `make demo` run: each stage's
+output, counts, pass@1 before/after fine-tuning and wall time per stage."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def count_lines(path: Path) -> int | None:
+    return sum(1 for line in path.open() if line.strip()) if path.exists() else None
+
+
+def load(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def timings(out: Path) -> dict[str, int]:
+    t: dict[str, int] = {}
+    if (out / "timings.tsv").exists():
+        for line in (out / "timings.tsv").read_text().splitlines():
+            name, secs = line.split("\t")
+            t[name] = t.get(name, 0) + int(secs)  # a resumed stage's runs add up
+    return t
+
+
+def fmt_time(s: int | None) -> str:
+    return "-" if s is None else f"{s // 60}m{s % 60:02d}s"
+
+
+def report(out: Path) -> str:
+    t = timings(out)
+    meta = load(out / "train" / "domain_prompt.json")
+    funnel = load(out / "synthesize" / "curation_report.json")
+    ft = load(out / "finetune" / "adapter" / "domino_finetune.json")
+    base, tuned = load(out / "eval_base" / "summary.json"), load(out / "eval_finetuned" / "summary.json")
+    n_refs, n_held = count_lines(out / "train" / "references.jsonl"), count_lines(out / "train" / "heldout.jsonl")
+    n_samples, n_sft = count_lines(out / "synthesize" / "samples.jsonl"), count_lines(out / "synthesize" / "sft.jsonl")
+    val = meta.get("metrics", {}).get("val/nll_dom")
+    ft_val = ft.get("metrics", {}).get("val/loss") if isinstance(ft.get("metrics"), dict) else None
+    rows = [
+        ("train", "train/domain_prompt.safetensors",
+         f"{n_refs} references, {n_held} held out; k={meta.get('k')}, {meta.get('steps')} steps"
+         + (f", val/nll_dom {val:.3f}" if val is not None else ""), t.get("train")),
+        ("synthesize + curate", "synthesize/samples.jsonl, sft.jsonl",
+         f"{n_samples} samples -> {n_sft} SFT pairs"
+         + (f" ({funnel_summary(funnel)})" if funnel else ""), t.get("synthesize+curate")),
+        ("finetune", "finetune/adapter/", (f"LoRA on {n_sft} pairs" + (f", val/loss {ft_val:.3f}" if ft_val else "")),
+         t.get("finetune")),
+        ("evaluate (base)", "eval_base/summary.json", pass_str(base), t.get("evaluate-base")),
+        ("evaluate (fine-tuned)", "eval_finetuned/summary.json", pass_str(tuned), t.get("evaluate-finetuned")),
+    ]
+    total = sum(t.values()) if t else None
+    lines = ["| stage | output | result | wall time |", "|---|---|---|---|"]
+    lines += [f"| {a} | `{b}` | {c} | {fmt_time(d)} |" for a, b, c, d in rows]
+    lines.append(f"| **total** | `{out}` | pass@1 {pct(base)} -> {pct(tuned)} | {fmt_time(total)} |")
+    return "\n".join(lines) + "\n"
+
+
+def funnel_summary(funnel: dict) -> str:
+    stages = funnel.get("funnel") or funnel.get("stages") or []
+    parts = [f"{s.get('stage', s.get('name'))} {s.get('in')}->{s.get('out')}" for s in stages
+             if isinstance(s, dict) and s.get("in") is not None]
+    return "; ".join(parts)
+
+
+def pct(summary: dict) -> str:
+    return f"{100 * summary['pass@1']:.1f}%" if "pass@1" in summary else "-"
+
+
+def pass_str(summary: dict) -> str:
+    if not summary:
+        return "-"
+    return f"pass@1 {pct(summary)} on {summary.get('tasks')} held-out problems; outcomes {summary.get('outcomes')}"
+
+
+if __name__ == "__main__":
+    out_dir = Path(sys.argv[1] if len(sys.argv) > 1 else "lightning_logs/demo")
+    table = report(out_dir)
+    (out_dir / "demo_report.md").write_text(table)
+    print(table)
