@@ -165,14 +165,22 @@ def test_save_dataset(run_dir, tmp_path):
     assert ds.num_rows == 4 and ds[0]["id"] == "domino-0000000" and json.loads(ds[0]["source"])["index"] == 0
 
 
-def test_stage_dispatch_and_curate_not_available(run_dir, tmp_path):
-    with pytest.raises(NotImplementedError, match="not available yet"):
-        synth(tmp_path, f"ckpt={run_dir}", "curate=true")
-    with pytest.raises(NotImplementedError, match="not available yet"):
-        synth(tmp_path, "stage=curate")
+def test_curate_after_sampling_and_on_existing_samples(run_dir, tmp_path):
+    """curate=true chains curation after sampling; stage=curate on the same samples finds every
+    stage up to date and writes the same SFT set."""
+    fast_curation = ["curation.judge.generation.sampling.max_new_tokens=8",
+                     "curation.responses.generation.sampling.max_new_tokens=16",
+                     "curation.code_checks.enabled=false", "curation.judge.enabled=false"]
+    res = synth(tmp_path / "a", f"ckpt={run_dir}", "curate=true", *fast_curation)
+    cur = res["curation"]
+    assert Path(cur["sft"]).exists() and Path(cur["report_md"]).exists()
+    sft = Path(cur["sft"]).read_text()
+    again = synth(tmp_path / "b", "stage=curate", f"samples={res['samples']}", *fast_curation)
+    assert Path(again["sft"]).read_text() == sft
+    with pytest.raises(FileNotFoundError, match="samples="):
+        synth(tmp_path / "c", "stage=curate")
     with pytest.raises(ValueError, match="stage="):
         synth(tmp_path, "stage=nope")
-    assert not (tmp_path / "samples.jsonl").exists()
 
 
 @pytest.mark.slow

@@ -18,21 +18,23 @@ from domino.synthesis.params import Generation, SamplingParams, sample_seed
 from domino.synthesis.progress import SynthesisProgress
 
 log = logging.getLogger(__name__)
-CURATE_UNAVAILABLE = ("the curation stage is not available yet: run synthesis without curate=true "
-                      "(stage=sample) and curate samples.jsonl once the curation stage lands")
-
-
 def run(cfg: DictConfig) -> dict[str, Any]:
     stage = cfg.get("stage") or "sample"
     if stage not in STAGES:
         raise ValueError(f"stage={stage!r} is not one of {sorted(STAGES)}")
     if stage == "sample" and cfg.get("curate"):
-        raise NotImplementedError(f"curate=true: {CURATE_UNAVAILABLE}")
+        result = sample(cfg)
+        result["curation"] = _curate(cfg, samples=result["samples"])
+        return result
     return STAGES[stage](cfg)
 
 
-def _curate(cfg: DictConfig) -> dict[str, Any]:
-    raise NotImplementedError(f"stage=curate: {CURATE_UNAVAILABLE}")
+def _curate(cfg: DictConfig, samples: str | None = None) -> dict[str, Any]:
+    from domino.curation.pipeline import curate_from_config
+    result = curate_from_config(OmegaConf.to_container(cfg, resolve=True), samples)
+    log.info("curation done: %d SFT records in %s (report: %s)", result["n_sft"], result["sft"],
+             result["report_md"])
+    return result
 
 
 # ---------------------------------------------------------------------------------- backbone

@@ -1,0 +1,366 @@
+"""The curation stage: samples.jsonl -> curated.jsonl -> sft.jsonl, plus curation_report.{md,json}.
+
+    from domino.curation.pipeline import run_curation
+    run_curation(cfg.curation, "<run>/samples.jsonl", "<run>")
+
+Stages run in the order of STAGES, each switchable (`<stage>.enabled`), each writing its own
+files under <out_dir>/curation (see stages.py) and skipped when its output for the same input
+and config exists; the model stages append record by record and resume where they stopped.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+from domino.curation import sources as S
+from domino.curation.stages import StageFiles, fingerprint
+from domino.data.records import RecordError, iter_jsonl, write_jsonl
+
+log = logging.getLogger(__name__)
+STAGES = ("normalise", "exact_dedup", "near_dup", "memorisation", "decontaminate", "judge", "responses",
+          "code_checks")
+LLM_STAGES = ("judge", "responses", "code_checks")
+SFT_INDEX = len(STAGES) + 1
+MATCHES = "decontamination_matches.jsonl"
+
+
+def _plain(cfg: Any) -> dict:
+    try:
+        from omegaconf import DictConfig, OmegaConf
+        if isinstance(cfg, DictConfig):
+            return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    except ImportError:  # pragma: no cover
+        pass
+    return dict(cfg or {})
+
+
+def _read_input(path: Path) -> list[dict]:
+    recs, seen = [], {}
+    for lineno, rec in iter_jsonl(path, required=("id", "text")):
+        if not isinstance(rec["text"], str):
+            raise RecordError(path, lineno, f"`text` must be a string, got {type(rec['text']).__name__}")
+        if rec["id"] in seen:
+            raise RecordError(path, lineno, f"duplicate id {rec['id']!r} (first at line {seen[rec['id']]})")
+        seen[rec["id"]] = lineno
+        recs.append(rec)
+    return recs
+
+
+def _backbone_key(b: dict | None) -> dict | None:
+    # where a model is cached says nothing about what it computes
+    return {k: v for k, v in b.items() if k != "cache_dir"} if b else None
+
+
+class Curation:
+    def __init__(self, cfg: Any, samples_path: str | Path, out_dir: str | Path, references=None,
+                 eval_sets: list | None = None, backbone: dict | None = None,
+                 generators: Callable | dict[str, Callable] | None = None, progress: bool = True):
+        self.cfg = _plain(cfg)
+        self.samples_path, self.out_dir = Path(samples_path), Path(out_dir)
+        if not self.samples_path.exists():
+            raise FileNotFoundError(f"samples={self.samples_path}: no such file")
+        self.root = self.out_dir / self.cfg.get("dir", "curation")
+        self.found = S.run_sources(self.samples_path)
+        self.references = references if references is not None else (
+            self.cfg.get("memorisation", {}).get("references") or self.found["references"])
+        self.eval_sets = list(eval_sets or [])
+        self.backbone = _plain(backbone) if backbone else self.found["backbone"]
+        self.generators = generators
+        self.progress = progress
+        self.metas: dict[str, dict] = {}
+
+    # ------------------------------------------------------------------ helpers
+    def stage_cfg(self, name: str) -> dict:
+        return dict(self.cfg.get(name) or {})
+
+    def generator(self, role: str, model_key: str = "model", gen_key: str = "generation") -> Callable:
+        g = self.generators
+        if isinstance(g, dict):
+            g = g.get(role) or g.get("default")
+        if g is not None:
+            return g
+        from domino.curation.generation import build_generator
+        c = self.stage_cfg(role if role != "tests" else "code_checks")
+        return build_generator(c.get(model_key), self.backbone, c.get(gen_key) or {})
+
+    def model_identity(self, role: str, model_key: str = "model") -> Any:
+        g = self.generators
+        if isinstance(g, dict):
+            g = g.get(role) or g.get("default")
+        if g is not None:
+            from domino.curation.generation import fingerprint_of
+            return {"injected": fingerprint_of(g)}
+        c = self.stage_cfg(role if role != "tests" else "code_checks")
+        return _backbone_key(c.get(model_key) or self.backbone)
+
+    def decontam_specs(self) -> list[dict]:
+        c = self.stage_cfg("decontaminate")
+        specs = [S.eval_set_spec(s) for s in list(c.get("eval_sets") or []) + self.eval_sets]
+        heldout = c.get("heldout", "auto")
+        held = self.found["heldout"]
+        if heldout not in ("auto", True, False):
+            raise ValueError(f"decontaminate.heldout={heldout!r}: expected auto, true or false")
+        if heldout and held is not None:
+            specs.insert(0, S.eval_set_spec({"name": "heldout", "format": "jsonl",
+                                             "path": str(held) if not isinstance(held, list) else None,
+                                             "records": held if isinstance(held, list) else None}))
+        elif heldout is True:
+            raise FileNotFoundError("decontaminate.heldout=true but the samples' run names no heldout.jsonl "
+                                    "(samples.meta.json -> ckpt_meta.heldout); add it to decontaminate.eval_sets")
+        elif heldout == "auto":
+            log.warning("curation: the run of %s records no held-out split; decontaminating against the "
+                        "configured eval sets only: %s", self.samples_path, [s["name"] for s in specs] or "none")
+        names = [s["name"] for s in specs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"decontaminate.eval_sets: duplicate names {names}; give each a `name`")
+        return specs
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> dict[str, Any]:
+        from domino.curation.report import write_report
+        _read_input(self.samples_path)  # validate up front: file:line for a bad record
+        current = self.samples_path
+        funnel = []
+        for i, name in enumerate(STAGES, start=1):
+            c = self.stage_cfg(name)
+            if not c.get("enabled", True):
+                funnel.append({"stage": name, "enabled": False})
+                continue
+            files = StageFiles(self.root, i, name)
+            meta = getattr(self, "_" + name)(files, current, c)
+            self.metas[name] = meta
+            keys = ("n_in", "n_out", "n_dropped", "reasons", "skipped")
+            funnel.append({"stage": name, "enabled": True, **{k: meta[k] for k in keys}})
+            current = files.kept
+        result = self._sft(current)
+        report = write_report(self.out_dir, self.root, funnel, self.metas, result, self.cfg.get("report") or {})
+        result.update(report)
+        return result
+
+    def _fp(self, current: Path, c: dict, *extra: Any) -> str:
+        return fingerprint(S.file_hash(current), c, *extra)
+
+    def _pure(self, files: StageFiles, current: Path, c: dict, fn: Callable, *extra: Any) -> dict:
+        fp = self._fp(current, c, *extra)
+        info = {"input": str(current), "n_in": sum(1 for _ in iter_jsonl(current))}
+        if files.status(fp) == "done":
+            log.info("curation %s: up to date, skipped", files.name)
+            return {**files.meta(), "skipped": True}
+        files.begin(fp, info)
+        recs = [r for _, r in iter_jsonl(current)]
+        kept, dropped, *more = fn(recs)
+        files.write_all(kept, dropped)
+        meta = files.finish(fp, info, more[0] if more else None)
+        log.info("curation %s: %d -> %d (%s)", files.name, info["n_in"], meta["n_out"], meta["reasons"])
+        return {**meta, "skipped": False}
+
+    def _incremental(self, files: StageFiles, current: Path, c: dict, fn: Callable, batch_size: int,
+                     extra: Any, summarise: Callable | None = None) -> dict:
+        """A model stage: records are appended as they are decided, so a rerun after a crash does
+        only the records without a verdict. When only the input changed (an upstream stage was
+        re-tuned) verdicts of records whose text (and response) are unchanged are reused."""
+        from domino.curation.generation import StageProgress
+        from domino.data.records import JsonlAppender
+        cfp = fingerprint(c, extra)
+        fp = fingerprint(S.file_hash(current), cfp)
+        recs = [r for _, r in iter_jsonl(current)]
+        info = {"input": str(current), "n_in": len(recs), "model": extra, "config_fingerprint": cfp}
+        old = files.meta() or {}
+        reuse = _load_reusable(files) if old.get("fingerprint") != fp and old.get("config_fingerprint") == cfp else {}
+        status = files.status(fp)
+        if status == "done":
+            log.info("curation %s: up to date, skipped", files.name)
+            return {**files.meta(), "skipped": True}
+        done = files.done_ids() if status == "partial" else set()
+        if status == "new":
+            files.begin(fp, info)
+        todo = [r for r in recs if r["id"] not in done]
+        n_reused = 0
+        log.info("curation %s: %d records to do (%d already done, %d reusable)", files.name, len(todo),
+                 len(done), len(reuse))
+        with JsonlAppender(files.kept) as ka, JsonlAppender(files.dropped) as da, \
+                StageProgress(files.name, len(recs), len(done), self.progress) as bar:
+            for s in range(0, len(todo), max(1, batch_size)):
+                batch = todo[s:s + batch_size]
+                fresh = [r for r in batch if _reuse_key(r, files.name) not in reuse]
+                made = iter(fn(fresh) if fresh else [])
+                for r in batch:
+                    prev = reuse.get(_reuse_key(r, files.name))
+                    out = _merge(r, prev, files.name) if prev is not None else next(made)
+                    n_reused += prev is not None
+                    (da if "dropped" in out else ka).write(out)
+                bar.advance(len(batch))
+        meta = files.finish(fp, info, {**(summarise(files) if summarise else {}), "n_reused": n_reused})
+        log.info("curation %s: %d -> %d (%s)", files.name, len(recs), meta["n_out"], meta["reasons"])
+        return {**meta, "skipped": False}
+
+    # ------------------------------------------------------------------ stages
+    def _normalise(self, files, current, c):
+        from domino.curation.text import normalise
+        kw = {k: c[k] for k in ("min_chars", "max_chars", "min_words", "max_words", "drop_truncated") if k in c}
+        return self._pure(files, current, c, lambda rs: normalise(rs, **kw))
+
+    def _exact_dedup(self, files, current, c):
+        from domino.curation.text import exact_dedup
+        return self._pure(files, current, c, lambda rs: exact_dedup(rs, bool(c.get("lowercase", True))))
+
+    def _near_dup(self, files, current, c):
+        from domino.curation.neardup import near_dedup
+        keys = ("threshold", "shingle", "shingle_size", "num_perm", "recall_margin", "fn_weight", "seed")
+        kw = {k: c[k] for k in keys if k in c}
+        return self._pure(files, current, c, lambda rs: near_dedup(rs, **kw))
+
+    def _memorisation(self, files, current, c):
+        from domino.curation.overlap import memorisation_filter
+        if self.references is None:
+            raise FileNotFoundError(
+                f"curation.memorisation needs the references the domain tokens were trained on and "
+                f"{self.samples_path.with_name('samples.meta.json')} names none: set "
+                "curation.memorisation.references=<train run>/references.jsonl or curation.memorisation.enabled=false")
+        refs = S.load_texts(self.references, "memorisation.references")
+        kw = {k: c[k] for k in ("n", "max_ngram_overlap", "max_lcs_ratio", "lcs_candidates") if k in c}
+        return self._pure(files, current, {**c, "references": None}, lambda rs: memorisation_filter(rs, refs, **kw),
+                          S.describe(self.references))
+
+    def _decontaminate(self, files, current, c):
+        from domino.curation.overlap import EvalIndex, decontaminate
+        specs = self.decontam_specs()
+        ident = [S.describe({k: v for k, v in s.items()}) for s in specs]
+        matches_path = self.root / MATCHES
+
+        def fn(rs):
+            index = EvalIndex(int(c.get("n", 13)), int(c.get("min_words", 6)))
+            for s in specs:
+                for item_id, field, text in S.load_eval_items(s):
+                    index.add(s["name"], item_id, field, text)
+            kept, dropped, matches = decontaminate(rs, index)
+            write_jsonl(matches_path, matches)
+            return kept, dropped, {"eval_sets": {s["name"]: index.items.get(s["name"], 0) for s in specs},
+                                   "n_matches": len(matches), "matches_file": str(matches_path)}
+        meta = self._pure(files, current, {**c, "eval_sets": None}, fn, ident)
+        if not matches_path.exists():  # deleted by hand after a complete run: redo
+            files.reset()
+            meta = self._pure(files, current, {**c, "eval_sets": None}, fn, ident)
+        return meta
+
+    def _judge(self, files, current, c):
+        from domino.curation.judge import LABELS, UNKNOWN
+        from domino.curation.llm_stages import judge_batch
+        gen_holder: dict = {}
+
+        def fn(batch):
+            gen = gen_holder.setdefault("g", self.generator("judge"))
+            return judge_batch(batch, gen, c)
+
+        def summarise(files):
+            dist = {g: 0 for g in LABELS + (UNKNOWN,)}
+            for p in (files.kept, files.dropped):
+                for _, r in iter_jsonl(p):
+                    dist[r["checks"]["judge"].split(":")[-1]] += 1
+            return {"grades": dist}
+        bs = int((c.get("generation") or {}).get("batch_size", 8))
+        return self._incremental(files, current, c, fn, bs, self.model_identity("judge"), summarise)
+
+    def _responses(self, files, current, c):
+        from domino.curation.llm_stages import responses_batch
+        gen_holder: dict = {}
+
+        def fn(batch):
+            return responses_batch(batch, gen_holder.setdefault("g", self.generator("responses")), c)
+        bs = int((c.get("generation") or {}).get("batch_size", 8))
+        return self._incremental(files, current, c, fn, bs, self.model_identity("responses"))
+
+    def _code_checks(self, files, current, c):
+        from domino.curation.code_checks import make_sandbox
+        from domino.curation.llm_stages import code_batch
+        held: dict = {}
+        run_tests = bool(c.get("run_tests"))
+
+        def fn(batch):
+            if run_tests and "g" not in held:
+                held["g"] = self.generator("tests", "tests_model", "tests_generation")
+                held["sandbox"] = make_sandbox(c.get("sandbox") or {})
+            return code_batch(batch, c, held.get("g"), held.get("sandbox"))
+        ident = self.model_identity("tests", "tests_model") if run_tests else None
+        bs = int((c.get("tests_generation") or {}).get("batch_size", 8)) if run_tests else 256
+        return self._incremental(files, current, c, fn, bs, ident)
+
+    def _sft(self, current: Path) -> dict[str, Any]:
+        from domino.curation.sft import save_dataset, to_sft
+        c = self.stage_cfg("sft")
+        files = StageFiles(self.root, SFT_INDEX, "sft")
+        curated, sft_path = self.out_dir / "curated.jsonl", self.out_dir / "sft.jsonl"
+        ds_path = self.out_dir / c.get("dataset_dir", "sft_dataset")
+        outputs = [curated, sft_path] + ([ds_path] if c.get("save_dataset", True) else [])
+        fp = self._fp(current, c)
+        result = {"curated": str(curated), "sft": str(sft_path),
+                  "sft_dataset": str(ds_path) if c.get("save_dataset", True) else None}
+        meta = files.meta() or {}
+        if meta.get("fingerprint") == fp and meta.get("complete") and all(p.exists() for p in outputs):
+            return {**result, "n_sft": meta["n_sft"]}
+        files.reset()
+        recs = [r for _, r in iter_jsonl(current)]
+        files.begin(fp, {"input": str(current), "n_in": len(recs)})
+        sft = [to_sft(r, c.get("format", "chat"), c.get("user_template", "{text}"), c.get("system")) for r in recs]
+        write_jsonl(curated, recs)
+        write_jsonl(sft_path, sft)
+        if c.get("save_dataset", True):
+            save_dataset(sft, ds_path)
+        files.write_meta({"stage": "sft", "fingerprint": fp, "complete": True, "input": str(current),
+                          "n_in": len(recs), "n_sft": len(sft), "outputs": [str(p) for p in outputs]})
+        log.info("curation: %d curated records -> %s, %s", len(recs), curated, sft_path)
+        return {**result, "n_sft": len(sft)}
+
+
+def _reuse_key(rec: dict, stage: str) -> str:
+    # what a model stage's verdict depends on besides its config: the text and, for the code
+    # checks, the response (which the responses stage itself adds, so it is not its input)
+    return fingerprint(rec["text"], rec.get("response") if stage == "code_checks" else None)
+
+
+def _load_reusable(files: StageFiles) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for p in (files.kept, files.dropped):
+        if p.exists():
+            for _, r in iter_jsonl(p):
+                out[_reuse_key(r, files.name)] = r
+    return out
+
+
+def _merge(new: dict, prev: dict, stage: str) -> dict:
+    """The new input record with the earlier verdict of `stage` (and the fields it added)."""
+    out = {**prev, **{k: v for k, v in new.items() if k != "checks"}}
+    out["checks"] = {**(new.get("checks") or {}), stage: prev["checks"][stage]}
+    return out
+
+
+def run_curation(cfg_curation: Any, samples_path: str | Path, out_dir: str | Path | None = None,
+                 references: str | Path | list[dict] | None = None, eval_sets: list | None = None,
+                 backbone: dict | None = None, generators: Callable | dict[str, Callable] | None = None,
+                 progress: bool = True) -> dict[str, Any]:
+    """Curate `samples_path` into `out_dir` (default: the samples' directory). Returns the paths
+    written and the funnel. `references`/`eval_sets`/`backbone` override what the samples' run
+    recorded; `generators` (a callable, or {"judge"|"responses"|"tests"|"default": callable})
+    replaces the models, for tests or an external inference server."""
+    out_dir = Path(out_dir) if out_dir else Path(samples_path).parent
+    return Curation(cfg_curation, samples_path, out_dir, references, eval_sets, backbone, generators,
+                    progress).run()
+
+
+def curate_from_config(c: dict[str, Any], samples: str | Path | None = None) -> dict[str, Any]:
+    """What synthesize.py runs for `curate=true` (after sampling) and `stage=curate`: `c` is the
+    resolved synthesize config. Samples: `samples`, else `c.samples`, else <output_dir>/samples.jsonl.
+    Outputs go beside the samples unless `output_dir` is set. The judge and response models default
+    to an explicit backbone= group, else the backbone the samples were drawn from."""
+    if "curation" not in c:
+        raise KeyError("the config has no `curation` group: add `- curation: default` to its defaults list")
+    out = c.get("output_dir") or (c.get("paths") or {}).get("output_dir")
+    samples = Path(samples or c.get("samples") or Path(out) / "samples.jsonl")
+    if not samples.exists():
+        raise FileNotFoundError(f"samples={samples}: no such file (stage=curate needs samples=<run>/samples.jsonl)")
+    backbone = c.get("backbone")
+    if backbone and backbone.get("cache_dir") is None:
+        backbone = {**backbone, "cache_dir": (c.get("paths") or {}).get("cache_dir")}
+    return run_curation(c["curation"], samples, c.get("output_dir") or samples.parent, backbone=backbone,
+                        progress=bool(c.get("progress", True)))

@@ -1,0 +1,120 @@
+"""Where the texts a sample must not copy come from: the references the domain tokens were
+trained on (memorisation) and every evaluation set that will be used (decontamination).
+
+A synthesis run records them: `samples.meta.json` holds the checkpoint metadata, which names the
+training run's references.jsonl and heldout.jsonl; a baseline run (few_shot, zero_shot) holds the
+domain config, from which the same split is rebuilt.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from domino.data.records import read_jsonl
+
+log = logging.getLogger(__name__)
+BENCHMARK_FORMATS = ("humaneval", "mbpp", "livecodebench", "codecontests")
+
+
+def run_sources(samples_path: str | Path) -> dict[str, Any]:
+    """{"references": path|records|None, "heldout": path|records|None, "backbone": dict|None}
+    recovered from the samples.meta.json beside `samples_path` (empty when there is none)."""
+    meta_path = Path(samples_path).with_name("samples.meta.json")
+    if not meta_path.exists():
+        return {"references": None, "heldout": None, "backbone": None}
+    meta = json.loads(meta_path.read_text())
+    ckpt_meta = meta.get("ckpt_meta") or {}
+    out = {"references": ckpt_meta.get("references"), "heldout": ckpt_meta.get("heldout"),
+           "backbone": meta.get("backbone")}
+    if out["references"] is None:
+        domain = (meta.get("config") or {}).get("domain")
+        method = ((meta.get("config") or {}).get("method") or {}).get("name")
+        if domain and method in ("few_shot", "zero_shot", "magpie"):
+            from domino.data.domains import load_domain
+            refs, held = load_domain(**domain)
+            out["references"], out["heldout"] = refs, held
+    return out
+
+
+def load_texts(spec: str | Path | list[dict] | None, what: str) -> list[dict] | None:
+    """Records with `id` and `text` from a path (.jsonl) or a list already in memory."""
+    if spec is None:
+        return None
+    if isinstance(spec, (str, Path)):
+        path = Path(spec).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"{what}: no such file {path}")
+        recs = read_jsonl(path, required=("text",))
+    else:
+        recs = list(spec)
+    return [{"id": str(r.get("id", r.get("task_id", i))), "text": r["text"]} for i, r in enumerate(recs)]
+
+
+def eval_set_spec(spec: str | dict) -> dict:
+    """Normalise an eval-set entry: "humaneval" | "<file>.jsonl" | {name, format, path, fields}."""
+    if isinstance(spec, str):
+        spec = {"format": spec} if spec in BENCHMARK_FORMATS else {"format": "jsonl", "path": spec}
+    spec = dict(spec)
+    fmt = spec.get("format", "jsonl")
+    if fmt not in BENCHMARK_FORMATS + ("jsonl",):
+        raise ValueError(f"decontaminate eval set {spec}: format must be jsonl or one of {BENCHMARK_FORMATS}")
+    if fmt == "jsonl" and not spec.get("path") and spec.get("records") is None:
+        raise ValueError(f"decontaminate eval set {spec}: format=jsonl needs a path")
+    default_fields = ["text"] if fmt == "jsonl" else ["prompt", "canonical_solution"]
+    name = spec.get("name") or (Path(spec["path"]).stem if spec.get("path") and fmt == "jsonl" else fmt)
+    return {"name": name, "format": fmt, "path": spec.get("path"), "fields": list(spec.get("fields") or default_fields),
+            "limit": spec.get("limit"), "records": spec.get("records")}
+
+
+def load_eval_items(spec: dict) -> list[tuple[str, str, str]]:
+    """(item id, field, text) of one normalised eval-set spec. A benchmark is read with the
+    evaluation stage's own reader, so decontamination sees exactly what evaluation measures."""
+    if spec["format"] == "jsonl":
+        if spec.get("records") is not None:
+            recs = list(spec["records"])
+        else:
+            path = Path(spec["path"]).expanduser()
+            if not path.exists():
+                raise FileNotFoundError(f"decontaminate eval set {spec['name']!r}: no such file {path}")
+            recs = read_jsonl(path)
+        recs = [{**r, "id": r.get("id", r.get("task_id", i))} for i, r in enumerate(recs)]
+    else:
+        from domino.evaluation.benchmarks import load_benchmark
+        recs = [{**p, "id": p["task_id"]} for p in load_benchmark(spec["format"], spec.get("path"))]
+    if spec.get("limit"):
+        recs = recs[: int(spec["limit"])]
+    out = []
+    for r in recs:
+        for f in spec["fields"]:
+            v = r.get(f)
+            if isinstance(v, str) and v.strip():
+                out.append((str(r["id"]), f, v))
+    if not out:
+        raise ValueError(f"decontaminate eval set {spec['name']!r}: no text in fields {spec['fields']}")
+    return out
+
+
+def describe(spec: Any) -> Any:
+    """What a source contributes to a stage fingerprint: a path and its content hash, or the
+    hash of in-memory records."""
+    import hashlib
+    if spec is None:
+        return None
+    if isinstance(spec, (str, Path)):
+        p = Path(spec).expanduser()
+        return {"path": str(p), "sha256": file_hash(p) if p.exists() else None}
+    if isinstance(spec, dict):
+        return {k: describe(v) if k in ("path", "records") else v for k, v in spec.items()}
+    blob = json.dumps(list(spec), sort_keys=True, default=str).encode()
+    return {"records_sha256": hashlib.sha256(blob).hexdigest()[:16]}
+
+
+def file_hash(path: str | Path) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
