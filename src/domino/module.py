@@ -32,7 +32,8 @@ def nll_fn(impl: str):
 
 class DominoModule(L.LightningModule):
     def __init__(self, backbone: dict[str, Any], n_references: int, method: str = "domino",
-                 form: str = "paper", impl: str = "straightforward", chunk_size: int | None = None,
+                 form: str = "paper", impl: str = "efficient", chunk_size: int | None = None,
+                 negatives: int | None = None,
                  k: int = 8, l: int = 8, init: str = "sample_vocab", init_text: str | None = None,
                  domain_head: bool = False, domain_head_hidden: int = 256, sample_rank: int | None = None,
                  w_dom: float = 1.0, lam: float = 1.0, lr_domain: float = 3e-3, lr_sample: float = 3e-3,
@@ -79,7 +80,12 @@ class DominoModule(L.LightningModule):
         hp = self.hparams
         D = self.prompts.domain_tokens()
         S = self.prompts.sample_tokens(batch["index"]) if hp.method == "domino" else None
-        kwargs = {"chunk_size": hp.chunk_size} if hp.impl == "efficient" else {}
+        if hp.impl == "efficient":
+            kwargs = {"chunk_size": hp.chunk_size, "negatives": hp.negatives}
+        elif hp.negatives:
+            raise ValueError("objective.negatives needs objective.impl=efficient")
+        else:
+            kwargs = {}
         dom, mat = self._nll(self.backbone, D, S, batch["input_ids"], batch["attention_mask"], **kwargs)
         return obj.combine(dom, mat, form=hp.form, w_dom=hp.w_dom, lam=hp.lam if mat is not None else 0.0)
 

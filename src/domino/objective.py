@@ -61,14 +61,18 @@ def contrastive_official(l_mat: torch.Tensor) -> torch.Tensor:
     if B < 2:
         raise ValueError("the contrastive term needs a batch of at least 2 references")
     neg = (-l_mat)[offdiag_mask(B, l_mat.device)]
-    return torch.logsumexp(neg, dim=0) - math.log(B * (B - 1))
+    # entries left out by sampled negatives (efficient_nll's `negatives`) are +inf: exp(-inf) = 0
+    # drops them from the sum and the mean is over the computed ones (B(B-1) when all are)
+    n = int(torch.isfinite(neg).sum())
+    return torch.logsumexp(neg, dim=0) - math.log(n)
 
 
 def contrast_gap(l_mat: torch.Tensor) -> torch.Tensor:
     """Mean off-diagonal l_ij minus mean l_ii: how much better a text is explained by its own
     sample tokens than by another reference's."""
     B = l_mat.shape[0]
-    return l_mat[offdiag_mask(B, l_mat.device)].mean() - l_mat.diagonal().mean()
+    off = l_mat[offdiag_mask(B, l_mat.device)]
+    return off[torch.isfinite(off)].mean() - l_mat.diagonal().mean()  # +inf: a negative not sampled
 
 
 def combine(dom: NLL, mat: NLL | None, form: str = "paper", w_dom: float = 1.0,

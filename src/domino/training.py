@@ -43,7 +43,7 @@ def build_module(cfg: DictConfig, n_references: int) -> DominoModule:
     m, p, o, opt = cfg.method, cfg.prompt, cfg.objective, cfg.optim
     return DominoModule(
         backbone=OmegaConf.to_container(cfg.backbone, resolve=True), n_references=n_references,
-        method=m.name, form=o.form, impl=o.impl, chunk_size=o.chunk_size,
+        method=m.name, form=o.form, impl=o.impl, chunk_size=o.chunk_size, negatives=o.negatives,
         k=p.k, l=p.l, init=p.init, init_text=p.init_text, domain_head=p.domain_head,
         domain_head_hidden=p.domain_head_hidden, sample_rank=p.sample_rank,
         w_dom=m.w_dom, lam=m["lambda"], lr_domain=opt.lr_domain, lr_sample=opt.lr_sample,

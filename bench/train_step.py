@@ -1,0 +1,202 @@
+"""Training-step speed and memory: objective.impl=straightforward vs efficient.
+
+    python bench/train_step.py [--shapes 4x64x256,3x256x512] [--reps 3] [--impls straightforward,efficient]
+
+A shape BxKxL is B references, k = l = K soft tokens, texts of L random tokens (uniform over the
+vocabulary, every text full length: no padding). One step = forward + backward of
+`combine(...)["loss"]` (paper form) on the embedded SmolLM2-135M backbone, fp32, CPU.
+
+Every (shape, impl, repetition) runs in a fresh subprocess, interleaved (rep 0: s,e; rep 1: e,s;
+...), so that each step's peak memory can be read from the kernel: peak RSS of the process
+(ru_maxrss) after the step minus its RSS just before the step (model loaded, inputs built); the
+allocator's caching does not hide anything from RSS, and torch's CPU allocations are invisible
+to tracemalloc. The step is therefore a cold one (first touch of its memory is included) for both
+paths alike. Medians over repetitions; the JSON keeps every sample.
+
+Right before its step each subprocess measures fp32 GEMM throughput on the model's matmul shapes,
+so the achieved fraction uses the rate the machine gave at that moment (it is shared and noisy;
+the step's CPU time, user+sys of the process, is reported beside wall time as the less
+contention-sensitive figure).
+Model FLOPs of a step, per path (what that algorithm must compute, no recomputation counted):
+  fwd = 2*P_layers*tokens + 2*h*V*head_positions + 4*n_layers*H*d*attn_pairs
+  bwd = 2*P_layers*tokens + 2*h*V*head_positions + 2*(4*n_layers*H*d*attn_pairs)
+(frozen weights: backward forms activation gradients only, one GEMM per linear; attention
+backward is two of its forward's matmuls each twice) where tokens go through the decoder,
+head_positions get logits, attn_pairs = causal (query, key) pairs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_SHAPES = "4x64x256,3x256x512"
+
+
+def rss_kb() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def gemm_rate(h: int, inter: int, vocab: int, M: int = 2048) -> float:
+    """fp32 GFLOP/s over the model's GEMM shapes (q/o, mlp up/down, lm head), flop-weighted."""
+    import torch
+    shapes = [(M, h, h), (M, h, inter), (M, inter, h), (M // 4, h, vocab)]
+    flops = secs = 0.0
+    for m, k, n in shapes:
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        a @ b
+        t = time.perf_counter()
+        for _ in range(3):
+            a @ b
+        secs += time.perf_counter() - t
+        flops += 3 * 2 * m * k * n
+    return flops / secs / 1e9
+
+
+def model_flops(cfg, n_layer_params: int, impl: str, B: int, k: int, L: int) -> dict:
+    h, V, nl = cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers
+    Hd = cfg.num_attention_heads * (getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads)
+    l = k
+
+    def causal(past, n):  # (query, key) pairs of n queries after `past` cached keys
+        return n * past + n * (n + 1) // 2
+
+    if impl == "straightforward":
+        tokens = B * (k + L) + (B * B + B) * (k + l + L)
+        head = tokens
+        pairs = B * causal(0, k + L) + (B * B + B) * causal(0, k + l + L)
+    else:
+        tokens = k + B * l + (B + B * B) * L
+        head = (B + B * B) * L
+        pairs = causal(0, k) + B * causal(k, l) + B * causal(k, L) + B * B * causal(k + l, L)
+    lin = 2 * n_layer_params * tokens + 2 * h * V * head
+    attn = 4 * nl * Hd * pairs
+    return {"tokens": tokens, "head_positions": head, "attn_pairs": pairs,
+            "fwd": lin + attn, "bwd": lin + 2 * attn, "step": 2 * lin + 3 * attn}
+
+
+def child(impl: str, B: int, k: int, L: int, seed: int) -> dict:
+    import torch
+
+    from domino.backbone import load_backbone
+    from domino.objective import combine, straightforward_nll
+    from domino.efficient import efficient_nll
+
+    bb = load_backbone(path="embedded")
+    model, cfg = bb.model, bb.model.config
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, cfg.vocab_size, (B, L), generator=g)
+    am = torch.ones_like(ids)
+    W = model.get_input_embeddings().weight.detach()
+    D = W[torch.randint(0, W.shape[0], (k,), generator=g)].clone().requires_grad_()
+    S = W[torch.randint(0, W.shape[0], (B * k,), generator=g)].view(B, k, -1).clone().requires_grad_()
+    fn = straightforward_nll if impl == "straightforward" else efficient_nll
+    layer_params = sum(p.numel() for p in model.get_decoder().layers.parameters())
+    rate = gemm_rate(cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size)
+    rss0, max0 = rss_kb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.perf_counter()
+    dom, mat = fn(model, D, S, ids, am)
+    loss = combine(dom, mat, form="paper")["loss"]
+    t1 = time.perf_counter()
+    loss.backward()
+    t2 = time.perf_counter()
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
+    max1 = ru1.ru_maxrss
+    cpu = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
+    fl = model_flops(cfg, layer_params, impl, B, k, L)
+    return {"impl": impl, "B": B, "k": k, "l": k, "L": L, "loss": loss.item(),
+            "step_s": t2 - t0, "fwd_s": t1 - t0, "bwd_s": t2 - t1, "cpu_s": cpu,
+            "peak_rss_delta_mib": (max1 - rss0) / 1024, "peak_before_step_exceeded": max1 > max0,
+            "gemm_gflops": rate, "flops": fl,
+            "achieved_fraction": fl["step"] / (t2 - t0) / (rate * 1e9),
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "grad_norm": {"D": D.grad.norm().item(), "S": S.grad.norm().item()}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma list of BxKxL")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--impls", default="straightforward,efficient")
+    ap.add_argument("--out", default=str(ROOT / "bench/results/train_step.json"))
+    ap.add_argument("--_child", nargs=5, metavar=("IMPL", "B", "K", "L", "SEED"), help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a._child:
+        impl, B, k, L, seed = a._child
+        print("RESULT " + json.dumps(child(impl, int(B), int(k), int(L), int(seed))), flush=True)
+        return
+
+    impls = a.impls.split(",")
+    samples = []
+    for shape in a.shapes.split(","):
+        B, k, L = (int(x) for x in shape.lower().split("x"))
+        for rep in range(a.reps):
+            for impl in (impls if rep % 2 == 0 else impls[::-1]):
+                cmd = [sys.executable, __file__, "--_child", impl, str(B), str(k), str(L), "0"]
+                p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
+                                   env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
+                line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+                if p.returncode or not line:
+                    sys.stderr.write(p.stderr[-3000:])
+                    samples.append({"impl": impl, "B": B, "k": k, "l": k, "L": L, "error": p.returncode})
+                    print(f"{shape} {impl} rep {rep}: FAILED rc={p.returncode}", flush=True)
+                    continue
+                r = json.loads(line[0][len("RESULT "):])
+                samples.append(r)
+                print(f"{shape} {impl} rep {rep}: {r['step_s']:.1f} s, peak +{r['peak_rss_delta_mib']:.0f} MiB, "
+                      f"loss {r['loss']:.6f}, gemm {r['gemm_gflops']:.1f} GFLOP/s", flush=True)
+
+    rows = []
+    for shape in a.shapes.split(","):
+        B, k, L = (int(x) for x in shape.lower().split("x"))
+        row = {"shape": shape, "B": B, "k": k, "l": k, "L": L}
+        for impl in impls:
+            ok = [s for s in samples if s["impl"] == impl and (s["B"], s["k"], s["L"]) == (B, k, L)
+                  and "error" not in s]
+            if not ok:
+                continue
+            med = lambda key: statistics.median(s[key] for s in ok)  # noqa: E731
+            row[impl] = {"n": len(ok), "step_s": med("step_s"), "cpu_s": med("cpu_s"), "peak_rss_delta_mib": med("peak_rss_delta_mib"),
+                         "loss": ok[0]["loss"], "gemm_gflops": med("gemm_gflops"),
+                         "achieved_fraction": med("achieved_fraction"), "model_tflop_step": ok[0]["flops"]["step"] / 1e12}
+        if "straightforward" in row and "efficient" in row:
+            s, e = row["straightforward"], row["efficient"]
+            row["speedup"] = s["step_s"] / e["step_s"]
+            row["speedup_cpu_time"] = s["cpu_s"] / e["cpu_s"]
+            row["memory_ratio"] = e["peak_rss_delta_mib"] / s["peak_rss_delta_mib"]
+            row["loss_abs_diff"] = abs(s["loss"] - e["loss"])
+        rows.append(row)
+
+    out = {"command": "python bench/train_step.py " + " ".join(sys.argv[1:]), "machine": {
+        "cpus": os.cpu_count(), "loadavg_at_end": os.getloadavg()}, "rows": rows, "samples": samples}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(out, indent=2))
+    print(f"\nwrote {a.out}\n")
+    print("| B | k=l | L | impl | step s (median) | CPU s | peak RSS Δ MiB | model TFLOP/step | GEMM GFLOP/s | achieved | loss |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        for impl in impls:
+            if impl in row:
+                r = row[impl]
+                print(f"| {row['B']} | {row['k']} | {row['L']} | {impl} (n={r['n']}) | {r['step_s']:.1f} | {r['cpu_s']:.1f} | "
+                      f"{r['peak_rss_delta_mib']:.0f} | {r['model_tflop_step']:.2f} | {r['gemm_gflops']:.1f} | "
+                      f"{100 * r['achieved_fraction']:.0f}% | {r['loss']:.6f} |")
+        if "speedup" in row:
+            print(f"|  |  |  | **efficient vs straightforward** | **{row['speedup']:.2f}× faster** | **{row['speedup_cpu_time']:.2f}×** | "
+                  f"**{row['memory_ratio']:.2f}× memory** |  |  |  | Δ {row['loss_abs_diff']:.1e} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+r"""The prefix-cached computation of l(x|D) and the matrix l_ij: the same numbers as
+`objective.straightforward_nll` (its test oracle), at a fraction of the cost.
+
+Where the straightforward path runs B^2 + 2B full sequences [prefix, text], this one
+- runs D once (batch 1) and keeps its key/value cache, with its autograd graph;
+- runs [S_1..S_B] once (batch B) as a continuation of D's cache: the prefixes [D, S_i];
+- runs every text as a continuation of a prefix cache: B continuations of D for l(x|D), and the
+  B^2 pairs (i, j) = text x_j after [D, S_i] for the matrix, `chunk_size` continuations per
+  forward; the positive l_ii is read off the matrix (no third pass);
+- applies the LM head only where a text token is predicted (the last prefix position predicts
+  x_1), through a fused linear + cross-entropy that never keeps a (tokens x vocab) tensor alive:
+  the gradient with respect to the hidden state is formed chunk by chunk during the forward.
+
+Gradients reach D and S_i through the cached keys/values: a fresh `DynamicCache` is built for
+every continuation forward from the prefix tensors (HF's cache mutates itself on `update`).
+
+Memory: without gradient checkpointing every chunk's activations stay alive until backward, so
+`chunk_size` bounds only the transient tensors of one forward (masks, concatenated K/V, logits).
+With `model.gradient_checkpointing_enable(...)` each continuation chunk is checkpointed as a whole
+here (HF's per-layer checkpointing is inactive on a frozen backbone in eval mode, and would drop
+the cache in train mode): then only one chunk's activations are alive at a time and `chunk_size`
+caps the peak, for one extra forward of the continuations.
+
+Sampled negatives (`negatives=K`): row i computes l_ii plus K columns drawn uniformly without
+replacement from j != i, so the matrix costs B(K+1) continuations instead of B^2. Unsampled entries
+are +inf (total = +inf, count = the true token count), so exp(-l_ij) = 0 and `objective.combine`
+reduces over the sampled entries only. This is a different estimator, not the full objective
+with noise: log of a sum over a random subset is biased low relative to the log of the full sum
+(Jensen), and rescaling by (B-1)/K, a constant, changes the loss value but not its gradient.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from domino.objective import NLL, embed_texts
+
+# fp32 logits materialised at once by the fused head (elements): 2**26 * 4 B = 256 MiB
+LOGIT_BUDGET = 2 ** 26
+
+
+# --------------------------------------------------------------------------------------------
+# LM head + cross-entropy
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """nll_t = logsumexp(W h_t + b) - (W h_t + b)[y_t] in fp32, token chunk by token chunk.
+
+    The frozen head needs no weight gradient, so d nll_t / d h_t = (softmax_t - onehot(y_t)) W is
+    formed right away and only that (M x h) tensor is saved, never the logits."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, chunk):
+        need_grad = ctx.needs_input_grad[0]
+        nll = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        grad = torch.empty_like(hidden) if need_grad else None
+        for s in range(0, hidden.shape[0], chunk):
+            logits = F.linear(hidden[s:s + chunk], weight, bias).float()
+            t = target[s:s + chunk]
+            lse = torch.logsumexp(logits, dim=-1)
+            nll[s:s + chunk] = lse - logits.gather(1, t[:, None]).squeeze(1)
+            if need_grad:
+                p = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                p[torch.arange(t.shape[0], device=t.device), t] -= 1.0
+                grad[s:s + chunk] = p.to(hidden.dtype) @ weight
+        ctx.save_for_backward(grad)
+        return nll
+
+    @staticmethod
+    def backward(ctx, g):
+        (grad,) = ctx.saved_tensors
+        return grad * g[:, None].to(grad.dtype), None, None, None, None
+
+
+def token_nll(head: torch.nn.Module, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """fp32 NLL of `target` (M,) under head(hidden) (M, h)."""
+    weight, bias = head.weight, getattr(head, "bias", None)
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        # an unfrozen head needs its own gradient: plain autograd
+        logits = head(hidden).float()
+        return F.cross_entropy(logits, target, reduction="none")
+    chunk = max(1, LOGIT_BUDGET // weight.shape[0])
+    return _LinearCrossEntropy.apply(hidden, weight, bias, target, chunk)
+
+
+# --------------------------------------------------------------------------------------------
+# prefix caches
+
+
+def _checkpointing(model) -> bool:
+    # transformers 5 renamed the flag; ask the new name first (the old one warns)
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), name):
+            return bool(getattr(model, name))
+    return False
+
+
+def _decoder(model):
+    return model.get_decoder() if hasattr(model, "get_decoder") else model.model
+
+
+def _cache(model, kv: list[tuple[torch.Tensor, torch.Tensor]]):
+    """A fresh DynamicCache holding the given per-layer (keys, values), without copying them."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+    cache = DynamicCache(config=model.config)
+    if len(cache.layers) != len(kv):
+        raise RuntimeError(f"cache has {len(cache.layers)} layers, prefix has {len(kv)}")
+    for layer, (k, v) in zip(cache.layers, kv):
+        if type(layer) is not DynamicLayer:
+            # sliding-window / linear-attention layers would need their own prefix handling
+            raise NotImplementedError(f"objective.impl=efficient supports full-attention layers only, "
+                                      f"got {type(layer).__name__}")
+        layer.lazy_initialization(k, v)
+        layer.keys, layer.values = k, v
+    return cache
+
+
+def _run(model, embeds, attention_mask, kv, past_len):
+    """Decoder forward of `embeds` (N, T, h) after a prefix cache `kv` of length `past_len`:
+    (last hidden states (N, T, h) after the final norm, the per-layer (keys, values) of prefix+input)."""
+    N, T = embeds.shape[:2]
+    cache = _cache(model, kv) if kv is not None else None
+    pos = torch.arange(past_len, past_len + T, device=embeds.device).unsqueeze(0).expand(N, -1)
+    out = _decoder(model)(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=pos,
+                          past_key_values=cache, use_cache=True)
+    new_kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+    return out.last_hidden_state, new_kv
+
+
+def _continuations(model, kv, h_last, rows, cols, emb, input_ids, attention_mask):
+    """Summed NLL (N,) of texts `cols` after prefixes `rows` (prefix caches `kv`, batch-indexed by
+    row; `h_last` (R, h) the prefix's last hidden state, which predicts x_1)."""
+    N = rows.shape[0]
+    P = kv[0][0].shape[-2]
+    if kv[0][0].shape[0] == 1:  # one shared prefix: a view, no copy
+        pkv = [(k.expand(N, -1, -1, -1), v.expand(N, -1, -1, -1)) for k, v in kv]
+    else:
+        pkv = [(k[rows], v[rows]) for k, v in kv]
+    am = attention_mask[cols]
+    mask = torch.cat([am.new_ones(N, P), am], dim=1)
+    hid, _ = _run(model, emb[cols], mask, pkv, P)
+    # position t-1 predicts text token t; the prefix's last position predicts token 0
+    pred = torch.cat([h_last[rows].unsqueeze(1).to(hid.dtype), hid[:, :-1]], dim=1)
+    valid = am.bool()
+    nll = token_nll(model.get_output_embeddings(), pred[valid], input_ids[cols][valid])
+    which = torch.arange(N, device=rows.device).unsqueeze(1).expand_as(valid)[valid]
+    return torch.zeros(N, dtype=torch.float32, device=nll.device).index_add(0, which, nll)
+
+
+def _chunked(model, kv, h_last, rows, cols, emb, input_ids, attention_mask, chunk_size, ckpt):
+    n = rows.shape[0]
+    step = n if not chunk_size else max(1, int(chunk_size))
+    parts = []
+    for s in range(0, n, step):
+        args = (model, kv, h_last, rows[s:s + step], cols[s:s + step], emb, input_ids, attention_mask)
+        if ckpt:
+            parts.append(checkpoint(_continuations, *args, use_reentrant=False))
+        else:
+            parts.append(_continuations(*args))
+    return torch.cat(parts)
+
+
+def sample_pairs(B: int, negatives: int | None, device=None, generator: torch.Generator | None = None):
+    """(rows, cols) of the matrix entries to compute: all B^2, or the diagonal plus `negatives`
+    columns j != i per row drawn uniformly without replacement."""
+    if negatives is None or negatives >= B - 1:
+        r = torch.arange(B).repeat_interleave(B)
+        c = torch.arange(B).repeat(B)
+        return r.to(device), c.to(device)
+    if negatives < 1:
+        raise ValueError(f"objective.negatives={negatives}: need at least 1 (or null for all B-1)")
+    # random keys, the diagonal pushed last: the K smallest keys are a uniform K-subset of j != i
+    keys = torch.rand(B, B, generator=generator)
+    keys.fill_diagonal_(2.0)
+    neg = keys.argsort(dim=1)[:, :negatives]
+    r = torch.arange(B).repeat_interleave(negatives + 1)
+    c = torch.cat([torch.arange(B)[:, None], neg], dim=1).reshape(-1)
+    return r.to(device), c.to(device)
+
+
+# --------------------------------------------------------------------------------------------
+# entry point (same contract as objective.straightforward_nll)
+
+
+def efficient_nll(model, domain: torch.Tensor, samples: torch.Tensor | None, input_ids: torch.Tensor,
+                  attention_mask: torch.Tensor, chunk_size: int | None = None, negatives: int | None = None,
+                  generator: torch.Generator | None = None) -> tuple[NLL, NLL | None]:
+    """(l(x|D) for each text, the matrix l_ij or None when there are no sample tokens).
+
+    domain: (k, h); samples: (B, l, h) or None; input_ids/attention_mask: (B, T), right-padded.
+    chunk_size: most continuations per forward (None: all at once). negatives: K sampled
+    negatives per row (None: all B-1); unsampled entries come back as +inf."""
+    if _checkpointing(model) and model.training:
+        raise RuntimeError("objective.impl=efficient: HF gradient checkpointing in train mode drops the "
+                           "prefix cache; keep the frozen backbone in eval() mode")
+    if (attention_mask[:, 1:] > attention_mask[:, :-1]).any():
+        raise ValueError("objective.impl=efficient expects right-padded texts")
+    ckpt = _checkpointing(model) and torch.is_grad_enabled()
+    B = input_ids.shape[0]
+    dev = input_ids.device
+    emb = embed_texts(model, input_ids)
+    dt = emb.dtype
+    count = attention_mask.sum(1).float()
+
+    hD, kvD = _run(model, domain.to(dt).unsqueeze(0), None, None, 0)
+    ar = torch.arange(B, device=dev)
+    dom_total = _chunked(model, kvD, hD[:, -1], torch.zeros_like(ar), ar, emb, input_ids, attention_mask,
+                         chunk_size, ckpt)
+    dom = NLL(total=dom_total, count=count)
+    if samples is None:
+        return dom, None
+
+    k, l = domain.shape[0], samples.shape[1]
+    kvDB = [(kk.expand(B, -1, -1, -1), vv.expand(B, -1, -1, -1)) for kk, vv in kvD]
+    hS, kvS = _run(model, samples.to(dt), attention_mask.new_ones(B, k + l), kvDB, k)
+    rows, cols = sample_pairs(B, negatives, dev, generator)
+    tot = _chunked(model, kvS, hS[:, -1], rows, cols, emb, input_ids, attention_mask, chunk_size, ckpt)
+    total = torch.full((B, B), float("inf"), dtype=tot.dtype, device=dev).index_put((rows, cols), tot)
+    return dom, NLL(total=total, count=count.unsqueeze(0).expand(B, B).clone())

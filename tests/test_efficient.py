@@ -1,0 +1,267 @@
+"""The prefix-cached objective (`objective.impl=efficient`) against the straightforward oracle:
+same loss and same gradients for D and every S_i, with right padding of different lengths."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from domino import efficient
+from domino.backbone import load_backbone
+from domino.efficient import efficient_nll, sample_pairs, token_nll
+from domino.objective import combine, straightforward_nll
+
+TINY = {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "intermediate_size": 128, "seed": 0}
+B, T, K_, L_ = 4, 12, 4, 4
+LENGTHS = [12, 8, 5, 1]    # right padding of different lengths, one text of a single token
+
+
+@pytest.fixture(scope="module")
+def models():
+    """fp32 without / with gradient checkpointing, bf16 (own instances: enabling checkpointing
+    mutates a model, so the session's shared tiny backbone is left alone)."""
+    plain = load_backbone(path="tiny", tiny=TINY)
+    gc = load_backbone(path="tiny", tiny=TINY, gradient_checkpointing=True)
+    bf16 = load_backbone(path="tiny", tiny=TINY, dtype="bfloat16")
+    return {"plain": plain.model, "gc": gc.model, "bf16": bf16.model, "pad": plain.tokenizer.pad_token_id}
+
+
+def batch(pad_id, lengths=LENGTHS, seed=0, vocab=1000):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (len(lengths), T), generator=g)
+    am = torch.zeros(len(lengths), T, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        am[i, :n] = 1
+    return ids.masked_fill(am == 0, pad_id), am
+
+
+def prompts(h, n=B, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(K_, h, generator=g) * 0.05, torch.randn(n, L_, h, generator=g) * 0.05
+
+
+def step(fn, model, D0, S0, ids, am, form="paper", **kw):
+    D = D0.clone().requires_grad_()
+    S = S0.clone().requires_grad_() if S0 is not None else None
+    dom, mat = fn(model, D, S, ids, am, **kw)
+    out = combine(dom, mat, form=form)
+    out["loss"].backward()
+    return {"dom": dom, "mat": mat, "out": out, "gD": D.grad, "gS": S.grad if S is not None else None}
+
+
+def close(a, b, rtol=1e-5, atol_frac=1e-6):
+    """Elementwise rtol with an atol tied to the tensor's scale (gradients have no natural unit)."""
+    torch.testing.assert_close(a, b, rtol=rtol, atol=atol_frac * b.abs().max().item() + 1e-12)
+
+
+def assert_same(got, ref, rtol=1e-5):
+    close(got["out"]["loss"], ref["out"]["loss"], rtol)
+    close(got["dom"].total, ref["dom"].total, rtol)
+    torch.testing.assert_close(got["dom"].count, ref["dom"].count)
+    if ref["mat"] is not None:
+        close(got["mat"].total, ref["mat"].total, rtol)
+        torch.testing.assert_close(got["mat"].count, ref["mat"].count)
+        close(got["gS"], ref["gS"], rtol, 1e-5)
+    close(got["gD"], ref["gD"], rtol, 1e-5)
+
+
+_ORACLE = {}
+
+
+def oracle(models, form, with_samples=True):
+    """The straightforward result, computed once per form (it is the slow part of these tests)."""
+    key = (form, with_samples)
+    if key not in _ORACLE:
+        ids, am = batch(models["pad"])
+        D0, S0 = prompts(64)
+        _ORACLE[key] = step(straightforward_nll, models["plain"], D0, S0 if with_samples else None, ids, am, form)
+    return _ORACLE[key]
+
+
+@pytest.mark.parametrize("form", ["paper", "official"])
+@pytest.mark.parametrize("chunk_size", [None, 3])
+@pytest.mark.parametrize("which", ["plain", "gc"])
+def test_matches_straightforward(models, form, chunk_size, which):
+    model = models[which]
+    ids, am = batch(models["pad"])
+    D0, S0 = prompts(model.config.hidden_size)
+    ref = oracle(models, form)
+    got = step(efficient_nll, model, D0, S0, ids, am, form, chunk_size=chunk_size)
+    assert_same(got, ref)
+    assert ref["gS"].abs().amin(dim=(1, 2)).gt(0).all()  # every S_i gets a gradient
+
+
+def test_soft_prompt_no_sample_tokens(models):
+    ids, am = batch(models["pad"])
+    D0, _ = prompts(64)
+    ref = oracle(models, "paper", with_samples=False)
+    got = step(efficient_nll, models["plain"], D0, None, ids, am, chunk_size=3)
+    assert got["mat"] is None and set(got["out"]) == {"loss_dom", "loss"}
+    assert_same(got, ref)
+
+
+def test_fused_head_chunks_over_tokens(models, monkeypatch):
+    """A logit budget of a few rows forces the fused LM head + CE through many token chunks."""
+    model = models["plain"]
+    monkeypatch.setattr(efficient, "LOGIT_BUDGET", 5 * model.config.vocab_size)
+    ids, am = batch(models["pad"])
+    D0, S0 = prompts(64)
+    assert_same(step(efficient_nll, model, D0, S0, ids, am, chunk_size=2), oracle(models, "paper"))
+
+
+def test_token_nll_matches_cross_entropy():
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=True).requires_grad_(False)
+    h = torch.randn(7, 16, generator=g, requires_grad=True)
+    y = torch.randint(0, 50, (7,), generator=g)
+    w = torch.rand(7, generator=g)
+    ref = F.cross_entropy(head(h).float(), y, reduction="none")
+    (gref,) = torch.autograd.grad((ref * w).sum(), h)
+    efficient.LOGIT_BUDGET, old = 3 * 50, efficient.LOGIT_BUDGET
+    try:
+        got = token_nll(head, h, y)
+    finally:
+        efficient.LOGIT_BUDGET = old
+    (ggot,) = torch.autograd.grad((got * w).sum(), h)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ggot, gref, rtol=1e-5, atol=1e-7)
+
+
+def test_padding_ids_do_not_leak(models):
+    """Pad positions may hold any token id; a real token changing must change the result."""
+    model = models["plain"]
+    ids, am = batch(models["pad"])
+    D0, S0 = prompts(64)
+    base = step(efficient_nll, model, D0, S0, ids, am)
+    junk = ids.clone()
+    junk[am == 0] = torch.randint(0, 1000, (int((am == 0).sum()),), generator=torch.Generator().manual_seed(5))
+    other = step(efficient_nll, model, D0, S0, junk, am)
+    torch.testing.assert_close(other["mat"].total, base["mat"].total, rtol=0, atol=0)
+    torch.testing.assert_close(other["gS"], base["gS"], rtol=0, atol=0)
+    real = ids.clone()
+    real[2, 4] = (real[2, 4] + 1) % 1000          # the last real token of text 2 (length 5)
+    changed = step(efficient_nll, model, D0, S0, real, am)
+    assert not torch.equal(changed["mat"].total[:, 2], base["mat"].total[:, 2])
+    torch.testing.assert_close(changed["mat"].total[:, :2], base["mat"].total[:, :2], rtol=0, atol=0)
+
+
+def test_first_token_is_predicted_by_the_prefix(models):
+    """A one-token text is scored only by the last prefix position: l(x|D) = -log softmax(head(h_D))[x_1]."""
+    model = models["plain"]
+    ids, am = batch(models["pad"], lengths=[1, 1])
+    D0, _ = prompts(64)
+    dom, _ = efficient_nll(model, D0, None, ids, am)
+    with torch.no_grad():
+        logits = model(inputs_embeds=D0.unsqueeze(0)).logits[0, -1].float()
+    want = -torch.log_softmax(logits, -1)[ids[:, 0]]
+    torch.testing.assert_close(dom.total, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dom.count, torch.ones(2))
+
+
+def test_bf16_is_close(models):
+    ids, am = batch(models["pad"])
+    D0, S0 = prompts(64)
+    ref = oracle(models, "paper")   # fp32
+    got = step(efficient_nll, models["bf16"], D0, S0, ids, am, chunk_size=3)
+    assert got["gD"].dtype == torch.float32   # the fp32 parameters get fp32 gradients
+    close(got["out"]["loss"], ref["out"]["loss"], rtol=2e-2, atol_frac=0)
+    for k in ("gD", "gS"):
+        cos = F.cosine_similarity(got[k].flatten(), ref[k].flatten(), dim=0)
+        assert cos > 0.98, (k, cos)
+
+
+def test_train_mode_checkpointing_is_refused(models):
+    """HF drops the cache of a checkpointed layer in train mode: results would be silently wrong."""
+    model = models["gc"]
+    ids, am = batch(models["pad"])
+    D0, S0 = prompts(64)
+    model.train()
+    try:
+        with pytest.raises(RuntimeError, match="eval"):
+            efficient_nll(model, D0, S0, ids, am)
+    finally:
+        model.eval()
+
+
+def test_left_padding_is_refused(models):
+    ids, am = batch(models["pad"])
+    with pytest.raises(ValueError, match="right-padded"):
+        efficient_nll(models["plain"], *prompts(64), ids, am.flip(1))
+
+
+def test_qwen2_family_matches():
+    """Qwen2 (q/k/v biases, grouped KV heads) is the GPU target: same contract, a tiny random one."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    cfg = Qwen2Config(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=128, max_position_embeddings=256)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = Qwen2ForCausalLM(cfg).eval().requires_grad_(False)
+    ids, am = batch(0)
+    D0, S0 = prompts(64)
+    for form in ("paper", "official"):
+        assert_same(step(efficient_nll, model, D0, S0, ids, am, form, chunk_size=3),
+                    step(straightforward_nll, model, D0, S0, ids, am, form))
+
+
+# ------------------------------------------------------------------------ sampled negatives
+
+
+def test_sample_pairs_draws_k_distinct_negatives():
+    g = torch.Generator().manual_seed(0)
+    rows, cols = sample_pairs(5, 2, generator=g)
+    assert rows.tolist() == [i for i in range(5) for _ in range(3)]
+    for i in range(5):
+        c = cols[rows == i].tolist()
+        assert c[0] == i and len(set(c)) == 3 and i not in c[1:]
+    with pytest.raises(ValueError):
+        sample_pairs(5, 0)
+
+
+def test_all_negatives_sampled_equals_full(models, monkeypatch):
+    """K = B-1 through the sampling path (pairs in shuffled order, scattered back) = the full matrix."""
+    model = models["plain"]
+    ids, am = batch(models["pad"])
+    D0, S0 = prompts(64)
+    full = step(efficient_nll, model, D0, S0, ids, am, "official")
+    real = efficient.sample_pairs
+
+    def sampled_path(B_, K, device=None, generator=None):
+        g = torch.Generator().manual_seed(3)
+        keys = torch.rand(B_, B_, generator=g).fill_diagonal_(2.0)
+        c = torch.cat([torch.arange(B_)[:, None], keys.argsort(1)[:, :B_ - 1]], 1).reshape(-1)
+        return torch.arange(B_).repeat_interleave(B_), c
+
+    monkeypatch.setattr(efficient, "sample_pairs", sampled_path)
+    got = step(efficient_nll, model, D0, S0, ids, am, "official", negatives=B - 1, chunk_size=3)
+    monkeypatch.setattr(efficient, "sample_pairs", real)
+    assert_same(got, full)
+
+
+@pytest.mark.parametrize("form", ["paper", "official"])
+def test_fewer_negatives_masks_the_rest(models, form):
+    model = models["plain"]
+    ids, am = batch(models["pad"])
+    D0, S0 = prompts(64)
+    full = step(efficient_nll, model, D0, S0, ids, am, form)
+    got = step(efficient_nll, model, D0, S0, ids, am, form, negatives=1,
+               generator=torch.Generator().manual_seed(0))
+    tot = got["mat"].total.detach()
+    fin = torch.isfinite(tot)
+    assert fin.sum(1).tolist() == [2] * B and fin.diagonal().all()
+    assert torch.isposinf(tot[~fin]).all()
+    close(tot[fin], full["mat"].total.detach()[fin])
+    l = got["mat"].mean.detach()
+    neg = [(i, j) for i in range(B) for j in range(B) if i != j and fin[i, j]]
+    if form == "paper":
+        con = sum(l[i, i] + (-l[i, j]) for i, j in neg) / B        # logsumexp over one negative
+    else:
+        pos = got["mat"].total.diagonal().sum() / got["mat"].count.diagonal().sum()
+        con = pos + torch.logsumexp(torch.stack([-l[i, j] for i, j in neg]), 0) - math.log(len(neg))
+    # a difference of ~10-sized terms: an absolute tolerance at their scale
+    torch.testing.assert_close(got["out"]["loss_con"].detach(), torch.as_tensor(con, dtype=torch.float32),
+                               rtol=1e-5, atol=1e-5)
+    gap = torch.stack([l[i, j] for i, j in neg]).mean() - l.diagonal().mean()
+    close(got["out"]["contrast_gap"], gap)
+    for k in ("gD", "gS"):
+        assert torch.isfinite(got[k]).all() and got[k].abs().sum() > 0
