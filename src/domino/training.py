@@ -1,10 +1,7 @@
 """What `train.py` runs: load the domain, write its splits, fit the soft prompts, export D."""
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import subprocess
 import warnings
 from pathlib import Path
 from typing import Any
@@ -19,24 +16,11 @@ from domino.data.datamodule import DomainDataModule
 from domino.data.domains import fingerprint, load_domain
 from domino.data.records import write_jsonl
 from domino.module import DominoModule
+from domino.provenance import config_hash, git_commit
 
 log = logging.getLogger(__name__)
 # the frozen backbone is in eval mode on purpose (no dropout)
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def config_hash(cfg: DictConfig | dict) -> str:
-    c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-    return hashlib.sha256(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def build_module(cfg: DictConfig, n_references: int) -> DominoModule:

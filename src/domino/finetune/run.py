@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from domino.finetune.data import SFTDataModule, load_sft, sha256_file, split
 from domino.finetune.module import LoRAModule
-from domino.training import config_hash, git_commit
+from domino.provenance import config_hash, git_commit
 
 log = logging.getLogger(__name__)
 # the frozen base is in eval mode on purpose (no dropout)

@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
+from domino.provenance import git_commit
 from domino.synthesis.checkpoint import DomainPrompt, check_backbone, load_domain_prompt
 from domino.synthesis.methods import DOMAIN_METHODS, Plan, build_plan, stop_strings
 from domino.synthesis.output import SampleStore, sample_id
@@ -18,6 +19,8 @@ from domino.synthesis.params import Generation, SamplingParams, sample_seed
 from domino.synthesis.progress import SynthesisProgress
 
 log = logging.getLogger(__name__)
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     stage = cfg.get("stage") or "sample"
     if stage not in STAGES:
@@ -140,7 +143,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
               "domain": ({k: domain.get(k) for k in ("name", "path", "n_references", "split_seed", "description")}
                          if name in ("few_shot", "zero_shot") else None)}
     meta = {"ckpt": prompt.path if prompt else None, "ckpt_meta": prompt.meta if prompt else None,
-            "backbone": bcfg, **ident, "git_commit": _git_commit(), "config": c}
+            "backbone": bcfg, **ident, "git_commit": git_commit(), "config": c}
     store = SampleStore(out_dir, inputs, meta, overwrite=bool(c.get("overwrite")))
     base_source = {"ckpt": prompt.path if prompt else None, "model": ident["backbone_id"],
                    "backbone_hash": ident["backbone_hash"], "engine": engine.name, "run_seed": seed,
@@ -216,16 +219,6 @@ def _record(sid: str, method: str, index: int, seed: int, g: Generation, extra: 
             "n_tokens": len(g.token_ids),
             "source": {**base, "index": index, "seed": seed, "truncated": g.finish_reason == "length",
                        "stop_reason": g.stop_reason, **extra}}
-
-
-def _git_commit() -> str | None:
-    import subprocess
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 STAGES: dict[str, Callable[[DictConfig], dict[str, Any]]] = {"sample": sample, "curate": _curate}

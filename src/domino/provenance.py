@@ -1,0 +1,25 @@
+"""What every stage records about where its output came from."""
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+
+def git_commit() -> str | None:
+    """The commit of the domino checkout that is running, or None outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def config_hash(cfg: Any) -> str:
+    """Short sha256 of a (resolved) config: an OmegaConf node or a plain mapping."""
+    from omegaconf import DictConfig, OmegaConf
+    c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    return hashlib.sha256(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:16]
