@@ -58,10 +58,9 @@ def report(out: Path) -> str:
 
 
 def funnel_summary(funnel: dict) -> str:
-    stages = funnel.get("funnel") or funnel.get("stages") or []
-    parts = [f"{s.get('stage', s.get('name'))} {s.get('in')}->{s.get('out')}" for s in stages
-             if isinstance(s, dict) and s.get("in") is not None]
-    return "; ".join(parts)
+    """The stages that dropped something: `judge 60->11; code_checks 11->6`."""
+    return "; ".join(f"{s['stage']} {s['n_in']}->{s['n_out']}" for s in funnel.get("funnel", [])
+                     if s.get("enabled") and s.get("n_dropped"))
 
 
 def pct(summary: dict) -> str:
