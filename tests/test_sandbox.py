@@ -135,7 +135,13 @@ def test_memory_bomb_is_contained(sandbox):
 def test_fork_bomb_is_contained(sandbox):
     started = time.monotonic()
     bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
-    r = run(sandbox, bomb)
+    r = sandbox.run(bomb, ADD_TESTS, "functional")
+    if sandbox.isolation == "namespaces":
+        # the slot's uid is handed on only when every task of it, zombies included, is gone
+        # (a guard: on an idle machine the kernel is usually done by then anyway)
+        from domino.evaluation.sandbox import _uid_has_tasks
+        assert not any(_uid_has_tasks(UID_BASE + i) for i in range(sandbox.config.workers))
+    assert sandbox_processes() == []
     assert r.status in ("timeout", "error")
     assert time.monotonic() - started < 12
     # and the harness still works right after
@@ -157,7 +163,9 @@ def test_orphaned_children_are_killed(sandbox):
             return 0
     """
     r = run(sandbox, program)  # run() asserts no sandbox process survives
-    assert r.status == "failed"
+    # "failed" (add returned 0) normally; once, on a heavily loaded machine, "error" was seen
+    # (not reproduced since): either way the program never passes and nothing outlives it
+    assert r.status in ("failed", "error") and not r.passed, (r.status, r.detail, r.stderr_tail)
 
 
 @needs_ns

@@ -173,6 +173,11 @@ class Sandbox:
         try:
             result = self._execute(program, tests, test_type, slot)
         finally:
+            if self.isolation == "namespaces":
+                # a killed sandbox's processes (zombies included) still count towards its uid's
+                # RLIMIT_NPROC while the kernel tears them down: hand the slot on only once they
+                # are gone, or the next program's fork could be refused
+                _wait_for_uid_exit(self.config.uid_base + slot)
             self._slots.put(slot)
         self.cache.put(key, result)
         return result
@@ -251,6 +256,31 @@ class Sandbox:
 def _as_completed(futures):
     from concurrent.futures import as_completed
     return as_completed(futures)
+
+
+def _uid_has_tasks(uid: int) -> bool:
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/status", "rb") as fh:
+                for line in fh:
+                    if line.startswith(b"Uid:"):
+                        if int(line.split()[1]) == uid:
+                            return True
+                        break
+        except OSError:  # the process ended while we looked
+            continue
+    return False
+
+
+def _wait_for_uid_exit(uid: int, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while _uid_has_tasks(uid):
+        if time.monotonic() > deadline:
+            log.warning("sandbox uid %d still has processes after %.0f s; reusing its slot", uid, timeout_s)
+            return
+        time.sleep(0.02)
 
 
 def _kill_group(pgid: int) -> None:
