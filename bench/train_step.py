@@ -90,8 +90,8 @@ def child(impl: str, B: int, k: int, L: int, seed: int) -> dict:
     import torch
 
     from domino.backbone import load_backbone
-    from domino.objective import combine, straightforward_nll
     from domino.efficient import efficient_nll
+    from domino.objective import combine, straightforward_nll
 
     bb = load_backbone(path="embedded")
     model, cfg = bb.model, bb.model.config
@@ -168,9 +168,10 @@ def main() -> None:
             if not ok:
                 continue
             med = lambda key: statistics.median(s[key] for s in ok)  # noqa: E731
-            row[impl] = {"n": len(ok), "step_s": med("step_s"), "cpu_s": med("cpu_s"), "peak_rss_delta_mib": med("peak_rss_delta_mib"),
-                         "loss": ok[0]["loss"], "gemm_gflops": med("gemm_gflops"),
-                         "achieved_fraction": med("achieved_fraction"), "model_tflop_step": ok[0]["flops"]["step"] / 1e12}
+            row[impl] = {"n": len(ok), "step_s": med("step_s"), "cpu_s": med("cpu_s"),
+                         "peak_rss_delta_mib": med("peak_rss_delta_mib"), "loss": ok[0]["loss"],
+                         "gemm_gflops": med("gemm_gflops"), "achieved_fraction": med("achieved_fraction"),
+                         "model_tflop_step": ok[0]["flops"]["step"] / 1e12}
         if "straightforward" in row and "efficient" in row:
             s, e = row["straightforward"], row["efficient"]
             row["speedup"] = s["step_s"] / e["step_s"]
@@ -184,18 +185,20 @@ def main() -> None:
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=2))
     print(f"\nwrote {a.out}\n")
-    print("| B | k=l | L | impl | step s (median) | CPU s | peak RSS Δ MiB | model TFLOP/step | GEMM GFLOP/s | achieved | loss |")
+    print("| B | k=l | L | impl | step s (median) | CPU s | peak RSS Δ MiB | model TFLOP/step | GEMM GFLOP/s "
+          "| achieved | loss |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         for impl in impls:
             if impl in row:
                 r = row[impl]
-                print(f"| {row['B']} | {row['k']} | {row['L']} | {impl} (n={r['n']}) | {r['step_s']:.1f} | {r['cpu_s']:.1f} | "
-                      f"{r['peak_rss_delta_mib']:.0f} | {r['model_tflop_step']:.2f} | {r['gemm_gflops']:.1f} | "
-                      f"{100 * r['achieved_fraction']:.0f}% | {r['loss']:.6f} |")
+                print(f"| {row['B']} | {row['k']} | {row['L']} | {impl} (n={r['n']}) | {r['step_s']:.1f} "
+                      f"| {r['cpu_s']:.1f} | {r['peak_rss_delta_mib']:.0f} | {r['model_tflop_step']:.2f} "
+                      f"| {r['gemm_gflops']:.1f} | {100 * r['achieved_fraction']:.0f}% | {r['loss']:.6f} |")
         if "speedup" in row:
-            print(f"|  |  |  | **efficient vs straightforward** | **{row['speedup']:.2f}× faster** | **{row['speedup_cpu_time']:.2f}×** | "
-                  f"**{row['memory_ratio']:.2f}× memory** |  |  |  | Δ {row['loss_abs_diff']:.1e} |")
+            print(f"|  |  |  | **efficient vs straightforward** | **{row['speedup']:.2f}× faster** "
+                  f"| **{row['speedup_cpu_time']:.2f}×** | **{row['memory_ratio']:.2f}× memory** |  |  |  "
+                  f"| Δ {row['loss_abs_diff']:.1e} |")
 
 
 if __name__ == "__main__":
