@@ -29,8 +29,8 @@ demo: install
 	bash scripts/demo.sh
 
 lint: install
-	$(BIN)/flake8 src tests bench *.py
-	$(BIN)/isort --check-only src tests bench *.py
+	$(BIN)/flake8 src tests bench scripts *.py
+	$(BIN)/isort --check-only src tests bench scripts *.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
