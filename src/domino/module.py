@@ -76,17 +76,22 @@ class DominoModule(L.LightningModule):
         return self
 
     # ------------------------------------------------------------------ forward & steps
-    def losses(self, batch: dict) -> dict[str, torch.Tensor]:
+    def nll(self, batch: dict, with_samples: bool) -> tuple[obj.NLL, obj.NLL | None]:
+        """(l(x|D), the l_ij matrix or None) by the configured `objective.impl`."""
         hp = self.hparams
         D = self.prompts.domain_tokens()
-        S = self.prompts.sample_tokens(batch["index"]) if hp.method == "domino" else None
+        S = self.prompts.sample_tokens(batch["index"]) if with_samples else None
         if hp.impl == "efficient":
             kwargs = {"chunk_size": hp.chunk_size, "negatives": hp.negatives}
         elif hp.negatives:
             raise ValueError("objective.negatives needs objective.impl=efficient")
         else:
             kwargs = {}
-        dom, mat = self._nll(self.backbone, D, S, batch["input_ids"], batch["attention_mask"], **kwargs)
+        return self._nll(self.backbone, D, S, batch["input_ids"], batch["attention_mask"], **kwargs)
+
+    def losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        hp = self.hparams
+        dom, mat = self.nll(batch, with_samples=hp.method == "domino")
         return obj.combine(dom, mat, form=hp.form, w_dom=hp.w_dom, lam=hp.lam if mat is not None else 0.0)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -97,8 +102,7 @@ class DominoModule(L.LightningModule):
         return out["loss"]
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        dom = obj.full_nll(self.backbone, self.prompts.domain_tokens(), batch["input_ids"],
-                           batch["attention_mask"])
+        dom, _ = self.nll(batch, with_samples=False)  # the efficient path never builds vocab-sized logits
         # token-weighted over the whole held-out set: accumulate sums, divide at epoch end
         self._val_sum += dom.total.sum()
         self._val_cnt += dom.count.sum()
