@@ -18,6 +18,15 @@ def git_commit() -> str | None:
         return None
 
 
+def file_sha256(path: str | Path) -> str:
+    """sha256 (hex) of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def config_hash(cfg: Any) -> str:
     """Short sha256 of a (resolved) config: an OmegaConf node or a plain mapping."""
     from omegaconf import DictConfig, OmegaConf

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from domino.data.records import read_jsonl
+from domino.provenance import file_sha256
 
 log = logging.getLogger(__name__)
 BENCHMARK_FORMATS = ("humaneval", "mbpp", "livecodebench", "codecontests")
@@ -112,9 +113,4 @@ def describe(spec: Any) -> Any:
 
 
 def file_hash(path: str | Path) -> str:
-    import hashlib
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
+    return file_sha256(path)[:16]

@@ -32,6 +32,7 @@ import numpy as np
 from domino.data.records import read_jsonl, write_jsonl
 from domino.evaluation import quality as Q
 from domino.evaluation.embed import build_embedder, texts_fingerprint
+from domino.provenance import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +200,7 @@ def _embed_cached(embedder, texts: list[str], cache_dir: str | None) -> np.ndarr
 
 
 def _sha256(path: str) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    return file_sha256(path)[:16]
 
 
 def _jsonable(x: Any) -> Any:

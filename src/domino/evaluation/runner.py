@@ -13,6 +13,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Callable
 
+from domino.data.records import iter_jsonl
 from domino.evaluation.benchmarks import fingerprint, load_benchmark
 from domino.evaluation.generation import SamplingConfig, batch_seed, read_completions
 from domino.evaluation.passk import aggregate, check_ks, pass_at_k
@@ -116,21 +117,14 @@ def completions_from_samples(problems: list[dict], samples: str) -> list[dict]:
     by_id = {p["task_id"]: p for p in problems}
     counts: Counter = Counter()
     recs = []
-    with open(samples) as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{samples}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON ({e.msg})") from None
-            t = str(rec.get("task_id"))
-            if t not in by_id:
-                raise ValueError(f"{where}: task_id {t!r} is not in the selected benchmark")
-            recs.append({"task_id": t, "sample_idx": counts[t],
-                         "program": program_from_sample(by_id[t], rec, where)})
-            counts[t] += 1
+    for lineno, rec in iter_jsonl(samples):  # malformed lines raise RecordError (a ValueError) with file:line
+        where = f"{samples}:{lineno}"
+        t = str(rec.get("task_id"))
+        if t not in by_id:
+            raise ValueError(f"{where}: task_id {t!r} is not in the selected benchmark")
+        recs.append({"task_id": t, "sample_idx": counts[t],
+                     "program": program_from_sample(by_id[t], rec, where)})
+        counts[t] += 1
     missing = [t for t in by_id if not counts[t]]
     if missing:
         raise ValueError(f"{samples}: no samples for {len(missing)} task(s), e.g. {missing[:3]}; "

@@ -13,7 +13,6 @@ of the full rendering) and needs no `{% generation %}` markers, which SmolLM2's 
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import random
@@ -24,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from domino.data.records import RecordError, iter_jsonl
+from domino.provenance import file_sha256 as sha256_file  # noqa: F401 (the finetune provenance hash)
 
 log = logging.getLogger(__name__)
 IGNORE = -100
@@ -63,14 +63,6 @@ def load_sft(path: str | os.PathLike) -> list[dict]:
     if not out:
         raise RecordError(path, None, "no SFT records (the file is empty)")
     return out
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------- tokenisation
