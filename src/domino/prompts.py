@@ -15,7 +15,7 @@ import math
 import torch
 from torch import nn
 
-INITS = ("random", "sample_vocab", "text")
+INITS = ("random", "normal", "sample_vocab", "text")
 
 
 def _vocab_rows(weight: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
@@ -28,11 +28,15 @@ def init_tokens(n: int, embedding_weight: torch.Tensor, mode: str, gen: torch.Ge
     """n x h initial soft tokens.
 
     random: N(0, sigma) with sigma the embedding table's std (the scale the model expects);
+    normal: N(0, 1), the released code's initialisation (far larger than most embedding tables'
+    scale: SmolLM2's rows have std ~0.05, so these tokens start ~20x longer than any word's);
     sample_vocab: copies of random vocabulary embeddings; text: the embeddings of a text's tokens,
     tiled or cut to n."""
     if mode == "random":
         std = embedding_weight.detach().float().std().item()
         return torch.randn(n, embedding_weight.shape[1], generator=gen) * std
+    if mode == "normal":
+        return torch.randn(n, embedding_weight.shape[1], generator=gen)
     if mode == "sample_vocab":
         return _vocab_rows(embedding_weight, n, gen)
     if mode == "text":

@@ -55,16 +55,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ckpt = ModelCheckpoint(dirpath=str(out / "checkpoints"), save_last=True, save_top_k=0,
                            every_n_train_steps=cfg.get("checkpoint_every_n_steps") or None)
     callbacks = [ckpt, LearningRateMonitor(logging_interval="step")]
+    meta_base = {"config_hash": config_hash(cfg), "reference_fingerprint": fingerprint(refs),
+                 "n_references": len(refs), "domain": cfg.domain.name, "git_commit": git_commit(),
+                 "references": str(out / "references.jsonl"), "heldout": str(out / "heldout.jsonl")}
+    if cfg.get("export_epochs") or cfg.get("diagnostics"):
+        from domino.diagnostics import EpochPoints
+        callbacks.append(EpochPoints(out, list(cfg.get("export_epochs") or []), bool(cfg.get("diagnostics")),
+                                     dm.train_ids, dm.val_ids, cfg.data.batch_size, lambda: meta_base))
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers, callbacks=callbacks)
     trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     result: dict[str, Any] = {"metrics": metrics, "output_dir": str(out)}
     if trainer.is_global_zero:
-        meta = {"config_hash": config_hash(cfg), "reference_fingerprint": fingerprint(refs),
-                "n_references": len(refs), "domain": cfg.domain.name, "git_commit": git_commit(),
-                "steps": trainer.global_step, "metrics": metrics,
-                "references": str(out / "references.jsonl"), "heldout": str(out / "heldout.jsonl")}
+        meta = {**meta_base, "steps": trainer.global_step, "epochs": trainer.current_epoch, "metrics": metrics}
         result["domain_prompt"] = str(module.export_domain_prompt(out, meta))
         (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         log.info("domain prompt written to %s", result["domain_prompt"])

@@ -1,0 +1,1 @@
+"""The evidence study: does DOMINO's data beat prompt tuning's? (`study.py`, docs/study.md)."""

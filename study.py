@@ -1,0 +1,19 @@
+"""The evidence study: DOMINO vs prompt tuning vs prompt baselines, seeded, with intervals.
+
+    python study.py experiment=study_humaneval          # the whole study; rerun the same command to resume
+    python study.py experiment=study_humaneval stage=report study.dir=results/study_humaneval
+                                                        # recompute every metric from committed samples
+"""
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="study")
+def main(cfg: DictConfig) -> None:
+    from domino.study.run import run  # heavy imports after Hydra has parsed the command line
+
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
