@@ -1,0 +1,127 @@
+"""report.md of the study, rendered from the report dict (study.json) alone."""
+from __future__ import annotations
+
+from typing import Any
+
+VERDICT = {"a": "**{a} better**", "b": "**{b} better**", "none": "no detectable difference"}
+
+
+def _f(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        if v != 0 and abs(v) < 1e-3:
+            return f"{v:.1e}"
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def _cell(d: dict | None) -> str:
+    if not d:
+        return "n/a"
+    lo, hi = d["ci"]
+    spread = f" ±{_f(d['range'] / 2)}" if d.get("n_seeds", 1) > 1 else ""
+    return f"{_f(d['mean'])} [{_f(lo)}, {_f(hi)}]{spread}"
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def render(report: dict, figures: list[str]) -> str:
+    st = report["settings"]
+    heads = report["headline"]
+    out = ["# Evidence study: does DOMINO's data beat prompt tuning's?", ""]
+    configs = ", ".join(f"`{c}` ({' '.join(v)})" for c, v in st["configs"].items())
+    out += ["## Setup", "",
+            f"- Trained configurations: {configs}; "
+            f"seeds {st['seeds']}; {st['epochs']} epochs; domain prompt exported after epochs "
+            f"{sorted(set(st['export_epochs']) | {st['epochs']})}.",
+            f"- Shared overrides: `{' '.join(st['common'])}`; training: `{' '.join(st['train'])}`.",
+            f"- Sampling (every method, baselines too): `{' '.join(st['synthesize'])}`; {st['samples']['final']} "
+            f"samples per (config, seed) at the last epoch, {st['samples']['curve']} per earlier point; "
+            f"baselines {st['baselines']} with {st['samples']['final']} samples (sampling seed {st['baseline_seed']}).",
+            f"- Embeddings: the generator's own (`{' '.join(st['backbone_embed'])}`, mean-pooled last layer) and "
+            f"TF-IDF over code tokens reduced to {st['tfidf']['dims']} dims by SVD (fitted on the references only).",
+            "- Alignment and coverage are measured against half of the held-out split (the target); the other half "
+            "is the `heldout (ceiling)` row; memorisation against the training references. Texts are cut to the "
+            "tokens the model trained on (`data.max_len`)."]
+    sw = report.get("sweep") or {}
+    if sw:
+        out += ["", f"Learning-rate sweep (seed {sw.get('seed')}, full length, lowest final `{sw.get('pick_by')}`; "
+                f"`lr_sample` = {sw.get('lr_sample_ratio')} × `lr_domain`):", "",
+                "| config | " + " | ".join(f"lr {v}" for v in next(iter(sw["values"].values()))) + " | picked |",
+                "|---|" + "---|" * (len(next(iter(sw["values"].values()))) + 1)]
+        for c, vals in sw["values"].items():
+            out.append(f"| {c} | " + " | ".join(_f(v, 5) for v in vals.values()) + f" | {sw['picked'][c]} |")
+        if sw.get("borrow"):
+            out.append("")
+            out.append("Configs using another's pick: " + ", ".join(f"`{a}` uses `{b}`'s" for a, b in sw["borrow"].items()))
+    out += ["", "## Decision rule (fixed before the run)", "", "```", report["decision_rule"], "```", ""]
+
+    out += ["## Final epoch: headline numbers", "",
+            "Mean over seeds [95% interval from half-sampling] ±half the seed range. Baselines and the ceiling have one set "
+            "each (no seed spread).", "",
+            "| metric | " + " | ".join(report["summary"]) + " |", "|---|" + "---|" * len(report["summary"])]
+    for h in heads:
+        out.append(f"| {h['label']} {h['better']} | " + " | ".join(_cell(report["summary"][c].get(h["id"]))
+                                                              for c in report["summary"]) + " |")
+
+    out += ["", "## Comparisons", ""]
+    for pair, comp in report["comparisons"].items():
+        a, b = pair.split(" vs ")
+        out += [f"### {pair}", "", "| metric | A − B | 95% interval | noise floor (seed range) | verdict |",
+                "|---|---|---|---|---|"]
+        for h in heads:
+            c = comp.get(h["id"])
+            if c:
+                out.append(f"| {h['label']} {h['better']} | {_f(c['diff'])} | [{_f(c['ci'][0])}, {_f(c['ci'][1])}] | "
+                           f"{_f(c['noise_floor'])} | {VERDICT[c['verdict']].format(a=a, b=b)} |")
+        out.append("")
+
+    out += ["## The paper's claims at this scale", ""]
+    names = {"alignment_at_least_as_good": "alignment at least as good as soft prompt",
+             "less_memorisation": "less memorisation", "more_coverage_or_diversity": "more coverage / diversity"}
+    for c, cl in report["claims"].items():
+        for k, v in cl.items():
+            detail = ", ".join(f"{m}: {x}" for m, x in v["verdicts"].items())
+            out.append(f"- `{c}` — {names[k]}: **{'holds' if v['holds'] else 'does not hold'}** "
+                       f"(rule: {v['rule']}; verdicts: {detail})")
+    out.append("")
+
+    out += ["## Over training", ""]
+    for config, metrics in report["curves"].items():
+        for mid in ("mem_ngram_mean", "mem_cos_mean@backbone", "mmd2@backbone", "coverage@backbone"):
+            if mid in metrics:
+                pts = ", ".join(f"e{e}: {_f(v['mean'])} [{_f(v['min'])}–{_f(v['max'])}]" for e, v in metrics[mid].items())
+                out.append(f"- `{config}` {mid}: {pts}")
+    out += ["", "Diagnostics at the picked learning rate (mean over seeds [min–max]):", ""]
+    for config, keys in report["diagnostics"].items():
+        for k in ("nll_dom_train", "nll_dom_heldout", "nll_pos", "contrast_gap", "d_drift"):
+            if k in keys:
+                pts = ", ".join(f"e{e}: {_f(v['mean'])} [{_f(v['min'])}–{_f(v['max'])}]" for e, v in keys[k].items())
+                out.append(f"- `{config}` {k}: {pts}")
+    out.append("")
+
+    out += ["## Every metric of every final set", ""]
+    rows = report["sets"]["final"]
+    keys = ["n", "mean_tokens", "distinct_2", "self_bleu", "vendi@backbone", "vendi@tfidf", "frechet@backbone",
+            "frechet@tfidf", "mmd2@backbone", "mmd2@tfidf", "precision@backbone", "recall@backbone",
+            "coverage@backbone", "coverage@tfidf", "mem_ngram_mean", "mem_cos_mean@backbone", "mem_cos_mean@tfidf",
+            "near_copy_share@backbone"]
+    out += ["| set | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    for name, r in rows.items():
+        out.append(f"| {name} | " + " | ".join(_f(r.get(k)) for k in keys) + " |")
+
+    t = report["timing_s"]
+    tasks = t.get("tasks", {})
+    parts = {"learning-rate sweep and training": sum(v for k, v in tasks.items() if k.startswith("train")),
+             "sampling": sum(v for k, v in tasks.items() if k.startswith("sample")),
+             "report: embedding": t["report"]["embed"], "report: metrics + bootstrap": t["report"]["metrics_and_bootstrap"]}
+    out += ["", "## Wall time on this machine", "", "| part | wall time |", "|---|---|"]
+    out += [f"| {k} | {_hms(v)} |" for k, v in parts.items()]
+    out += [f"| **total** | **{_hms(sum(parts.values()))}** |", "",
+            "Per task: `timings.json`. Every number above is in `study.json`."]
+    out += [""] + [f"![{f}]({f})" for f in figures]
+    return "\n".join(out) + "\n"
