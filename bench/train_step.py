@@ -76,10 +76,15 @@ def model_flops(cfg, n_layer_params: int, impl: str, B: int, k: int, L: int) -> 
         tokens = B * (k + L) + (B * B + B) * (k + l + L)
         head = tokens
         pairs = B * causal(0, k + L) + (B * B + B) * causal(0, k + l + L)
-    else:
+    elif impl == "efficient_v1":  # D once, then [S_i] after D, then continuations (until the 2-forward change)
         tokens = k + B * l + (B + B * B) * L
         head = (B + B * B) * L
         pairs = causal(0, k) + B * causal(k, l) + B * causal(k, L) + B * B * causal(k + l, L)
+    else:  # [D, S_i] for every row in one forward, then every continuation after a k+l cache
+        # (l(x|D) rows mask the S positions out; the kernels still compute those pairs: counted)
+        tokens = B * (k + l) + (B + B * B) * L
+        head = (B + B * B) * L
+        pairs = B * causal(0, k + l) + (B + B * B) * causal(k + l, L)
     lin = 2 * n_layer_params * tokens + 2 * h * V * head
     attn = 4 * nl * Hd * pairs
     return {"tokens": tokens, "head_positions": head, "attn_pairs": pairs,

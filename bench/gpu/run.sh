@@ -33,7 +33,7 @@ step() {  # step NAME SECONDS CMD...: run with a limit, log, time it
 setup() {
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/w/*.whl \
     > "$LOGS/setup.log" 2>&1 || { tail "$LOGS/setup.log"; exit 1; }
-  [ -d "$MODEL" ] || step make_model 120 $PY bench/gpu/make_random_model.py 0.5b "$MODEL"
+  [ -n "${NO_MODEL:-}" ] || [ -d "$MODEL" ] || step make_model 120 $PY bench/gpu/make_random_model.py 0.5b "$MODEL"
 }
 
 probe() {
@@ -93,9 +93,13 @@ test_ds_patched() {
   cp /tmp/module.orig.py src/domino/module.py
 }
 
-synth() {
+synth_bench() {
   step bench_synth ${SYNTH_LIMIT:-240} $PY bench/synthesize_gpu.py --model 0.5b --batches 64,256 --k 64 \
-    --new-tokens 128 --repeats 3 --agree-prompts 64 --out "$OUT/synthesize_gpu.json"
+    --new-tokens 128 --repeats ${SYNTH_REPEATS:-3} --agree-prompts 64 --out "$OUT/synthesize_gpu.json"
+}
+
+synth() {
+  synth_bench
   step synthesize_py 180 $PY synthesize.py "ckpt=$E2E/gpu/domain_prompt.safetensors" n=256 engine.batch_size=256 \
     sampling.max_new_tokens=128 progress=false "output_dir=$E2E/synth"
   head -c 2000 "$E2E/synth/samples.jsonl" > "$LOGS/samples_head.jsonl" 2>/dev/null; save
@@ -112,6 +116,13 @@ finetune_eval() {
     "k=[1]" sampling.max_new_tokens=128 sampling.batch_size=16 "hydra.run.dir=$E2E/evaluate" \
     "cache_path=$E2E/evaluate/cache.jsonl"
   cp "$E2E/evaluate/summary.json" "$LOGS/evaluate_summary.json" 2>/dev/null; save
+}
+
+tests_and_suite() {  # the gpu tests (module.py patched) and the CPU suite side by side; no timing here
+  cp src/domino/module.py /tmp/module.orig.py && cp .whl/patches/module.py src/domino/module.py
+  step test_gpu_patched ${TESTS_LIMIT:-240} $PY -m pytest tests/test_gpu.py -q -rA -p no:cacheprovider &
+  sleep 5; suite; wait
+  cp /tmp/module.orig.py src/domino/module.py
 }
 
 suite() {

@@ -2,11 +2,16 @@ r"""The prefix-cached computation of l(x|D) and the matrix l_ij: the same number
 `objective.straightforward_nll` (its test oracle), at a fraction of the cost.
 
 Where the straightforward path runs B^2 + 2B full sequences [prefix, text], this one
-- runs D once (batch 1) and keeps its key/value cache, with its autograd graph;
-- runs [S_1..S_B] once (batch B) as a continuation of D's cache: the prefixes [D, S_i];
-- runs every text as a continuation of a prefix cache: B continuations of D for l(x|D), and the
-  B^2 pairs (i, j) = text x_j after [D, S_i] for the matrix, `chunk_size` continuations per
-  forward; the positive l_ii is read off the matrix (no third pass);
+- runs the B prefixes [D, S_i] in one forward (batch B) and keeps their key/value caches, with
+  their autograd graph. D comes first and attention is causal, so the first k positions of every
+  row are D's own cache and hidden states: l(x|D) reads them from row 0 (D is recomputed B times,
+  B*k extra tokens, instead of a separate batch-1 forward of D);
+- runs every text as a continuation of a prefix cache, all in the same forward(s): B continuations
+  of D for l(x|D) (row 0's cache with its S positions masked out, positions restarting at k) and
+  the B^2 pairs (i, j) = text x_j after [D, S_i] for the matrix, `chunk_size` continuations per
+  forward; the positive l_ii is read off the matrix (no third pass). Two forwards per step instead
+  of one per kind of prefix: on a GPU a small backbone's step is bound by the CPU's kernel launches
+  (~50 ops per layer per forward), so fewer, larger forwards are what makes it faster;
 - applies the LM head only where a text token is predicted (the last prefix position predicts
   x_1), through a fused linear + cross-entropy that never keeps a (tokens x vocab) tensor alive:
   the gradient with respect to the hidden state is formed chunk by chunk during the forward.
@@ -117,21 +122,25 @@ def _cache(model, kv: list[tuple[torch.Tensor, torch.Tensor]]):
     return cache
 
 
-def _run(model, embeds, attention_mask, kv, past_len):
+def _run(model, embeds, attention_mask, kv, past_len, pos_start=None):
     """Decoder forward of `embeds` (N, T, h) after a prefix cache `kv` of length `past_len`:
-    (last hidden states (N, T, h) after the final norm, the per-layer (keys, values) of prefix+input)."""
+    (last hidden states (N, T, h) after the final norm, the per-layer (keys, values) of prefix+input).
+    `pos_start` (N,): each row's first position id (default past_len; less when the row's prefix
+    is shorter than the cache and its tail is masked out)."""
     N, T = embeds.shape[:2]
     cache = _cache(model, kv) if kv is not None else None
-    pos = torch.arange(past_len, past_len + T, device=embeds.device).unsqueeze(0).expand(N, -1)
+    pos = torch.arange(T, device=embeds.device).unsqueeze(0).expand(N, -1)
+    pos = pos + (past_len if pos_start is None else pos_start.unsqueeze(1))
     out = _decoder(model)(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=pos,
                           past_key_values=cache, use_cache=True)
     new_kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
     return out.last_hidden_state, new_kv
 
 
-def _continuations(model, kv, h_last, rows, cols, emb, input_ids, attention_mask):
-    """Summed NLL (N,) of texts `cols` after prefixes `rows` (prefix caches `kv`, batch-indexed by
-    row; `h_last` (R, h) the prefix's last hidden state, which predicts x_1)."""
+def _continuations(model, kv, hidden, rows, cols, plen, emb, input_ids, attention_mask):
+    """Summed NLL (N,) of texts `cols` after prefixes `rows` (prefix caches `kv` and prefix hidden
+    states `hidden` (R, P, h), batch-indexed by row) of lengths `plen` (N,) <= P: a shorter prefix
+    is the first plen positions of its row (the rest is masked out); its last hidden state predicts x_1."""
     N = rows.shape[0]
     P = kv[0][0].shape[-2]
     if kv[0][0].shape[0] == 1:  # one shared prefix: a view, no copy
@@ -139,22 +148,25 @@ def _continuations(model, kv, h_last, rows, cols, emb, input_ids, attention_mask
     else:
         pkv = [(k[rows], v[rows]) for k, v in kv]
     am = attention_mask[cols]
-    mask = torch.cat([am.new_ones(N, P), am], dim=1)
-    hid, _ = _run(model, emb[cols], mask, pkv, P)
+    pmask = (torch.arange(P, device=plen.device).unsqueeze(0) < plen.unsqueeze(1)).to(am.dtype)
+    mask = torch.cat([pmask, am], dim=1)
+    hid, _ = _run(model, emb[cols], mask, pkv, P, pos_start=plen)
     # position t-1 predicts text token t; the prefix's last position predicts token 0
-    pred = torch.cat([h_last[rows].unsqueeze(1).to(hid.dtype), hid[:, :-1]], dim=1)
+    h_last = hidden[rows, plen - 1]
+    pred = torch.cat([h_last.unsqueeze(1).to(hid.dtype), hid[:, :-1]], dim=1)
     valid = am.bool()
     nll = token_nll(model.get_output_embeddings(), pred[valid], input_ids[cols][valid])
     which = torch.arange(N, device=rows.device).unsqueeze(1).expand_as(valid)[valid]
     return torch.zeros(N, dtype=torch.float32, device=nll.device).index_add(0, which, nll)
 
 
-def _chunked(model, kv, h_last, rows, cols, emb, input_ids, attention_mask, chunk_size, ckpt):
+def _chunked(model, kv, hidden, rows, cols, plen, emb, input_ids, attention_mask, chunk_size, ckpt):
     n = rows.shape[0]
     step = n if not chunk_size else max(1, int(chunk_size))
     parts = []
     for s in range(0, n, step):
-        args = (model, kv, h_last, rows[s:s + step], cols[s:s + step], emb, input_ids, attention_mask)
+        args = (model, kv, hidden, rows[s:s + step], cols[s:s + step], plen[s:s + step], emb, input_ids,
+                attention_mask)
         if ckpt:
             parts.append(checkpoint(_continuations, *args, use_reentrant=False))
         else:
@@ -204,18 +216,23 @@ def efficient_nll(model, domain: torch.Tensor, samples: torch.Tensor | None, inp
     dt = emb.dtype
     count = attention_mask.sum(1).float()
 
-    hD, kvD = _run(model, domain.to(dt).unsqueeze(0), None, None, 0)
+    k = domain.shape[0]
     ar = torch.arange(B, device=dev)
-    dom_total = _chunked(model, kvD, hD[:, -1], torch.zeros_like(ar), ar, emb, input_ids, attention_mask,
-                         chunk_size, ckpt)
-    dom = NLL(total=dom_total, count=count)
     if samples is None:
-        return dom, None
+        hD, kvD = _run(model, domain.to(dt).unsqueeze(0), None, None, 0)
+        dom_total = _chunked(model, kvD, hD, torch.zeros_like(ar), ar, torch.full_like(ar, k), emb, input_ids,
+                             attention_mask, chunk_size, ckpt)
+        return NLL(total=dom_total, count=count), None
 
-    k, l = domain.shape[0], samples.shape[1]
-    kvDB = [(kk.expand(B, -1, -1, -1), vv.expand(B, -1, -1, -1)) for kk, vv in kvD]
-    hS, kvS = _run(model, samples.to(dt), attention_mask.new_ones(B, k + l), kvDB, k)
-    rows, cols = sample_pairs(B, negatives, dev, generator)
-    tot = _chunked(model, kvS, hS[:, -1], rows, cols, emb, input_ids, attention_mask, chunk_size, ckpt)
-    total = torch.full((B, B), float("inf"), dtype=tot.dtype, device=dev).index_put((rows, cols), tot)
+    l = samples.shape[1]
+    # the B prefixes [D, S_i] in one forward; row 0's first k positions double as D's own prefix
+    prefix = torch.cat([domain.to(dt).unsqueeze(0).expand(B, -1, -1), samples.to(dt)], dim=1)
+    hP, kvP = _run(model, prefix, None, None, 0)
+    mrows, mcols = sample_pairs(B, negatives, dev, generator)
+    rows = torch.cat([torch.zeros_like(ar), mrows])
+    cols = torch.cat([ar, mcols])
+    plen = torch.cat([torch.full_like(ar, k), torch.full_like(mrows, k + l)])
+    tot = _chunked(model, kvP, hP, rows, cols, plen, emb, input_ids, attention_mask, chunk_size, ckpt)
+    dom = NLL(total=tot[:B], count=count)
+    total = torch.full((B, B), float("inf"), dtype=tot.dtype, device=dev).index_put((mrows, mcols), tot[B:])
     return dom, NLL(total=total, count=count.unsqueeze(0).expand(B, B).clone())
