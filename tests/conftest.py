@@ -33,6 +33,15 @@ def tiny_backbone():
     return load_backbone(**TINY)
 
 
+@pytest.fixture(autouse=True)
+def _tiny_backbone_back_on_cpu(request):
+    """On a CUDA machine the model stages (device=auto) move the backbone they are given to the GPU;
+    the session's tiny backbone goes back to the CPU after each test, where the other tests expect it."""
+    yield
+    if torch.cuda.is_available() and "tiny_backbone" in request.fixturenames:
+        request.getfixturevalue("tiny_backbone").model.to("cpu")
+
+
 @pytest.fixture()
 def compose():
     """compose(config_name, overrides, output_dir) -> DictConfig, as the entry point would see it."""

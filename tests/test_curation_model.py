@@ -63,7 +63,7 @@ def test_logprob_judge_scores_match_a_naive_oracle(tiny_backbone):
         base = gen.encode(conv) + tok("Score:", add_special_tokens=False)["input_ids"]
         opt = tok(" " + label, add_special_tokens=False)["input_ids"]
         with torch.no_grad():
-            logp = model(input_ids=torch.tensor([base + opt])).logits[0].float().log_softmax(-1)
+            logp = model(input_ids=torch.tensor([base + opt], device=model.device)).logits[0].float().log_softmax(-1)
         want = sum(float(logp[len(base) - 1 + j, t]) for j, t in enumerate(opt))
         assert got == pytest.approx(want, abs=1e-4)
     assert gen.choose([conv], list(LABELS), "Score:") == [LABELS[max(range(5), key=lambda i: scores[i])]]
