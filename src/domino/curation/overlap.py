@@ -40,12 +40,15 @@ class ReferenceIndex:
             for i in self._index.get(g, ()):
                 hits[i] += 1
         n_grams = max(len(set(grams)), 1)
+        # most hits first, ties to the reference listed first: the Counter's insertion order follows
+        # a set of strings, i.e. the process's hash seed (most_common breaks ties by insertion)
+        ranked = sorted(hits.items(), key=lambda kv: (-kv[1], kv[0]))
         best_ng, best_ng_ref = 0.0, None
-        if hits:
-            i, c = max(hits.items(), key=lambda kv: (kv[1], -kv[0]))
+        if ranked:
+            i, c = ranked[0]
             best_ng, best_ng_ref = c / n_grams, self.refs[i]["id"]
         best_lcs, best_lcs_ref = 0.0, None
-        for i, _ in hits.most_common(lcs_candidates):
+        for i, _ in ranked[:lcs_candidates]:
             r = self._words[i]
             m = SequenceMatcher(None, toks, r, autojunk=False).find_longest_match(0, len(toks), 0, len(r))
             ratio = m.size / max(len(toks), 1)
