@@ -54,3 +54,19 @@ def test_memorisation_verdict_does_not_depend_on_the_hash_seed():
     # ties on n-gram hits go to the reference listed first, so ref-0 is among the LCS candidates
     assert kept == [] and dropped[0]["dropped"]["reason"] == "longest_common_substring"
     assert dropped[0]["dropped"]["detail"]["lcs_ref"] == "ref-0"
+
+
+# ------------------------------------------------------------------------------ adapter identity
+def test_adapter_fingerprint_is_the_weights_not_the_provenance(tmp_path):
+    """evaluate.py's completion keys (gen_key, used to resume) hash the adapter. Two runs that
+    export the same weights from different run directories (or at another git commit) must get
+    the same key: the provenance file beside the weights names paths, not what is computed."""
+    from domino.evaluation.generation import adapter_fingerprint
+    for d, where in (("a", "/runs/a"), ("b", "/elsewhere/b")):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "adapter_config.json").write_text('{"r": 4}')
+        (tmp_path / d / "adapter_model.safetensors").write_bytes(b"weights")
+        (tmp_path / d / "domino_finetune.json").write_text(json.dumps({"data": {"path": where}}))
+    assert adapter_fingerprint(tmp_path / "a") == adapter_fingerprint(tmp_path / "b")
+    (tmp_path / "b" / "adapter_model.safetensors").write_bytes(b"other weights")
+    assert adapter_fingerprint(tmp_path / "a") != adapter_fingerprint(tmp_path / "b")

@@ -42,9 +42,12 @@ def load_adapter(model, adapter: str | None):
 
 
 def adapter_fingerprint(path: Path) -> str:
+    """What the adapter computes: its config and weights. finetune.py's provenance file beside
+    them (domino_finetune.json: paths, git commit) is left out, so the same weights exported by
+    another run have the same fingerprint (and completion keys)."""
     h = hashlib.sha256()
     for f in sorted(path.iterdir()):
-        if f.is_file() and f.suffix in (".json", ".safetensors", ".bin"):
+        if f.is_file() and f.suffix in (".json", ".safetensors", ".bin") and f.name != "domino_finetune.json":
             h.update(f.name.encode())
             h.update(f.read_bytes())
     return h.hexdigest()[:16]
