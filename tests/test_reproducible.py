@@ -10,7 +10,7 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
+import pytest  # noqa: F401 (slow marker below)
 
 from .conftest import ROOT
 
@@ -70,3 +70,22 @@ def test_adapter_fingerprint_is_the_weights_not_the_provenance(tmp_path):
     assert adapter_fingerprint(tmp_path / "a") == adapter_fingerprint(tmp_path / "b")
     (tmp_path / "b" / "adapter_model.safetensors").write_bytes(b"other weights")
     assert adapter_fingerprint(tmp_path / "a") != adapter_fingerprint(tmp_path / "b")
+
+
+# ------------------------------------------------------------------------------ sandbox
+def test_identical_jobs_run_once_and_are_flagged_deterministically():
+    """Copies of a program in one run_many used to race for the cache (both executing, or the
+    later one hitting the result of the first, by thread timing): now the first executes, the
+    copies are `cached`, whatever the timing."""
+    from domino.evaluation.sandbox import Sandbox, SandboxConfig
+    tests = ["assert add(1, 2) == 3"]
+    jobs = [(f"def add(a, b):\n    return a + b + {i % 2}\n", tests, "functional") for i in range(6)]
+    for _ in range(2):
+        res = Sandbox(SandboxConfig(workers=2, timeout_per_test=2.0, isolation="process")).run_many(jobs)
+        assert [r.status for r in res] == ["passed", "failed"] * 3
+        assert [r.cached for r in res] == [False, False, True, True, True, True]
+
+
+def test_default_execution_cache_is_per_run(compose):
+    cfg = compose("evaluate", [], output_dir="/some/run")
+    assert cfg.cache_path == "/some/run/exec_cache.jsonl"

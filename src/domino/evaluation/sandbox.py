@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -162,10 +162,15 @@ class Sandbox:
             self._slots.put(i)
 
     # ------------------------------------------------------------------ one program
+    def key(self, program: str, tests: list, test_type: str = "functional") -> str:
+        """The execution-cache key: the program, its tests, the limits and the isolation mode (a
+        program that writes to /tmp or opens a socket can pass in one mode and fail in the other)."""
+        return execution_key(program, tests, test_type, {**self.config.fingerprint(), "isolation": self.isolation})
+
     def run(self, program: str, tests: list, test_type: str = "functional") -> ExecResult:
         if test_type not in ("functional", "stdin"):
             raise ValueError(f"test_type={test_type!r}: expected functional or stdin")
-        key = execution_key(program, tests, test_type, self.config.fingerprint())
+        key = self.key(program, tests, test_type)
         hit = self.cache.get(key)
         if hit is not None:
             return hit
@@ -240,16 +245,25 @@ class Sandbox:
     # ------------------------------------------------------------------ many programs
     def run_many(self, jobs: Iterable[tuple[str, list, str]],
                  on_result: Callable[[int, ExecResult], Any] | None = None) -> list[ExecResult]:
-        """Run (program, tests, test_type) jobs on `workers` threads (each waits on a subprocess)."""
+        """Run (program, tests, test_type) jobs on `workers` threads (each waits on a subprocess).
+        Identical jobs run once: the first gets the verdict, later copies get it as `cached`. (Run
+        side by side, copies used to race for the cache: whether one executed again, and its
+        `cached` flag, depended on thread timing.)"""
         jobs = list(jobs)
         results: list[ExecResult | None] = [None] * len(jobs)
+        copies: dict[str, list[int]] = {}
+        for i, job in enumerate(jobs):
+            copies.setdefault(self.key(*job), []).append(i)
         with ThreadPoolExecutor(max_workers=max(1, self.config.workers)) as pool:
-            futures = {pool.submit(self.run, *job): i for i, job in enumerate(jobs)}
+            futures = {pool.submit(self.run, *jobs[idx[0]]): idx for idx in copies.values()}
             for fut in _as_completed(futures):
-                i = futures[fut]
-                results[i] = fut.result()
-                if on_result:
-                    on_result(i, results[i])
+                first, *rest = futures[fut]
+                results[first] = fut.result()
+                for i in [first] + rest:
+                    if i != first:
+                        results[i] = replace(results[first], cached=True)
+                    if on_result:
+                        on_result(i, results[i])
         return results  # type: ignore[return-value]
 
 
