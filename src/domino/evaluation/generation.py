@@ -49,8 +49,17 @@ def adapter_fingerprint(path: Path) -> str:
     for f in sorted(path.iterdir()):
         if f.is_file() and f.suffix in (".json", ".safetensors", ".bin") and f.name != "domino_finetune.json":
             h.update(f.name.encode())
-            h.update(f.read_bytes())
+            h.update(_canonical_config(f.read_bytes()) if f.name == "adapter_config.json" else f.read_bytes())
     return h.hexdigest()[:16]
+
+
+def _canonical_config(raw: bytes) -> bytes:
+    # peft saves target_modules (a set) in hash-seed order: the same adapter must hash the same
+    conf = json.loads(raw)
+    for key in ("target_modules", "exclude_modules"):
+        if isinstance(conf.get(key), list):
+            conf[key] = sorted(conf[key])
+    return json.dumps(conf, sort_keys=True).encode()
 
 
 class HFEngine:

@@ -67,6 +67,18 @@ def callbacks_for(cfg: DictConfig, out: Path, has_val: bool) -> tuple[list, Mode
     return callbacks, best
 
 
+def canonical_adapter_config(adapter: Path) -> None:
+    """peft keeps target_modules as a set and saves it in set order, which follows the process's
+    string-hash seed: the same adapter got a different adapter_config.json (and evaluate.py
+    fingerprint) run to run. Rewrite it with those lists sorted, as peft writes it otherwise."""
+    path = adapter / "adapter_config.json"
+    conf = json.loads(path.read_text())
+    for key in ("target_modules", "exclude_modules"):
+        if isinstance(conf.get(key), list):
+            conf[key] = sorted(conf[key])
+    path.write_text(json.dumps(conf, indent=2, sort_keys=True))
+
+
 def finetune(cfg: DictConfig) -> dict[str, Any]:
     """Fit the adapter; returns the final metrics (floats) and the export paths."""
     if cfg.export not in ("best", "last"):
@@ -102,6 +114,7 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
             log.warning("best checkpoint %s is not a single file (DeepSpeed?): exporting the last weights",
                         best_path)
     adapter = module.export_adapter(out / "adapter")
+    canonical_adapter_config(adapter)
     import peft
     import torch
     import transformers
