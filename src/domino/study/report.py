@@ -149,6 +149,10 @@ def write_report(study_dir: str | Path, s: Any) -> dict:
     for name, recs in final.items():
         seed = recs[0].get("train_seed")  # baselines have no training seed: one set each
         by_config[recs[0]["config"]][int(seed) if seed is not None else 0] = name
+    # table order: trained configs as configured, then the baselines, then the real-data ceiling
+    order = [*s["configs"], *s.get("baselines", [])]
+    by_config = defaultdict(dict, sorted(by_config.items(), key=lambda kv: order.index(kv[0])
+                                         if kv[0] in order else len(order)))
     if "heldout" in rows["final"]:
         by_config["heldout (ceiling)"] = {0: "heldout"}
     summary: dict[str, dict[str, dict]] = {}
