@@ -80,11 +80,8 @@ e2e() {
   done
 }
 
-ds_patched() {  # trainer=deepspeed with the module.py fix applied (patch kept outside the tree)
-  cp src/domino/module.py /tmp/module.orig.py && cp .whl/patches/module.py src/domino/module.py \
-    && echo "module.py patched (.whl/patches/module_deepspeed.patch)" | tee -a "$LOGS/steps.log"
+ds_patched() {  # trainer=deepspeed (the module.py fix it once needed as a patch is in the tree now)
   E2E_TRAINERS=deepspeed e2e
-  cp /tmp/module.orig.py src/domino/module.py
 }
 
 test_ds_patched() {

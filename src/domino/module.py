@@ -46,6 +46,9 @@ class DominoModule(L.LightningModule):
         if method == "domino" and n_references < 2:
             raise ValueError(f"method=domino needs at least 2 references, got {n_references}")
         self._nll = nll_fn(impl)
+        # the checkpoint never holds the frozen backbone; on_load_checkpoint checks the keys itself, and
+        # DeepSpeed (exclude_frozen_parameters) loads its module state with this flag as `strict`
+        self.strict_loading = False
         # only plain config values go into hparams: the checkpoint rebuilds the backbone from them
         self.save_hyperparameters()
         bb = load_backbone(**backbone)
@@ -137,6 +140,15 @@ class DominoModule(L.LightningModule):
     def trainable_keys(self) -> set[str]:
         return {k for k in self.state_dict() if not k.startswith(BACKBONE_PREFIX)}
 
+    def state_dict(self, *args, **kwargs):
+        # only the soft tokens are ever saved. DeepSpeed builds its checkpoint from this (not from
+        # on_save_checkpoint) and its exclude_frozen_parameters misses tied weights (lm_head.weight
+        # of a tied-embedding backbone would otherwise be saved, e.g. 272 MB for Qwen2.5-0.5B)
+        sd = super().state_dict(*args, **kwargs)
+        for key in [k for k in sd if k.startswith(BACKBONE_PREFIX) or f".{BACKBONE_PREFIX}" in k]:
+            del sd[key]
+        return sd
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         sd = checkpoint["state_dict"]
         for key in [k for k in sd if k.startswith(BACKBONE_PREFIX)]:
@@ -145,6 +157,10 @@ class DominoModule(L.LightningModule):
                                 "hidden_size": self.prompts.hidden}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "state_dict" not in checkpoint:
+            # DeepSpeed: the engine has restored the trainable tensors from its own files already;
+            # the client state it hands back carries no state_dict
+            return
         got, want = set(checkpoint["state_dict"]), self.trainable_keys()
         if got != want:
             raise KeyError(f"checkpoint does not match this model: missing {sorted(want - got)}, "
