@@ -114,6 +114,22 @@ def test_identical_jobs_run_once_and_are_flagged_deterministically():
         assert [r.cached for r in res] == [False, False, True, True, True, True]
 
 
+def test_a_program_iterating_a_set_of_strings_gets_the_same_verdict_every_run():
+    """The sandboxed interpreter used to start with a random string-hash seed (`python -I`
+    ignores PYTHONHASHSEED), so a completion whose answer follows a set's order (`list(set(words))`)
+    passed or failed at random, run to run. Programs now run with a fixed hash seed."""
+    from domino.evaluation.sandbox import Sandbox, SandboxConfig
+    words = [f"w{i}" for i in range(12)]
+    program = f"def f():\n    return list(set({words!r}))\n"
+    tests = ["got = f()\nassert got[0] < got[1], got"]  # passes for about half the orders
+    verdicts = set()
+    for i in range(6):  # a fresh sandbox (and a different comment) each time: nothing cached
+        sb = Sandbox(SandboxConfig(workers=1, timeout_per_test=5.0, isolation="process"))
+        r = sb.run(program + f"# run {i}\n", tests)
+        verdicts.add((r.status, r.detail))
+    assert len(verdicts) == 1, verdicts
+
+
 def test_default_execution_cache_is_per_run(compose):
     cfg = compose("evaluate", [], output_dir="/some/run")
     assert cfg.cache_path == "/some/run/exec_cache.jsonl"

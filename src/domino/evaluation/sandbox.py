@@ -3,7 +3,7 @@
 Isolation, strongest available first (`isolation=auto` picks it, see docs/evaluation.md):
 
 - `namespaces` (needs root and util-linux `unshare`): `unshare --net --pid --mount-proc --fork
-  --kill-child` starts `python -I sandbox_child.py` as pid 1 of new network/pid/mount namespaces.
+  --kill-child` starts `python -s -P sandbox_child.py` as pid 1 of new network/pid/mount namespaces.
   The child mounts private tmpfs over /tmp, /var/tmp, /dev/shm, hides directories the sandbox uid
   cannot traverse (e.g. /root), lowers rlimits, then drops to a dedicated unprivileged uid (one
   per worker slot, so RLIMIT_NPROC is a real per-sandbox process cap even though we are root).
@@ -40,9 +40,28 @@ from typing import Any, Callable, Iterable
 log = logging.getLogger(__name__)
 
 CHILD = Path(__file__).with_name("sandbox_child.py")
-RUNNER_VERSION = "1"  # bump when the child's semantics change: it is part of the cache key
+RUNNER_VERSION = "2"  # bump when the child's semantics change: it is part of the cache key
+# Programs run with a fixed string-hash seed: a completion whose answer follows the order of a set
+# of strings (`list(set(words))`) gets the same verdict every run, not a coin flip per execution.
 MINIMAL_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
-               "HOME": "/tmp", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+               "HOME": "/tmp", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+               "PYTHONHASHSEED": "0"}
+
+
+@functools.lru_cache(maxsize=None)
+def interpreter_flags(python: str = sys.executable) -> tuple[str, ...]:
+    """`-I` without its `-E`: no user site-packages (-s), no script directory on sys.path (-P),
+    but the environment is read, so MINIMAL_ENV's PYTHONHASHSEED applies (MINIMAL_ENV, the child's
+    whole environment, holds no other PYTHON* variable). -P needs Python >= 3.11; an older
+    interpreter keeps -I, and with it a random hash seed per program."""
+    if python == sys.executable:
+        new = sys.version_info >= (3, 11)
+    else:
+        try:
+            new = subprocess.run([python, "-P", "-c", "pass"], capture_output=True, timeout=30).returncode == 0
+        except (OSError, subprocess.TimeoutExpired):
+            new = False
+    return ("-s", "-P") if new else ("-I",)
 
 
 @dataclass
@@ -207,12 +226,12 @@ class Sandbox:
             (scratch / "job.json").write_text(json.dumps(job))
             if namespaced:
                 cmd = [shutil.which("unshare"), "--net", "--pid", "--fork", "--kill-child", "--mount-proc",
-                       "--propagation", "private", cfg.python, "-I", str(CHILD)]
+                       "--propagation", "private", cfg.python, *interpreter_flags(cfg.python), str(CHILD)]
                 cwd = "/"
             else:
                 work = scratch / "work"
                 work.mkdir()
-                cmd, cwd = [cfg.python, "-I", str(CHILD)], str(work)
+                cmd, cwd = [cfg.python, *interpreter_flags(cfg.python), str(CHILD)], str(work)
             with open(scratch / "job.json", "rb") as stdin, open(scratch / "stderr", "wb") as stderr:
                 proc = subprocess.Popen(cmd, stdin=stdin, stdout=subprocess.DEVNULL, stderr=stderr,
                                         pass_fds=(res_w,), cwd=cwd, env=MINIMAL_ENV, start_new_session=True,

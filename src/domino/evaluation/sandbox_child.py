@@ -1,6 +1,7 @@
 """The trusted half of the sandbox: runs inside the fresh interpreter, *before* any untrusted code.
 
-Started by `sandbox.Sandbox` as `python -I sandbox_child.py` (stdlib only, no domino import). It
+Started by `sandbox.Sandbox` as `python -s -P sandbox_child.py` (`-I` less `-E`, so the fixed
+PYTHONHASHSEED of its minimal environment applies; stdlib only, no domino import). It
 reads one job (JSON) from stdin, and then, in this order:
 
 1. in namespace mode (it is pid 1 of fresh pid/net/mount namespaces, still root): mounts private
