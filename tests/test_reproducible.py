@@ -130,6 +130,19 @@ def test_a_program_iterating_a_set_of_strings_gets_the_same_verdict_every_run():
     assert len(verdicts) == 1, verdicts
 
 
+def test_a_program_drawing_unseeded_random_numbers_gets_the_same_verdict_every_run():
+    """`random` in the sandbox starts from a fixed seed, as the string hash does."""
+    from domino.evaluation.sandbox import Sandbox, SandboxConfig
+    program = "import random\ndef f():\n    return [random.random() for _ in range(3)]\n"
+    tests = ["got = f()\nassert got[0] < 0.5, got"]
+    verdicts = set()
+    for i in range(6):
+        sb = Sandbox(SandboxConfig(workers=1, timeout_per_test=5.0, isolation="process"))
+        r = sb.run(program + f"# run {i}\n", tests)
+        verdicts.add((r.status, r.detail))
+    assert len(verdicts) == 1, verdicts
+
+
 def test_default_execution_cache_is_per_run(compose):
     cfg = compose("evaluate", [], output_dir="/some/run")
     assert cfg.cache_path == "/some/run/exec_cache.jsonl"

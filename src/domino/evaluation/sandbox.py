@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterable
 log = logging.getLogger(__name__)
 
 CHILD = Path(__file__).with_name("sandbox_child.py")
-RUNNER_VERSION = "2"  # bump when the child's semantics change: it is part of the cache key
+RUNNER_VERSION = "3"  # bump when the child's semantics change: it is part of the cache key
 # Programs run with a fixed string-hash seed: a completion whose answer follows the order of a set
 # of strings (`list(set(words))`) gets the same verdict every run, not a coin flip per execution.
 MINIMAL_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
