@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # `make demo`: the whole pipeline on the embedded default (SmolLM2-135M-Instruct, HumanEval split),
-# as the four entry points with their demo* experiment configs, then a summary table.
+# as the four entry points with their demo* experiment configs, then DOMINO vs a plain soft prompt
+# (same config, same sampling) on alignment and memorisation, then a summary table.
 #
 # A stage whose output already exists is skipped (synthesis also resumes inside its run), so
 # rerunning after a crash or Ctrl-C continues where it stopped; `rm -r $DEMO_DIR` starts over.
 #   DEMO_DIR           where everything goes (default lightning_logs/demo)
 #   DEMO_ARGS          extra overrides for every stage (e.g. backbone=tiny)
-#   DEMO_TRAIN_ARGS DEMO_SYNTH_ARGS DEMO_FINETUNE_ARGS DEMO_EVAL_ARGS   per-stage overrides
+#   DEMO_TRAIN_ARGS DEMO_SYNTH_ARGS DEMO_FINETUNE_ARGS DEMO_EVAL_ARGS DEMO_QUALITY_ARGS   per-stage overrides
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -18,6 +19,7 @@ read -r -a TRAIN <<< "${DEMO_TRAIN_ARGS:-}"
 read -r -a SYNTH <<< "${DEMO_SYNTH_ARGS:-}"
 read -r -a FT <<< "${DEMO_FINETUNE_ARGS:-}"
 read -r -a EVAL <<< "${DEMO_EVAL_ARGS:-}"
+read -r -a QUALITY <<< "${DEMO_QUALITY_ARGS:-}"
 
 stage() {  # stage NAME OUTPUT_THAT_MEANS_DONE COMMAND...
   local name=$1 done=$2
@@ -48,5 +50,18 @@ stage evaluate-base "$OUT/eval_base/summary.json" \
 stage evaluate-finetuned "$OUT/eval_finetuned/summary.json" \
   "$PY" evaluate.py experiment=demo_evaluate benchmark.path="$OUT/train/heldout.jsonl" \
   adapter="$OUT/finetune/adapter" hydra.run.dir="$OUT/eval_finetuned" "${ALL[@]}" "${EVAL[@]}"
+
+# the comparison that matters at this scale: the same config trained as a plain soft prompt, the
+# same sampling, then both sample sets side by side on alignment and memorisation
+compare() {
+  "$PY" synthesize.py experiment=demo_synthesize method=soft_prompt \
+    ckpt="$OUT/train_soft_prompt/domain_prompt.safetensors" output_dir="$OUT/sample_soft_prompt" "${ALL[@]}" "${SYNTH[@]}"
+  "$PY" evaluate.py task=data_quality references="$OUT/train/references.jsonl" hydra.run.dir="$OUT/compare" \
+    "samples={domino: $OUT/synthesize/samples.jsonl, soft_prompt: $OUT/sample_soft_prompt/samples.jsonl}" \
+    "${ALL[@]}" "${QUALITY[@]}"
+}
+stage train-soft-prompt "$OUT/train_soft_prompt/domain_prompt.safetensors" \
+  "$PY" train.py experiment=demo method=soft_prompt hydra.run.dir="$OUT/train_soft_prompt" "${ALL[@]}" "${TRAIN[@]}"
+stage compare "$OUT/compare/data_quality.json" compare
 
 "$PY" scripts/demo_report.py "$OUT"

@@ -46,6 +46,11 @@ def test_demo_pipeline_end_to_end_on_tiny(tmp_path):
     assert json.loads((tmp_path / "eval_finetuned" / "summary.json").read_text())["adapter"]
     table = (tmp_path / "demo_report.md").read_text()
     assert "evaluate (fine-tuned)" in table and table in proc.stdout
+    # it ends with DOMINO vs the plain soft prompt trained and sampled the same way
+    dq = json.loads((tmp_path / "compare" / "data_quality.json").read_text())
+    assert set(dq["rows"]) == {"domino", "soft_prompt", "heldout"}
+    assert json.loads((tmp_path / "train_soft_prompt" / "domain_prompt.json").read_text())["method"] == "soft_prompt"
+    assert "DOMINO vs plain soft prompt" in table and "| soft_prompt | 8 |" in table
     # the adapter changes the model's outputs
     from peft import PeftModel
 
@@ -58,4 +63,4 @@ def test_demo_pipeline_end_to_end_on_tiny(tmp_path):
     # a second run finds every stage done and only reprints the table
     again = subprocess.run(["bash", "scripts/demo.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                            timeout=600)
-    assert again.returncode == 0 and again.stdout.count("already done") == 5
+    assert again.returncode == 0 and again.stdout.count("already done") == 7

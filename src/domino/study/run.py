@@ -260,8 +260,9 @@ class Study:
                         f"ckpt={self.prompt_path(config, seed, self.lr_of(config), epoch)}"]
             return ov
 
-        # the configs with their own sweep first (train, then sample), then the baselines, then the
-        # configs that borrow a rate: the main comparison is complete as early as possible
+        # per group (the configs with their own sweep, then those that borrow a rate): train, sample
+        # the final point, (after the first group: the baselines,) then the curve points; so the main
+        # comparison, curves included, is complete as early as possible
         for group in (sweep_cfgs, borrowers):
             for config in group:
                 for seed in (self.seeds[1:] if config in sweep_cfgs else self.seeds):
@@ -276,14 +277,14 @@ class Study:
                     tasks.append(self.sample_task(self.set_name(b, int(s.baseline_seed)), n_final,
                                                   lambda b=b: [f"method={b}", f"seed={int(s.baseline_seed)}"], new,
                                                   {"config": b, "epoch": None, "train_seed": None}))
-        for config in order:
-            for epoch in self.points:
-                if epoch == self.epochs:
-                    continue  # the curve's last point is the first n_curve of the final samples
-                for seed in self.seeds:
-                    tasks.append(self.sample_task(self.set_name(config, seed, epoch), n_curve,
-                                                  trained(config, seed, epoch), new,
-                                                  {"config": config, "epoch": epoch, "train_seed": seed}))
+            for config in group:
+                for epoch in self.points:
+                    if epoch == self.epochs:
+                        continue  # the curve's last point is the first n_curve of the final samples
+                    for seed in self.seeds:
+                        tasks.append(self.sample_task(self.set_name(config, seed, epoch), n_curve,
+                                                      trained(config, seed, epoch), new,
+                                                      {"config": config, "epoch": epoch, "train_seed": seed}))
         return tasks
 
     def run(self, progress: bool = True) -> dict[str, Any]:
