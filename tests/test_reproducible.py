@@ -162,6 +162,9 @@ def _demo_outputs(d):
     out = {"samples": samples, "curated": curated, "sft": (d / "synthesize" / "sft.jsonl").read_text(),
            "adapter": load_file(str(d / "finetune" / "adapter" / "adapter_model.safetensors")),
            "adapter_config": json.loads((d / "finetune" / "adapter" / "adapter_config.json").read_text())}
+    if (d / "sample_soft_prompt" / "samples.jsonl").exists():  # the demo's DOMINO vs soft prompt comparison
+        out["soft_prompt_samples"] = [(r["id"], r["text"]) for r in _jsonl(d / "sample_soft_prompt" / "samples.jsonl")]
+        out["data_quality_rows"] = json.loads((d / "compare" / "data_quality.json").read_text())["rows"]
     for ev in ("eval_base", "eval_finetuned"):
         out[ev] = {
             "completions": sorted(((r["task_id"], r["sample_idx"], r["gen_key"], r["output"], r["program"])
@@ -201,6 +204,8 @@ def test_demo_twice_with_different_hash_seeds_gives_identical_outputs(tmp_path):
         assert a[ev]["completions"] == b[ev]["completions"], ev
         assert a[ev]["results"] == b[ev]["results"], ev
         assert a[ev]["summary"] == b[ev]["summary"] and "pass@1" in a[ev]["summary"], ev
+    assert a.get("soft_prompt_samples") == b.get("soft_prompt_samples")
+    assert a.get("data_quality_rows") == b.get("data_quality_rows")
     # each run executed its own programs: nothing came from the other run's cache
     assert not any(s["cached"] for ev in ("eval_base", "eval_finetuned")
                    for r in b[ev]["results"] for s in r["samples"])
