@@ -32,8 +32,8 @@ def measure(module, train_ids: list[list[int]], heldout_ids: list[list[int]], ba
     """The diagnostics above for `module` (a DominoModule) on tokenised texts."""
     collate = Collate(module.tokenizer.pad_token_id)
     has_samples = module.prompts.has_samples
-    sums = {k: torch.zeros((), dtype=torch.float64) for k in ("dom_t", "dom_c", "held_t", "held_c", "pos_t",
-                                                               "pos_c", "neg_t", "neg_c")}
+    keys = ("dom_t", "dom_c", "held_t", "held_c", "pos_t", "pos_c", "neg_t", "neg_c")
+    sums = {k: torch.zeros((), dtype=torch.float64) for k in keys}
 
     def batches(ids: list[list[int]]):
         data = IndexedTexts(ids)

@@ -26,7 +26,14 @@ def _cell(d: dict | None) -> str:
 
 def _hms(seconds: float) -> str:
     seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def _points(by_epoch: dict) -> str:
+    """`e1: mean [min–max], e3: ...` of a band over seeds per epoch."""
+    return ", ".join(f"e{e}: {_f(v['mean'])} [{_f(v['min'])}–{_f(v['max'])}]" for e, v in by_epoch.items())
 
 
 def render(report: dict, figures: list[str]) -> str:
@@ -57,16 +64,17 @@ def render(report: dict, figures: list[str]) -> str:
             out.append(f"| {c} | " + " | ".join(_f(v, 5) for v in vals.values()) + f" | {sw['picked'][c]} |")
         if sw.get("borrow"):
             out.append("")
-            out.append("Configs using another's pick: " + ", ".join(f"`{a}` uses `{b}`'s" for a, b in sw["borrow"].items()))
+            uses = ", ".join(f"`{a}` uses `{b}`'s" for a, b in sw["borrow"].items())
+            out.append(f"Configs using another's pick: {uses}")
     out += ["", "## Decision rule (fixed before the run)", "", "```", report["decision_rule"], "```", ""]
 
     out += ["## Final epoch: headline numbers", "",
-            "Mean over seeds [95% interval from half-sampling] ±half the seed range. Baselines and the ceiling have one set "
-            "each (no seed spread).", "",
+            "Mean over seeds [95% interval from half-sampling] ±half the seed range. Baselines and the ceiling "
+            "have one set each (no seed spread).", "",
             "| metric | " + " | ".join(report["summary"]) + " |", "|---|" + "---|" * len(report["summary"])]
     for h in heads:
-        out.append(f"| {h['label']} {h['better']} | " + " | ".join(_cell(report["summary"][c].get(h["id"]))
-                                                              for c in report["summary"]) + " |")
+        cells = [_cell(report["summary"][c].get(h["id"])) for c in report["summary"]]
+        out.append(f"| {h['label']} {h['better']} | " + " | ".join(cells) + " |")
 
     out += ["", "## Comparisons", ""]
     for pair, comp in report["comparisons"].items():
@@ -94,14 +102,12 @@ def render(report: dict, figures: list[str]) -> str:
     for config, metrics in report["curves"].items():
         for mid in ("mem_ngram_mean", "mem_cos_mean@backbone", "mmd2@backbone", "coverage@backbone"):
             if mid in metrics:
-                pts = ", ".join(f"e{e}: {_f(v['mean'])} [{_f(v['min'])}–{_f(v['max'])}]" for e, v in metrics[mid].items())
-                out.append(f"- `{config}` {mid}: {pts}")
+                out.append(f"- `{config}` {mid}: {_points(metrics[mid])}")
     out += ["", "Diagnostics at the picked learning rate (mean over seeds [min–max]):", ""]
     for config, keys in report["diagnostics"].items():
         for k in ("nll_dom_train", "nll_dom_heldout", "nll_pos", "contrast_gap", "d_drift"):
             if k in keys:
-                pts = ", ".join(f"e{e}: {_f(v['mean'])} [{_f(v['min'])}–{_f(v['max'])}]" for e, v in keys[k].items())
-                out.append(f"- `{config}` {k}: {pts}")
+                out.append(f"- `{config}` {k}: {_points(keys[k])}")
     out.append("")
 
     out += ["## Every metric of every final set", ""]
@@ -118,7 +124,8 @@ def render(report: dict, figures: list[str]) -> str:
     tasks = t.get("tasks", {})
     parts = {"learning-rate sweep and training": sum(v for k, v in tasks.items() if k.startswith("train")),
              "sampling": sum(v for k, v in tasks.items() if k.startswith("sample")),
-             "report: embedding": t["report"]["embed"], "report: metrics + bootstrap": t["report"]["metrics_and_bootstrap"]}
+             "report: embedding": t["report"]["embed"],
+             "report: metrics + half-sampling": t["report"]["metrics_and_bootstrap"]}
     out += ["", "## Wall time on this machine", "", "| part | wall time |", "|---|---|"]
     out += [f"| {k} | {_hms(v)} |" for k, v in parts.items()]
     out += [f"| **total** | **{_hms(sum(parts.values()))}** |", "",

@@ -180,7 +180,8 @@ def write_report(study_dir: str | Path, s: Any) -> dict:
     curves = _curves(curve, rows["curve"])
     diag = _diagnostics(st["diagnostics"], st["sweep"])
     report = {"settings": _settings(s), "sweep": st["sweep"], "decision_rule": S.__doc__.strip(),
-              "headline": [{"id": mid, "label": lab, "better": arrow, "family": fam} for mid, lab, arrow, fam in headline],
+              "headline": [{"id": mid, "label": lab, "better": arrow, "family": fam}
+                           for mid, lab, arrow, fam in headline],
               "summary": {c: {m: {k: v for k, v in d.items() if k != "_reps"} for m, d in ms.items()}
                           for c, ms in summary.items()},
               "comparisons": comparisons, "claims": claims, "curves": curves, "diagnostics": diag,

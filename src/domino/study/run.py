@@ -250,7 +250,6 @@ class Study:
         tasks.append(Task("pick learning rates", "pick", 0.0, self.pick_lrs,
                           lambda: (self.dir / "sweep.json").exists()))
         borrowers = [c for c in s.configs if c not in sweep_cfgs]
-        order = sweep_cfgs + borrowers
         n_final, n_curve = int(s.samples.final), int(s.samples.curve)
 
         def trained(config: str, seed: int, epoch: int):
@@ -324,4 +323,3 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         from domino.study.report import write_report
         return {"report": write_report(Path(cfg.study.dir), cfg.study), "dir": str(cfg.study.dir)}
     raise ValueError(f"stage={stage!r} is not one of ('all', 'report')")
-
