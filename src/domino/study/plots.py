@@ -14,7 +14,8 @@ MEM = [("mem_ngram_mean", "8-gram overlap with a training ref ↓"),
 ALIGN = [("mmd2@backbone", "MMD², backbone ↓"), ("mmd2@tfidf", "MMD², TF-IDF ↓"),
          ("coverage@backbone", "coverage, backbone ↑"), ("coverage@tfidf", "coverage, TF-IDF ↑")]
 DIAG = [("nll_dom_train", "l(x|D), training texts"), ("nll_dom_heldout", "l(x|D), held-out texts"),
-        ("nll_pos", "l(x_i|D,S_i): own sample tokens"), ("nll_neg", "l(x_j|D,S_i), j != i"), ("contrast_gap", "contrast gap l(x_j|D,S_i) - l(x_i|D,S_i)"),
+        ("nll_pos", "l(x_i|D,S_i): own sample tokens"), ("nll_neg", "l(x_j|D,S_i), j != i"),
+        ("contrast_gap", "contrast gap l(x_j|D,S_i) - l(x_i|D,S_i)"),
         ("d_drift", "||D - D0|| / ||D0||"), ("val/nll_dom", "val/nll_dom (every epoch)")]
 
 
