@@ -20,17 +20,13 @@ from omegaconf import OmegaConf
 
 from domino.data.records import read_jsonl
 from domino.evaluation import quality as Q
-from domino.evaluation.quality_report import _embed_cached, _jsonable, compute_report, options
+from domino.evaluation.quality_report import _embed_cached, _jsonable, _plain, compute_report, options
 from domino.study import stats as S
 
 log = logging.getLogger(__name__)
 CURVE_METRICS = [("mem_ngram_mean", None), ("mem_cos_mean", "backbone"), ("mem_cos_mean", "tfidf"),
                  ("mmd2", "backbone"), ("mmd2", "tfidf"), ("coverage", "backbone"), ("coverage", "tfidf")]
 DIAG_KEYS = ["nll_dom_train", "nll_dom_heldout", "nll_pos", "nll_neg", "contrast_gap", "d_drift"]
-
-
-def _plain(x: Any) -> Any:
-    return OmegaConf.to_container(x, resolve=True) if OmegaConf.is_config(x) else x
 
 
 class TfidfEmbedder:
