@@ -97,7 +97,7 @@ def write_report(study_dir: str | Path, s: Any) -> dict:
     texts.update({k: [r["text"] for r in v] for k, v in st["sets"].items()})
     spaces: dict[str, dict[str, np.ndarray]] = {}
     from domino.evaluation.embed import build_embedder
-    from domino.study.run import compose
+    from domino.study.run import compose, config_method
     bcfg = compose("train", [*s["backbone_embed"], "paths.output_dir=.", "paths.root_dir=."]).backbone
     embedder = build_embedder(opt["embed"], OmegaConf.to_container(bcfg, resolve=True))
     cache = str(Path(s["work_dir"]) / "embed_cache")
@@ -162,7 +162,7 @@ def write_report(study_dir: str | Path, s: Any) -> dict:
     comparisons = {}
     pairs = [tuple(p) for p in s.get("compare") or []]
     against = s.get("claims_against")
-    contrastive = [c for c in s["configs"] if any(o.startswith("method=domino") for o in s["configs"][c])]
+    contrastive = [c for c in s["configs"] if config_method(s["configs"][c])[1]]
     pairs += [(c, against) for c in contrastive if against and (c, against) not in pairs]
     for a, b in pairs:
         if a not in summary or b not in summary:

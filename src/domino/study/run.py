@@ -50,6 +50,13 @@ def compose(config_name: str, overrides: list[str]) -> DictConfig:
         return hydra_compose(config_name=config_name, overrides=overrides)
 
 
+def config_method(overrides: list[str]) -> tuple[str, bool]:
+    """(method name, whether it trains with the contrastive term) of a trained config's overrides."""
+    ov = dict(o.split("=", 1) for o in overrides if "=" in o)
+    method = ov.get("method", "domino")
+    return method, method == "domino" and float(ov.get("method.lambda", 1.0)) > 0
+
+
 def fmt_lr(lr: float) -> str:
     return f"{lr:.0e}".replace("e-0", "e-")
 
@@ -145,8 +152,7 @@ class Study:
         return default
 
     def is_contrastive(self, config: str) -> bool:
-        ov = dict(o.split("=", 1) for o in self.s.configs[config] if "=" in o)
-        return ov.get("method", "domino") == "domino" and float(ov.get("method.lambda", 1.0)) > 0
+        return config_method(list(self.s.configs[config]))[1]
 
     def _collect_diagnostics(self, config: str, seed: int, lr: float, run: Path) -> None:
         """<dir>/diagnostics/<config>_s<seed>_lr<lr>.json: the diagnostics at every point plus the
@@ -254,7 +260,7 @@ class Study:
 
         def trained(config: str, seed: int, epoch: int):
             def ov() -> list[str]:
-                method = dict(o.split("=", 1) for o in s.configs[config] if "=" in o).get("method", "domino")
+                method = config_method(list(s.configs[config]))[0]
                 return [f"method={method}", f"seed={seed}",
                         f"ckpt={self.prompt_path(config, seed, self.lr_of(config), epoch)}"]
             return ov
