@@ -9,8 +9,8 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> dict:
-    from domino.evaluation.runner import run_task
-    return run_task(cfg)
+    from domino.stages import evaluate  # heavy imports after Hydra has parsed the command line
+    return evaluate(cfg)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="finetune")
 def main(cfg: DictConfig) -> float | None:
-    from domino.finetune.run import finetune  # heavy imports after Hydra has parsed the command line
+    from domino.stages import finetune  # heavy imports after Hydra has parsed the command line
 
     result = finetune(cfg)
     metric = cfg.get("optimized_metric")

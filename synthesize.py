@@ -15,9 +15,9 @@ OmegaConf.register_new_resolver(
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="synthesize")
 def main(cfg: DictConfig) -> None:
-    from domino.synthesis.runner import run  # heavy imports after Hydra has parsed the command line
+    from domino.stages import synthesize  # heavy imports after Hydra has parsed the command line
 
-    run(cfg)
+    synthesize(cfg)
 
 
 if __name__ == "__main__":

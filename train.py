@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from domino.training import train  # heavy imports after Hydra has parsed the command line
+    from domino.stages import train  # heavy imports after Hydra has parsed the command line
 
     result = train(cfg)
     metric = cfg.get("optimized_metric")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from domino.evaluation import quality as Q
+from domino.data_quality import metrics as Q
 
 
 def timed(fn, *a, **kw):

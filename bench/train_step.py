@@ -95,8 +95,8 @@ def child(impl: str, B: int, k: int, L: int, seed: int) -> dict:
     import torch
 
     from domino.backbone import load_backbone
-    from domino.efficient import efficient_nll
-    from domino.objective import combine, straightforward_nll
+    from domino.training.objective import combine, straightforward_nll
+    from domino.training.objective_cached import cached_nll
 
     bb = load_backbone(path="embedded")
     model, cfg = bb.model, bb.model.config
@@ -106,7 +106,7 @@ def child(impl: str, B: int, k: int, L: int, seed: int) -> dict:
     W = model.get_input_embeddings().weight.detach()
     D = W[torch.randint(0, W.shape[0], (k,), generator=g)].clone().requires_grad_()
     S = W[torch.randint(0, W.shape[0], (B * k,), generator=g)].view(B, k, -1).clone().requires_grad_()
-    fn = straightforward_nll if impl == "straightforward" else efficient_nll
+    fn = straightforward_nll if impl == "straightforward" else cached_nll
     layer_params = sum(p.numel() for p in model.get_decoder().layers.parameters())
     rate = gemm_rate(cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size)
     rss0, max0 = rss_kb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -12,11 +12,11 @@ A shape BxKxL is B references, k = l = K soft tokens, texts of L random tokens (
 length). One step = forward + backward of `combine(dom, mat, form="paper")["loss"]` w.r.t. D and S.
 
 The four computations of the same loss:
-- efficient: `domino.efficient.efficient_nll` (the default `objective.impl`): D once, [D, S_i] once,
+- efficient: `domino.training.objective_cached.cached_nll` (the default `objective.impl`): D once, [D, S_i] once,
   every text continues a prefix K/V cache, LM head only at text positions, fused fp32 CE.
 - efficient_ckpt: the same with `chunk_size=3` and gradient checkpointing on (conf/backbone/qwen.yaml
   and the README's paper-scale command).
-- straightforward: `domino.objective.straightforward_nll`, the test oracle: 2 + B batched forwards
+- straightforward: `domino.training.objective.straightforward_nll`, the test oracle: 2 + B batched forwards
   of B sequences each ([D,x] for all x; [D,S_i,x_j] for each row i; [D,S_i,x_i] positives),
   full-vocabulary logits, fp32 cross-entropy on the text positions.
 - released: the computation of the authors' released code as issue #15 describes it: one full
@@ -51,8 +51,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 from train_step import model_flops  # noqa: E402
 
 from domino.backbone import freeze  # noqa: E402
-from domino.efficient import efficient_nll  # noqa: E402
-from domino.objective import NLL, combine, straightforward_nll  # noqa: E402
+from domino.training.objective import NLL, combine, straightforward_nll  # noqa: E402
+from domino.training.objective_cached import cached_nll  # noqa: E402
 
 SHAPES = {
     "0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
@@ -111,9 +111,9 @@ def set_ckpt(model, on: bool):
 
 def run_impl(model, impl, D, S, ids, am):
     if impl == "efficient":
-        return efficient_nll(model, D, S, ids, am)
+        return cached_nll(model, D, S, ids, am)
     if impl == "efficient_ckpt":
-        return efficient_nll(model, D, S, ids, am, chunk_size=3)
+        return cached_nll(model, D, S, ids, am, chunk_size=3)
     if impl == "straightforward":
         return straightforward_nll(model, D, S, ids, am)
     return released_nll(model, D, S, ids, am)

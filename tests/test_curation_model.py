@@ -6,8 +6,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from domino.curation.generation import HFChatGenerator, release_models
-from domino.curation.pipeline import run_curation
-from domino.data.records import read_jsonl
+from domino.curation.run import run_curation
+from domino.records import read_jsonl
 
 from .conftest import CONF, TINY
 

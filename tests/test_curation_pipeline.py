@@ -6,8 +6,8 @@ import shutil
 import pytest
 from omegaconf import OmegaConf
 
-from domino.curation.pipeline import run_curation
-from domino.data.records import RecordError, read_jsonl
+from domino.curation.run import run_curation
+from domino.records import RecordError, read_jsonl
 
 from .conftest import CONF, FIXTURES
 

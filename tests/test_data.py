@@ -4,9 +4,9 @@ import logging
 
 import pytest
 
-from domino.data.datamodule import DomainDataModule, tokenize_texts
 from domino.data.domains import fingerprint, load_domain, load_records
-from domino.data.records import JsonlAppender, RecordError, read_jsonl
+from domino.records import JsonlAppender, RecordError, read_jsonl
+from domino.training.datamodule import DomainDataModule, tokenize_texts
 
 from .conftest import FIXTURES
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from domino.evaluation.runner import TASKS
+from domino.stages import EVALUATE_TASKS as TASKS
 
 ROOT = Path(__file__).resolve().parents[1]
 FX = Path(__file__).parent / "fixtures"

@@ -29,8 +29,8 @@ def _cuda_backbone(dtype):
 
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-4), ("bfloat16", 3e-2)])
 def test_efficient_equals_straightforward_on_cuda(dtype, tol):
-    from domino.efficient import efficient_nll
-    from domino.objective import combine, straightforward_nll
+    from domino.training.objective import combine, straightforward_nll
+    from domino.training.objective_cached import cached_nll
     bb = _cuda_backbone(dtype)
     g = torch.Generator().manual_seed(0)
     B, k, T = 3, 4, 24
@@ -41,7 +41,7 @@ def test_efficient_equals_straightforward_on_cuda(dtype, tol):
     D0 = W[torch.randint(0, W.shape[0], (k,), generator=g).cuda()].clone()
     S0 = W[torch.randint(0, W.shape[0], (B * k,), generator=g).cuda()].view(B, k, -1).clone()
     out = {}
-    for name, fn in (("oracle", straightforward_nll), ("efficient", efficient_nll)):
+    for name, fn in (("oracle", straightforward_nll), ("efficient", cached_nll)):
         D, S = D0.clone().requires_grad_(), S0.clone().requires_grad_()
         loss = combine(*fn(bb.model, D, S, ids, am), form="paper")["loss"]
         loss.backward()
@@ -55,8 +55,8 @@ def test_efficient_equals_straightforward_on_cuda(dtype, tol):
 
 @torch.no_grad()
 def test_hf_engine_greedy_equals_cached_generate_on_cuda():
-    from domino.synthesis.hf_engine import HFEngine
-    from domino.synthesis.params import SamplingParams
+    from domino.generation.hf import HFEngine
+    from domino.generation.params import SamplingParams
     bb = _cuda_backbone("float32")
     W = bb.embed.weight
     D = W[torch.randint(0, W.shape[0], (6,), generator=torch.Generator().manual_seed(1)).cuda()]

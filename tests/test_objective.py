@@ -4,7 +4,14 @@ import math
 import pytest
 import torch
 
-from domino.objective import NLL, combine, contrastive_official, contrastive_paper, full_nll, straightforward_nll
+from domino.training.objective import (
+    NLL,
+    combine,
+    contrastive_official,
+    contrastive_paper,
+    full_nll,
+    straightforward_nll,
+)
 
 
 def nll_from_means(means, counts=None):

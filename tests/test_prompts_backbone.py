@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from domino.backbone import _convert_once, count_params, freeze, load_backbone
-from domino.prompts import SoftPrompts
+from domino.training.prompts import SoftPrompts
 
 from .conftest import TINY
 

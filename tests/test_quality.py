@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from domino.evaluation import quality as Q
-from domino.evaluation.quality_report import compute_report, options, run_data_quality, sample_paths
+from domino.data_quality import metrics as Q
+from domino.data_quality.run import compute_report, options, run_data_quality, sample_paths
 
 from .conftest import CONF, TINY
 
@@ -223,7 +223,7 @@ def test_run_data_quality_end_to_end(tmp_path):
 
 
 def test_embedder_masks_padding(tiny_backbone):
-    from domino.evaluation.embed import Embedder
+    from domino.data_quality.embed import Embedder
     e = Embedder(tiny_backbone.model, tiny_backbone.tokenizer, "tiny", batch_size=2)
     alone = e.encode(["def f(x): return x"])
     batched = e.encode(["def f(x): return x", "a much longer text " * 10, ""])
@@ -257,8 +257,6 @@ def test_fragment_composes_into_evaluate_config(tmp_path):
     assert cfg.heldout is None and cfg.references == "run/references.jsonl"
 
 
-def test_task_registered_when_wired():
-    from domino.evaluation import runner
-    if "data_quality" not in runner.TASKS:
-        pytest.skip("evaluate.py task=data_quality is not wired into runner.TASKS yet")
-    assert callable(runner.TASKS["data_quality"])
+def test_data_quality_task_is_wired_into_evaluate():
+    from domino.stages import EVALUATE_TASKS
+    assert "data_quality" in EVALUATE_TASKS

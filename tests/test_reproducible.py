@@ -222,7 +222,7 @@ import json, shutil, sys
 from pathlib import Path
 from omegaconf import OmegaConf
 from domino.curation.generation import release_models
-from domino.curation.pipeline import run_curation
+from domino.curation.run import run_curation
 from tests.conftest import CONF, FIXTURES, TINY
 from tests.test_curation_pipeline import HELDOUT, FakeModel
 

@@ -56,7 +56,7 @@ def test_claims_follow_the_verdicts():
 
 
 def test_normal_init_is_the_released_codes_unit_gaussian():
-    from domino.prompts import init_tokens
+    from domino.training.prompts import init_tokens
     emb = torch.randn(100, 64) * 0.05
     x = init_tokens(4000, emb, "normal", torch.Generator().manual_seed(0))
     assert x.shape == (4000, 64) and x.std().item() == pytest.approx(1.0, abs=0.02)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from domino.synthesis.hf_engine import HFEngine
-from domino.synthesis.params import SamplingParams, sample_seed
+from domino.generation.hf import HFEngine
+from domino.generation.params import SamplingParams, sample_seed
 
 
 @pytest.fixture(autouse=True)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from domino.synthesis.runner import run
+from domino.stages import synthesize as run
 
 from .conftest import CONF, ROOT, SMALL_TRAIN
 
@@ -33,7 +33,7 @@ def _compose(name, overrides, output_dir):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A real (2-step) training run on the tiny backbone."""
-    from domino.training import train
+    from domino.training.run import train
     out = tmp_path_factory.mktemp("train")
     n = torch.get_num_threads()
     torch.set_num_threads(1)

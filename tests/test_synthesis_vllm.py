@@ -22,7 +22,7 @@ def test_vllm_engine_samples_from_domain_tokens(tmp_path):
     from transformers import AutoConfig
 
     from domino.backbone import config_hash, embedded_model_dir
-    from domino.synthesis.runner import run
+    from domino.stages import synthesize as run
 
     # domain tokens for the embedded SmolLM2: random vocabulary rows (the sample_vocab init)
     model_dir = embedded_model_dir()

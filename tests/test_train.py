@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from domino.data.datamodule import pad_batch, tokenize_texts
-from domino.module import DominoModule
-from domino.training import train
+from domino.training.datamodule import pad_batch, tokenize_texts
+from domino.training.module import DominoModule
+from domino.training.run import train
 
 from .conftest import ROOT, SMALL_TRAIN, TINY
 

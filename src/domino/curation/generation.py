@@ -34,8 +34,8 @@ class HFChatGenerator:
         if num_threads:  # on a shared CPU, oversubscribed torch threads can be 10-30x slower than one
             torch.set_num_threads(int(num_threads))
 
-        from domino.synthesis.hf_engine import HFEngine
-        from domino.synthesis.params import SamplingParams
+        from domino.generation.hf import HFEngine
+        from domino.generation.params import SamplingParams
         self.tok, self.seed = backbone.tokenizer, seed
         if getattr(self.tok, "chat_template", None) is None:
             raise ValueError(f"backbone {backbone.id} has no chat template: the judge and responses "

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from domino.data.records import iter_jsonl
+from domino.records import iter_jsonl
 
 
 def _examples(dropped: Path, per_reason: int, chars: int) -> dict[str, list[dict]]:

@@ -12,8 +12,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from domino.data.records import read_jsonl
 from domino.provenance import file_sha256
+from domino.records import read_jsonl
 
 log = logging.getLogger(__name__)
 BENCHMARK_FORMATS = ("humaneval", "mbpp", "livecodebench", "codecontests")

@@ -20,7 +20,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from domino.data.records import iter_jsonl, write_jsonl
+from domino.records import iter_jsonl, write_jsonl
 
 log = logging.getLogger(__name__)
 VERSION = 1  # bump when a stage's semantics change: invalidates every stage output

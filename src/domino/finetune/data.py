@@ -22,8 +22,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from domino.data.records import RecordError, iter_jsonl
 from domino.provenance import file_sha256 as sha256_file  # noqa: F401 (the finetune provenance hash)
+from domino.records import RecordError, iter_jsonl
 
 log = logging.getLogger(__name__)
 IGNORE = -100

@@ -6,7 +6,7 @@ import math
 import re
 from pathlib import Path
 
-from domino.evaluation.quality_plots import _pyplot, plot_tsne
+from domino.data_quality.plots import _pyplot, plot_tsne
 
 MEM = [("mem_ngram_mean", "8-gram overlap with a training ref ↓"),
        ("mem_cos_mean@backbone", "NN cosine to train, backbone ↓"),

@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
-from domino.data.records import read_jsonl
-from domino.evaluation import quality as Q
-from domino.evaluation.quality_report import _embed_cached, _jsonable, _plain, compute_report, options
+from domino.data_quality import metrics as Q
+from domino.data_quality.run import _embed_cached, _jsonable, _plain, compute_report, options
+from domino.records import read_jsonl
 from domino.study import stats as S
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ def write_report(study_dir: str | Path, s: Any) -> dict:
     texts = {"_train": st["refs"], "_heldout": st["held"]}
     texts.update({k: [r["text"] for r in v] for k, v in st["sets"].items()})
     spaces: dict[str, dict[str, np.ndarray]] = {}
-    from domino.evaluation.embed import build_embedder
+    from domino.data_quality.embed import build_embedder
     from domino.study.run import compose, config_method
     bcfg = compose("train", [*s["backbone_embed"], "paths.output_dir=.", "paths.root_dir=."]).backbone
     embedder = build_embedder(opt["embed"], OmegaConf.to_container(bcfg, resolve=True))

@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from domino.data.records import read_jsonl, write_jsonl
+from domino.records import read_jsonl, write_jsonl
 
 log = logging.getLogger(__name__)
 CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
@@ -135,7 +135,7 @@ class Study:
             out = self.run_dir(config, seed, lr)
             if out.exists():  # an unfinished run: start over (a seeded run is reproduced exactly)
                 shutil.rmtree(out)
-            from domino.training import train
+            from domino.training.run import train
             t0 = time.perf_counter()
             result = train(compose("train", self.train_overrides(config, seed, lr)))
             dt = time.perf_counter() - t0
@@ -204,7 +204,7 @@ class Study:
             return compact.exists()
 
         def run() -> None:
-            from domino.synthesis.runner import sample
+            from domino.synthesis.run import sample
             t0 = time.perf_counter()
             cfg = compose("synthesize", [*self.s.common, *self.s.synthesize, *overrides(), f"n={n}",
                                          f"output_dir={out}", "progress=false", f"paths.output_dir={out}",

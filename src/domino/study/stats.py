@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from domino.evaluation import quality as Q
+from domino.data_quality import metrics as Q
 
 # (metric key, embedding space or None when it does not depend on one, label, better, family)
 HEADLINE = [

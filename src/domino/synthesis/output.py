@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from domino.data.records import JsonlAppender, RecordError, iter_jsonl
+from domino.records import JsonlAppender, RecordError, iter_jsonl
 
 log = logging.getLogger(__name__)
 SAMPLES = "samples.jsonl"

@@ -13,12 +13,12 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Callable
 
-from domino.data.records import iter_jsonl
 from domino.evaluation.benchmarks import fingerprint, load_benchmark
 from domino.evaluation.generation import SamplingConfig, batch_seed, read_completions
 from domino.evaluation.passk import aggregate, check_ks, pass_at_k
 from domino.evaluation.prompting import build_prompt, program_from_sample, to_program, use_chat
 from domino.evaluation.sandbox import ExecutionCache, Sandbox, SandboxConfig
+from domino.records import iter_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -220,18 +220,3 @@ def run_passk(cfg: Any) -> dict:
     summary = write_report(output_dir, problems, per_task, ks, provenance)
     log.info("%s", (output_dir / "summary.md").read_text())
     return summary
-
-
-def run_data_quality(cfg: Any) -> dict:
-    """task=data_quality: diversity, alignment, coverage and memorisation of sample sets."""
-    from domino.evaluation.quality_report import run_data_quality as _run  # keeps matplotlib/sklearn out of pass@k
-    return _run(cfg)
-
-
-TASKS: dict[str, Callable[[Any], dict]] = {"passk": run_passk, "data_quality": run_data_quality}
-
-
-def run_task(cfg: Any) -> dict:
-    if cfg.task not in TASKS:
-        raise ValueError(f"task={cfg.task!r}: expected one of {sorted(TASKS)}")
-    return TASKS[cfg.task](cfg)

@@ -12,11 +12,11 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from domino.data.datamodule import DomainDataModule
 from domino.data.domains import fingerprint, load_domain
-from domino.data.records import write_jsonl
-from domino.module import DominoModule
 from domino.provenance import config_hash, git_commit
+from domino.records import write_jsonl
+from domino.training.datamodule import DomainDataModule
+from domino.training.module import DominoModule
 
 log = logging.getLogger(__name__)
 # the frozen backbone is in eval mode on purpose (no dropout)
@@ -59,7 +59,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                  "n_references": len(refs), "domain": cfg.domain.name, "git_commit": git_commit(),
                  "references": str(out / "references.jsonl"), "heldout": str(out / "heldout.jsonl")}
     if cfg.get("export_epochs") or cfg.get("diagnostics"):
-        from domino.diagnostics import EpochPoints
+        from domino.training.diagnostics import EpochPoints
         callbacks.append(EpochPoints(out, list(cfg.get("export_epochs") or []), bool(cfg.get("diagnostics")),
                                      dm.train_ids, dm.val_ids, cfg.data.batch_size, lambda: meta_base))
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers, callbacks=callbacks)

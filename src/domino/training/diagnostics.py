@@ -21,7 +21,7 @@ from typing import Any, Callable
 import lightning as L
 import torch
 
-from domino.data.datamodule import Collate, IndexedTexts
+from domino.training.datamodule import Collate, IndexedTexts
 
 log = logging.getLogger(__name__)
 

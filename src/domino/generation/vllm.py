@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from domino.synthesis.params import Generation, SamplingParams
+from domino.generation.params import Generation, SamplingParams
 
 log = logging.getLogger(__name__)
 

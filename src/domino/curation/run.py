@@ -1,6 +1,6 @@
 """The curation stage: samples.jsonl -> curated.jsonl -> sft.jsonl, plus curation_report.{md,json}.
 
-    from domino.curation.pipeline import run_curation
+    from domino.curation.run import run_curation
     run_curation(cfg.curation, "<run>/samples.jsonl", "<run>")
 
 Stages run in the order of STAGES, each switchable (`<stage>.enabled`), each writing its own
@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from domino.curation import sources as S
 from domino.curation.stages import StageFiles, fingerprint
-from domino.data.records import RecordError, iter_jsonl, write_jsonl
+from domino.records import RecordError, iter_jsonl, write_jsonl
 
 log = logging.getLogger(__name__)
 STAGES = ("normalise", "exact_dedup", "near_dup", "memorisation", "decontaminate", "judge", "responses",
@@ -161,7 +161,7 @@ class Curation:
         only the records without a verdict. When only the input changed (an upstream stage was
         re-tuned) verdicts of records whose text (and response) are unchanged are reused."""
         from domino.curation.generation import StageProgress
-        from domino.data.records import JsonlAppender
+        from domino.records import JsonlAppender
         cfp = fingerprint(c, extra)
         fp = fingerprint(S.file_hash(current), cfp)
         recs = [r for _, r in iter_jsonl(current)]

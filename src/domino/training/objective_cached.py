@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from domino.objective import NLL, embed_texts
+from domino.training.objective import NLL, embed_texts
 
 # fp32 logits materialised at once by the fused head (elements): 2**26 * 4 B = 256 MiB
 LOGIT_BUDGET = 2 ** 26
@@ -196,7 +196,7 @@ def sample_pairs(B: int, negatives: int | None, device=None, generator: torch.Ge
 # entry point (same contract as objective.straightforward_nll)
 
 
-def efficient_nll(model, domain: torch.Tensor, samples: torch.Tensor | None, input_ids: torch.Tensor,
+def cached_nll(model, domain: torch.Tensor, samples: torch.Tensor | None, input_ids: torch.Tensor,
                   attention_mask: torch.Tensor, chunk_size: int | None = None, negatives: int | None = None,
                   generator: torch.Generator | None = None) -> tuple[NLL, NLL | None]:
     """(l(x|D) for each text, the matrix l_ij or None when there are no sample tokens).

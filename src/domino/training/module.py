@@ -11,9 +11,9 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from domino import objective as obj
 from domino.backbone import count_params, load_backbone
-from domino.prompts import SoftPrompts
+from domino.training import objective as obj
+from domino.training.prompts import SoftPrompts
 
 log = logging.getLogger(__name__)
 METHODS = ("domino", "soft_prompt")
@@ -25,8 +25,8 @@ def nll_fn(impl: str):
     if impl == "straightforward":
         return obj.straightforward_nll
     if impl == "efficient":
-        from domino.efficient import efficient_nll  # the prefix-cached path (training speed issue)
-        return efficient_nll
+        from domino.training.objective_cached import cached_nll  # the prefix-cached path (training speed issue)
+        return cached_nll
     raise ValueError(f"objective.impl={impl!r} is not one of ('straightforward', 'efficient')")
 
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from domino import efficient
 from domino.backbone import load_backbone
-from domino.efficient import efficient_nll, sample_pairs, token_nll
-from domino.objective import combine, straightforward_nll
+from domino.training import objective_cached as efficient
+from domino.training.objective import combine, straightforward_nll
+from domino.training.objective_cached import cached_nll, sample_pairs, token_nll
 
 TINY = {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "intermediate_size": 128, "seed": 0}
 B, T, K_, L_ = 4, 12, 4, 4
@@ -86,7 +86,7 @@ def test_matches_straightforward(models, form, chunk_size, which):
     ids, am = batch(models["pad"])
     D0, S0 = prompts(model.config.hidden_size)
     ref = oracle(models, form)
-    got = step(efficient_nll, model, D0, S0, ids, am, form, chunk_size=chunk_size)
+    got = step(cached_nll, model, D0, S0, ids, am, form, chunk_size=chunk_size)
     assert_same(got, ref)
     assert ref["gS"].abs().amin(dim=(1, 2)).gt(0).all()  # every S_i gets a gradient
 
@@ -95,7 +95,7 @@ def test_soft_prompt_no_sample_tokens(models):
     ids, am = batch(models["pad"])
     D0, _ = prompts(64)
     ref = oracle(models, "paper", with_samples=False)
-    got = step(efficient_nll, models["plain"], D0, None, ids, am, chunk_size=3)
+    got = step(cached_nll, models["plain"], D0, None, ids, am, chunk_size=3)
     assert got["mat"] is None and set(got["out"]) == {"loss_dom", "loss"}
     assert_same(got, ref)
 
@@ -106,7 +106,7 @@ def test_fused_head_chunks_over_tokens(models, monkeypatch):
     monkeypatch.setattr(efficient, "LOGIT_BUDGET", 5 * model.config.vocab_size)
     ids, am = batch(models["pad"])
     D0, S0 = prompts(64)
-    assert_same(step(efficient_nll, model, D0, S0, ids, am, chunk_size=2), oracle(models, "paper"))
+    assert_same(step(cached_nll, model, D0, S0, ids, am, chunk_size=2), oracle(models, "paper"))
 
 
 def test_token_nll_matches_cross_entropy():
@@ -132,15 +132,15 @@ def test_padding_ids_do_not_leak(models):
     model = models["plain"]
     ids, am = batch(models["pad"])
     D0, S0 = prompts(64)
-    base = step(efficient_nll, model, D0, S0, ids, am)
+    base = step(cached_nll, model, D0, S0, ids, am)
     junk = ids.clone()
     junk[am == 0] = torch.randint(0, 1000, (int((am == 0).sum()),), generator=torch.Generator().manual_seed(5))
-    other = step(efficient_nll, model, D0, S0, junk, am)
+    other = step(cached_nll, model, D0, S0, junk, am)
     torch.testing.assert_close(other["mat"].total, base["mat"].total, rtol=0, atol=0)
     torch.testing.assert_close(other["gS"], base["gS"], rtol=0, atol=0)
     real = ids.clone()
     real[2, 4] = (real[2, 4] + 1) % 1000          # the last real token of text 2 (length 5)
-    changed = step(efficient_nll, model, D0, S0, real, am)
+    changed = step(cached_nll, model, D0, S0, real, am)
     assert not torch.equal(changed["mat"].total[:, 2], base["mat"].total[:, 2])
     torch.testing.assert_close(changed["mat"].total[:, :2], base["mat"].total[:, :2], rtol=0, atol=0)
 
@@ -150,7 +150,7 @@ def test_first_token_is_predicted_by_the_prefix(models):
     model = models["plain"]
     ids, am = batch(models["pad"], lengths=[1, 1])
     D0, _ = prompts(64)
-    dom, _ = efficient_nll(model, D0, None, ids, am)
+    dom, _ = cached_nll(model, D0, None, ids, am)
     with torch.no_grad():
         logits = model(inputs_embeds=D0.unsqueeze(0)).logits[0, -1].float()
     want = -torch.log_softmax(logits, -1)[ids[:, 0]]
@@ -162,7 +162,7 @@ def test_bf16_is_close(models):
     ids, am = batch(models["pad"])
     D0, S0 = prompts(64)
     ref = oracle(models, "paper")   # fp32
-    got = step(efficient_nll, models["bf16"], D0, S0, ids, am, chunk_size=3)
+    got = step(cached_nll, models["bf16"], D0, S0, ids, am, chunk_size=3)
     assert got["gD"].dtype == torch.float32   # the fp32 parameters get fp32 gradients
     close(got["out"]["loss"], ref["out"]["loss"], rtol=2e-2, atol_frac=0)
     for k in ("gD", "gS"):
@@ -178,7 +178,7 @@ def test_train_mode_checkpointing_is_refused(models):
     model.train()
     try:
         with pytest.raises(RuntimeError, match="eval"):
-            efficient_nll(model, D0, S0, ids, am)
+            cached_nll(model, D0, S0, ids, am)
     finally:
         model.eval()
 
@@ -186,7 +186,7 @@ def test_train_mode_checkpointing_is_refused(models):
 def test_left_padding_is_refused(models):
     ids, am = batch(models["pad"])
     with pytest.raises(ValueError, match="right-padded"):
-        efficient_nll(models["plain"], *prompts(64), ids, am.flip(1))
+        cached_nll(models["plain"], *prompts(64), ids, am.flip(1))
 
 
 def test_qwen2_family_matches():
@@ -200,7 +200,7 @@ def test_qwen2_family_matches():
     ids, am = batch(0)
     D0, S0 = prompts(64)
     for form in ("paper", "official"):
-        assert_same(step(efficient_nll, model, D0, S0, ids, am, form, chunk_size=3),
+        assert_same(step(cached_nll, model, D0, S0, ids, am, form, chunk_size=3),
                     step(straightforward_nll, model, D0, S0, ids, am, form))
 
 
@@ -223,7 +223,7 @@ def test_all_negatives_sampled_equals_full(models, monkeypatch):
     model = models["plain"]
     ids, am = batch(models["pad"])
     D0, S0 = prompts(64)
-    full = step(efficient_nll, model, D0, S0, ids, am, "official")
+    full = step(cached_nll, model, D0, S0, ids, am, "official")
     real = efficient.sample_pairs
 
     def sampled_path(B_, K, device=None, generator=None):
@@ -233,7 +233,7 @@ def test_all_negatives_sampled_equals_full(models, monkeypatch):
         return torch.arange(B_).repeat_interleave(B_), c
 
     monkeypatch.setattr(efficient, "sample_pairs", sampled_path)
-    got = step(efficient_nll, model, D0, S0, ids, am, "official", negatives=B - 1, chunk_size=3)
+    got = step(cached_nll, model, D0, S0, ids, am, "official", negatives=B - 1, chunk_size=3)
     monkeypatch.setattr(efficient, "sample_pairs", real)
     assert_same(got, full)
 
@@ -243,8 +243,8 @@ def test_fewer_negatives_masks_the_rest(models, form):
     model = models["plain"]
     ids, am = batch(models["pad"])
     D0, S0 = prompts(64)
-    full = step(efficient_nll, model, D0, S0, ids, am, form)
-    got = step(efficient_nll, model, D0, S0, ids, am, form, negatives=1,
+    full = step(cached_nll, model, D0, S0, ids, am, form)
+    got = step(cached_nll, model, D0, S0, ids, am, form, negatives=1,
                generator=torch.Generator().manual_seed(0))
     tot = got["mat"].total.detach()
     fin = torch.isfinite(tot)

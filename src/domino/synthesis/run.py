@@ -1,6 +1,6 @@
-"""What `synthesize.py` runs. `stage` picks the stage (`sample` now; `curate` is where the curation
-stage plugs in); `sample` loads the domain tokens or builds a baseline prompt, opens (or resumes)
-the output, and writes samples batch by batch."""
+"""The sample stage (`synthesize.py`, `stage=sample`): load the domain tokens or build a baseline
+prompt, open (or resume) the output, and write samples batch by batch. Curation after sampling is
+chained by `domino.stages.synthesize`, not from here."""
 from __future__ import annotations
 
 import logging
@@ -11,33 +11,14 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
+from domino.domain_prompt import DomainPrompt, check_backbone, load_domain_prompt
+from domino.generation.params import Generation, SamplingParams, sample_seed
 from domino.provenance import git_commit
-from domino.synthesis.checkpoint import DomainPrompt, check_backbone, load_domain_prompt
 from domino.synthesis.methods import DOMAIN_METHODS, Plan, build_plan, stop_strings
 from domino.synthesis.output import SampleStore, sample_id
-from domino.synthesis.params import Generation, SamplingParams, sample_seed
 from domino.synthesis.progress import SynthesisProgress
 
 log = logging.getLogger(__name__)
-
-
-def run(cfg: DictConfig) -> dict[str, Any]:
-    stage = cfg.get("stage") or "sample"
-    if stage not in STAGES:
-        raise ValueError(f"stage={stage!r} is not one of {sorted(STAGES)}")
-    if stage == "sample" and cfg.get("curate"):
-        result = sample(cfg)
-        result["curation"] = _curate(cfg, samples=result["samples"])
-        return result
-    return STAGES[stage](cfg)
-
-
-def _curate(cfg: DictConfig, samples: str | None = None) -> dict[str, Any]:
-    from domino.curation.pipeline import curate_from_config
-    result = curate_from_config(OmegaConf.to_container(cfg, resolve=True), samples)
-    log.info("curation done: %d SFT records in %s (report: %s)", result["n_sft"], result["sft"],
-             result["report_md"])
-    return result
 
 
 # ---------------------------------------------------------------------------------- backbone
@@ -95,10 +76,10 @@ def _build_engine(c: dict[str, Any], bcfg: dict[str, Any], params_cfg: dict, pla
     stops = list(params_cfg.get("stop") or []) + stop_strings(plan)
     params = SamplingParams.from_config({**params_cfg, "stop": stops}, stop_token_ids=plan.stop_token_ids)
     if ecfg["name"] == "hf":
-        from domino.synthesis.hf_engine import HFEngine
+        from domino.generation.hf import HFEngine
         engine = HFEngine(model, tok, params, batch_size=int(ecfg.get("batch_size", 32)))
     else:
-        from domino.synthesis.vllm_engine import VLLMEngine
+        from domino.generation.vllm import VLLMEngine
         engine = VLLMEngine(_model_dir(bcfg), _model_dir(bcfg), params,
                             batch_size=int(ecfg.get("batch_size", 1024)),
                             tensor_parallel_size=int(ecfg.get("tensor_parallel_size", 1)),
@@ -220,5 +201,3 @@ def _record(sid: str, method: str, index: int, seed: int, g: Generation, extra: 
             "source": {**base, "index": index, "seed": seed, "truncated": g.finish_reason == "length",
                        "stop_reason": g.stop_reason, **extra}}
 
-
-STAGES: dict[str, Callable[[DictConfig], dict[str, Any]]] = {"sample": sample, "curate": _curate}

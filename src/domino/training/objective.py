@@ -61,7 +61,7 @@ def contrastive_official(l_mat: torch.Tensor) -> torch.Tensor:
     if B < 2:
         raise ValueError("the contrastive term needs a batch of at least 2 references")
     neg = (-l_mat)[offdiag_mask(B, l_mat.device)]
-    # entries left out by sampled negatives (efficient_nll's `negatives`) are +inf: exp(-inf) = 0
+    # entries left out by sampled negatives (cached_nll's `negatives`) are +inf: exp(-inf) = 0
     # drops them from the sum and the mean is over the computed ones (B(B-1) when all are)
     n = int(torch.isfinite(neg).sum())
     return torch.logsumexp(neg, dim=0) - math.log(n)

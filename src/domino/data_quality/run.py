@@ -29,10 +29,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from domino.data.records import read_jsonl, write_jsonl
-from domino.evaluation import quality as Q
-from domino.evaluation.embed import build_embedder, texts_fingerprint
+from domino.data_quality import metrics as Q
+from domino.data_quality.embed import build_embedder, texts_fingerprint
 from domino.provenance import file_sha256
+from domino.records import read_jsonl, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +263,7 @@ def run_data_quality(cfg: Any) -> dict:
     write_jsonl(out_dir / "data_quality_samples.jsonl", _per_sample_records(res["per_sample"], texts, ids, train_ids))
     plots = []
     if opt["plots"]:
-        from domino.evaluation.quality_plots import plot_metrics, plot_tsne
+        from domino.data_quality.plots import plot_metrics, plot_tsne
         plots = [plot_tsne(res, out_dir / "tsne.png", opt), plot_metrics(report["rows"], METRICS,
                                                                          out_dir / "metrics.png")]
     (out_dir / "data_quality.md").write_text(render_markdown(report, [p.name for p in plots if p]))

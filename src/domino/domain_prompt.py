@@ -74,7 +74,7 @@ def _from_lightning(path: Path) -> DomainPrompt:
         raise KeyError(f"{path}: no prompts.domain tensor (found {sorted(sd)})")
     P = sd["prompts.domain"].float()
     if hp.get("domain_head"):
-        from domino.prompts import DomainHead
+        from domino.training.prompts import DomainHead
         head = DomainHead(P.shape[1], hp.get("domain_head_hidden", 256))
         prefix = "prompts.domain_head."
         head.load_state_dict({k[len(prefix):]: v.float() for k, v in sd.items() if k.startswith(prefix)})
