@@ -6,6 +6,8 @@
 import hydra
 from omegaconf import DictConfig
 
+import domino  # noqa: F401  (registers the config resolvers)
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="finetune")
 def main(cfg: DictConfig) -> float | None:

@@ -5,12 +5,9 @@
     python synthesize.py ckpt=... n=2000 output_dir=<the dir of an earlier run>   # resume / extend
 """
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-# the first argument that is set: lets `output_dir=` become the Hydra run dir
-OmegaConf.register_new_resolver(
-    "domino_first", lambda *xs: next((x for x in xs if x not in (None, "", "None", "null")), None),
-    replace=True)
+import domino  # noqa: F401  (registers the config resolvers)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="synthesize")

@@ -54,14 +54,14 @@ stage evaluate-finetuned "$OUT/eval_finetuned/summary.json" \
 # the comparison that matters at this scale: the same config trained as a plain soft prompt, the
 # same sampling, then both sample sets side by side on alignment and memorisation
 compare() {
-  "$PY" synthesize.py experiment=demo_synthesize method=soft_prompt \
+  "$PY" synthesize.py experiment=demo_synthesize \
     ckpt="$OUT/train_soft_prompt/domain_prompt.safetensors" output_dir="$OUT/sample_soft_prompt" "${ALL[@]}" "${SYNTH[@]}"
   "$PY" evaluate.py task=data_quality references="$OUT/train/references.jsonl" hydra.run.dir="$OUT/compare" \
     "samples={domino: $OUT/synthesize/samples.jsonl, soft_prompt: $OUT/sample_soft_prompt/samples.jsonl}" \
     "${ALL[@]}" "${QUALITY[@]}"
 }
 stage train-soft-prompt "$OUT/train_soft_prompt/domain_prompt.safetensors" \
-  "$PY" train.py experiment=demo method=soft_prompt hydra.run.dir="$OUT/train_soft_prompt" "${ALL[@]}" "${TRAIN[@]}"
+  "$PY" train.py experiment=demo objective=soft_prompt hydra.run.dir="$OUT/train_soft_prompt" "${ALL[@]}" "${TRAIN[@]}"
 stage compare "$OUT/compare/data_quality.json" compare
 
 "$PY" scripts/demo_report.py "$OUT"

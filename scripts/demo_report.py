@@ -49,7 +49,7 @@ def report(out: Path) -> str:
          t.get("finetune")),
         ("evaluate (base)", "eval_base/summary.json", pass_str(base), t.get("evaluate-base")),
         ("evaluate (fine-tuned)", "eval_finetuned/summary.json", pass_str(tuned), t.get("evaluate-finetuned")),
-        ("train (soft prompt)", "train_soft_prompt/domain_prompt.safetensors", "the same config, method=soft_prompt",
+        ("train (soft prompt)", "train_soft_prompt/domain_prompt.safetensors", "the same config, objective=soft_prompt",
          t.get("train-soft-prompt")),
         ("compare", "compare/data_quality.md", "DOMINO vs soft prompt, same sampling (table below)", t.get("compare")),
     ]

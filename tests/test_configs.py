@@ -1,4 +1,4 @@
-"""Every config composes with every backbone, domain, method and trainer; bad keys are named."""
+"""Every config composes with every backbone, domain, objective and trainer; bad keys are named."""
 import itertools
 import subprocess
 import sys
@@ -12,11 +12,12 @@ from .conftest import CONF, ROOT
 
 BACKBONES = sorted(p.stem for p in (CONF / "backbone").glob("*.yaml"))
 DOMAINS = sorted(p.stem for p in (CONF / "domain").glob("*.yaml"))
-TRAIN_METHODS = ["domino", "soft_prompt"]
+OBJECTIVES = sorted(p.stem for p in (CONF / "objective").glob("*.yaml"))
 TRAINERS = sorted(p.stem for p in (CONF / "trainer").glob("*.yaml"))
 
 
 def test_groups_exist():
+    assert OBJECTIVES == ["domino", "soft_prompt"]
     assert {"smollm2", "qwen", "tiny"} <= set(BACKBONES)
     assert {"humaneval", "codecontests", "livecodebench", "jsonl"} <= set(DOMAINS)
     assert {"cpu", "gpu", "ddp", "deepspeed"} <= set(TRAINERS)
@@ -24,11 +25,12 @@ def test_groups_exist():
 
 @pytest.mark.parametrize("backbone,domain", list(itertools.product(BACKBONES, DOMAINS)))
 def test_train_composes(compose, backbone, domain):
-    for method, trainer in itertools.product(TRAIN_METHODS, TRAINERS):
-        cfg = compose("train", [f"backbone={backbone}", f"domain={domain}", f"method={method}",
+    for objective, trainer in itertools.product(OBJECTIVES, TRAINERS):
+        cfg = compose("train", [f"backbone={backbone}", f"domain={domain}", f"objective={objective}",
                                 f"trainer={trainer}"])
         c = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
-        assert c["method"]["name"] == method and c["trainer"]["_target_"] == "lightning.pytorch.Trainer"
+        assert c["objective"]["name"] == objective and c["trainer"]["_target_"] == "lightning.pytorch.Trainer"
+        assert c["module"]["objective"] == c["objective"] and c["module"]["_target_"].endswith("DominoModule")
         assert c["backbone"]["name"] == backbone and c["domain"]["name"] == domain
 
 
@@ -36,6 +38,32 @@ def test_cpu_trainer_instantiates(compose, tmp_path):
     cfg = compose("train", ["trainer=cpu"], tmp_path)
     trainer = hydra.utils.instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
     assert trainer.max_steps == cfg.trainer.max_steps and str(tmp_path) in trainer.default_root_dir
+
+
+def test_train_has_no_sampling_baselines(compose):
+    """conf/method holds synthesis baselines only: a baseline is not something train.py can fit."""
+    for bad in ("method=few_shot", "method=domino"):
+        with pytest.raises(ConfigCompositionException, match="method"):
+            compose("train", [bad])
+    assert sorted(p.stem for p in (CONF / "method").glob("*.yaml")) == [
+        "domain_prompt", "few_shot", "magpie", "zero_shot"]
+
+
+@pytest.mark.parametrize("stage", ["train", "finetune"])
+def test_logger_and_callbacks_are_one_override(compose, tmp_path, stage):
+    from domino.trainer import build_trainer
+    extra = ["data=x.jsonl"] if stage == "finetune" else []
+    t = build_trainer(compose(stage, extra, tmp_path))
+    assert sorted(type(lg).__name__ for lg in t.loggers) == ["CSVLogger", "TensorBoardLogger"]
+    assert {"ModelCheckpoint", "LearningRateMonitor"} <= {type(c).__name__ for c in t.callbacks}
+    t = build_trainer(compose(stage, extra + ["logger=csv", "callbacks=none"], tmp_path))
+    assert [type(lg).__name__ for lg in t.loggers] == ["CSVLogger"]
+    assert not {"ModelCheckpoint", "LearningRateMonitor"} & {type(c).__name__ for c in t.callbacks}
+    assert str(tmp_path) in t.loggers[0].log_dir
+    t = build_trainer(compose(stage, extra + ["logger=none"], tmp_path))
+    assert t.loggers == []
+    cfg = compose(stage, extra + ["logger=wandb"], tmp_path)
+    assert cfg.logger.wandb._target_ == "lightning.pytorch.loggers.WandbLogger"
 
 
 def test_unknown_key_is_named(compose):

@@ -58,7 +58,7 @@ def records(out):
 
 
 def test_every_method_and_engine_composes(tmp_path):
-    for method in ("domino", "soft_prompt", "few_shot", "zero_shot", "magpie"):
+    for method in ("domain_prompt", "few_shot", "zero_shot", "magpie"):
         for engine in ("hf", "vllm"):
             cfg = _compose("synthesize", [f"method={method}", f"engine={engine}"], tmp_path)
             c = OmegaConf.to_container(cfg, resolve=True)
@@ -112,16 +112,53 @@ def test_metadata_that_does_not_match_its_tensor_is_refused(run_dir, tmp_path):
     d.mkdir()
     D = load_file(run_dir / "domain_prompt.safetensors")["domain_tokens"]
     save_file({"domain_tokens": D[:, :32].contiguous()}, str(d / "domain_prompt.safetensors"))
-    (d / "domain_prompt.json").write_text((run_dir / "domain_prompt.json").read_text())
+    meta = json.loads((run_dir / "domain_prompt.json").read_text())
+    (d / "domain_prompt.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="digest .* is not the .* recorded in domain_prompt.json"):
+        synth(tmp_path / "o", f"ckpt={d / 'domain_prompt.safetensors'}")
+    del meta["digest"]  # an export without a digest: the shapes still have to agree
+    (d / "domain_prompt.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="do not belong together"):
         synth(tmp_path / "o", f"ckpt={d / 'domain_prompt.safetensors'}")
 
 
-def test_method_must_match_the_checkpoint(run_dir, tmp_path):
-    with pytest.raises(ValueError, match="trained with method=domino"):
-        synth(tmp_path / "a", f"ckpt={run_dir / 'domain_prompt.safetensors'}", "method=soft_prompt")
+def test_non_finite_or_truncated_domain_prompt_is_refused_naming_the_file(run_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from domino.domain_prompt import tensor_digest
+    d = tmp_path / "nan"
+    d.mkdir()
+    D = load_file(run_dir / "domain_prompt.safetensors")["domain_tokens"].clone()
+    D[0, 0] = float("nan")
+    save_file({"domain_tokens": D}, str(d / "domain_prompt.safetensors"))
+    meta = json.loads((run_dir / "domain_prompt.json").read_text())
+    (d / "domain_prompt.json").write_text(json.dumps({**meta, "digest": tensor_digest(D)}))
+    with pytest.raises(ValueError, match=r"nan/domain_prompt.safetensors: 1 of 256 .*NaN or infinite"):
+        synth(tmp_path / "o", f"ckpt={d}")
+    t = tmp_path / "torn"
+    t.mkdir()
+    raw = (run_dir / "domain_prompt.safetensors").read_bytes()
+    (t / "domain_prompt.safetensors").write_bytes(raw[: len(raw) // 2])
+    (t / "domain_prompt.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"torn/domain_prompt.safetensors: cannot read .*damaged or truncated"):
+        synth(tmp_path / "o", f"ckpt={t}")
+    (t / "domain_prompt.safetensors").write_bytes(raw)
+    (t / "domain_prompt.json").write_text(json.dumps(meta)[:40])
+    with pytest.raises(ValueError, match=r"torn/domain_prompt.json: not valid JSON"):
+        synth(tmp_path / "o", f"ckpt={t}")
+    c = tmp_path / "ckpt"
+    c.mkdir()
+    raw = (run_dir / "checkpoints" / "last.ckpt").read_bytes()
+    (c / "last.ckpt").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ValueError, match=r"ckpt/last.ckpt: cannot read the checkpoint"):
+        synth(tmp_path / "o", f"ckpt={c / 'last.ckpt'}")
+
+
+def test_domain_prompt_samples_are_named_after_the_objective(run_dir, tmp_path):
     with pytest.raises(ValueError, match="needs ckpt"):
-        synth(tmp_path / "b", "method=domino")
+        synth(tmp_path / "b")  # method=domain_prompt (the default) without a checkpoint
+    synth(tmp_path / "a", f"ckpt={run_dir}", "n=2")
+    assert [r["id"] for r in records(tmp_path / "a")] == ["domino-0000000", "domino-0000001"]
 
 
 @pytest.mark.parametrize("method", ["few_shot", "zero_shot", "magpie"])

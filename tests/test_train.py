@@ -21,7 +21,7 @@ PIN_TEXTS = ["def f(x):\n    return x", "import os\nprint(1)", "a = [1, 2, 3]", 
 @pytest.mark.parametrize("form,pinned", [("paper", 11.91328), ("official", 10.817687)])
 def test_initial_loss_is_pinned(form, pinned):
     """Seeded tiny model + seeded prompts: the first loss is a fixed number (regression pin)."""
-    m = DominoModule(backbone=TINY, n_references=4, k=4, l=4, seed=0, form=form)
+    m = DominoModule(backbone=TINY, n_references=4, objective={"form": form}, prompt={"k": 4, "l": 4}, seed=0)
     ids, mask = pad_batch(tokenize_texts(m.tokenizer, PIN_TEXTS, 32), m.tokenizer.pad_token_id)
     out = m.losses({"index": torch.arange(4), "input_ids": ids, "attention_mask": mask})
     assert out["loss"].item() == pytest.approx(pinned, abs=1e-3)
@@ -83,8 +83,10 @@ def test_checkpoint_with_wrong_keys_is_refused(compose, tmp_path):
         DominoModule.load_from_checkpoint(tmp_path / "bad.ckpt")
 
 
-def test_soft_prompt_baseline_has_no_sample_tokens(compose, tmp_path):
-    cfg = compose("train", SMALL_TRAIN + ["method=soft_prompt"], tmp_path)
+@pytest.mark.parametrize("override", ["objective=soft_prompt", "objective.lambda=0", "prompt.l=0"])
+def test_soft_prompt_baseline_has_no_sample_tokens(compose, tmp_path, override):
+    """Sample tokens follow from the config (prompt.l > 0 and objective.lambda > 0), whatever its name."""
+    cfg = compose("train", SMALL_TRAIN + [override], tmp_path)
     train(cfg)
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert set(ckpt["state_dict"]) == {"prompts.domain"}
@@ -99,7 +101,7 @@ def test_too_few_references_is_a_clear_error(compose, tmp_path):
 
 @pytest.mark.slow
 def test_multirun_sweep_completes(tmp_path):
-    args = [sys.executable, "train.py", "-m", "method.lambda=0,1", f"hydra.sweep.dir={tmp_path}"] + SMALL_TRAIN
+    args = [sys.executable, "train.py", "-m", "objective.lambda=0,1", f"hydra.sweep.dir={tmp_path}"] + SMALL_TRAIN
     proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lams = sorted(json.loads((tmp_path / str(i) / "domain_prompt.json").read_text())["objective"]["lambda"]

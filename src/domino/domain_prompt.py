@@ -1,11 +1,14 @@
-"""Read the domain tokens a training run produced, from either artifact it leaves:
+"""The exported domain prompt: written by training, read by synthesis (and anything else).
 
-- `<run>/domain_prompt.safetensors` + `domain_prompt.json` (the export: D with heads folded);
-- `<run>/checkpoints/*.ckpt` (Lightning: only `prompts.*` tensors, hyperparameters, backbone hash),
-  folded here the same way `SoftPrompts.domain_tokens()` does, without loading the backbone twice.
+- `save_domain_prompt` writes `<dir>/domain_prompt.safetensors` (D, heads folded, fp32) and
+  `<dir>/domain_prompt.json` (how to rebuild: backbone, objective, references, digest of D);
+- `load_domain_prompt` reads that export, or a Lightning `<run>/checkpoints/*.ckpt` (only the
+  `prompts.*` tensors, folded by `training.prompts.domain_from_state_dict`, the same code the
+  module exports with), or a run directory (its export first).
 
 Both give a `DomainPrompt`: the (k, h) fp32 tensor plus the metadata synthesis checks the backbone
-against and copies into every sample's provenance.
+against and copies into every sample's provenance. A load checks the tensor is finite and, for an
+export, that its digest is the one recorded at save time; every error names the file.
 """
 from __future__ import annotations
 
@@ -18,6 +21,13 @@ from typing import Any
 import torch
 
 DOMAIN_KEY = "domain_tokens"
+EXPORT = "domain_prompt.safetensors"
+META = "domain_prompt.json"
+
+
+def tensor_digest(tokens: torch.Tensor) -> str:
+    """Content hash of D: identifies the prompt whatever file or directory it is read from."""
+    return hashlib.sha256(tokens.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
 @dataclass
@@ -28,14 +38,34 @@ class DomainPrompt:
 
     @property
     def digest(self) -> str:
-        """Content hash of D: identifies the prompt whatever file or directory it is read from."""
-        return hashlib.sha256(self.tokens.contiguous().numpy().tobytes()).hexdigest()[:16]
+        return tensor_digest(self.tokens)
+
+
+def save_domain_prompt(out_dir: str | Path, tokens: torch.Tensor, meta: dict[str, Any]) -> Path:
+    """Write the export (tensor first, metadata last: a metadata file means a complete export)."""
+    from safetensors.torch import save_file
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    D = tokens.detach().float().cpu().contiguous()
+    _check_tensor(D, out_dir / EXPORT)
+    meta = {**meta, "hidden_size": int(D.shape[1]), "k": int(D.shape[0]), "digest": tensor_digest(D)}
+    path = out_dir / EXPORT
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({DOMAIN_KEY: D}, str(tmp), metadata={"format": "pt", "digest": meta["digest"],
+                                                 "backbone_id": str(meta.get("backbone_id")),
+                                                 "backbone_hash": str(meta.get("backbone_hash"))})
+    tmp.replace(path)
+    meta_path = out_dir / META
+    meta_tmp = meta_path.with_name(meta_path.name + ".tmp")
+    meta_tmp.write_text(json.dumps(meta, indent=2, default=str))
+    meta_tmp.replace(meta_path)
+    return path
 
 
 def load_domain_prompt(path: str | Path) -> DomainPrompt:
     path = Path(path).expanduser()
     if path.is_dir():  # a run directory: prefer the export
-        for cand in (path / "domain_prompt.safetensors", path / "checkpoints" / "last.ckpt"):
+        for cand in (path / EXPORT, path / "checkpoints" / "last.ckpt"):
             if cand.exists():
                 path = cand
                 break
@@ -52,44 +82,63 @@ def load_domain_prompt(path: str | Path) -> DomainPrompt:
 
 
 def _from_export(path: Path) -> DomainPrompt:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
     meta_path = path.with_suffix(".json")
     if not meta_path.exists():
         raise FileNotFoundError(f"{path} has no metadata file {meta_path.name} beside it: it says which "
                                 "backbone the tokens belong to, synthesis cannot check without it")
-    tensors = load_file(str(path))
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read the domain prompt ({e}); the file is damaged or truncated: "
+                         "export it again from the run's checkpoints/last.ckpt") from None
     if DOMAIN_KEY not in tensors:
         raise KeyError(f"{path}: no tensor {DOMAIN_KEY!r} (found {sorted(tensors)})")
-    meta = json.loads(meta_path.read_text())
-    return DomainPrompt(_check_shape(tensors[DOMAIN_KEY].float(), path), meta, str(path))
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{meta_path}: not valid JSON ({e}); the file is damaged or truncated") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
+    D = _check_tensor(tensors[DOMAIN_KEY].float(), path)
+    want = meta.get("digest")
+    if want is not None and want != tensor_digest(D):
+        raise ValueError(f"{path}: the tensor's digest {tensor_digest(D)} is not the {want} recorded in "
+                         f"{meta_path.name}: the file was changed or damaged after export")
+    return DomainPrompt(D, meta, str(path))
 
 
 def _from_lightning(path: Path) -> DomainPrompt:
-    # weights_only: a checkpoint holds tensors and plain hyperparameters; nothing to unpickle
-    ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
-    if "domino" not in ckpt or "state_dict" not in ckpt:
+    from domino.training.prompts import domain_from_state_dict
+    try:
+        # weights_only: a checkpoint holds tensors and plain hyperparameters; nothing to unpickle
+        ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError... for a bad file
+        raise ValueError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e}); the file is "
+                         "damaged or truncated") from None
+    if not isinstance(ckpt, dict) or "domino" not in ckpt or "state_dict" not in ckpt:
         raise ValueError(f"{path} is not a domino training checkpoint (no 'domino' metadata)")
     hp, sd = ckpt.get("hyper_parameters", {}), ckpt["state_dict"]
-    if "prompts.domain" not in sd:
-        raise KeyError(f"{path}: no prompts.domain tensor (found {sorted(sd)})")
-    P = sd["prompts.domain"].float()
-    if hp.get("domain_head"):
-        from domino.training.prompts import DomainHead
-        head = DomainHead(P.shape[1], hp.get("domain_head_hidden", 256))
-        prefix = "prompts.domain_head."
-        head.load_state_dict({k[len(prefix):]: v.float() for k, v in sd.items() if k.startswith(prefix)})
-        with torch.no_grad():
-            P = head(P)
-    meta = {**ckpt["domino"], "backbone": hp.get("backbone"), "k": int(P.shape[0]),
-            "l": hp.get("l", 0) if hp.get("method") == "domino" else 0, "method": hp.get("method"),
-            "seed": hp.get("seed"), "n_references": hp.get("n_references"),
-            "steps": ckpt.get("global_step")}
-    return DomainPrompt(_check_shape(P.detach().contiguous(), path), meta, str(path))
+    try:
+        P = domain_from_state_dict(sd)
+    except KeyError as e:
+        raise KeyError(f"{path}: {e.args[0]}") from None
+    objective, prompt = hp.get("objective") or {}, hp.get("prompt") or {}
+    l_trained = int(prompt.get("l", 0)) if "prompts.samples" in sd or "prompts.sample_coef" in sd else 0
+    meta = {**ckpt["domino"], "backbone": hp.get("backbone"), "k": int(P.shape[0]), "l": l_trained,
+            "method": objective.get("name"), "objective": objective, "seed": hp.get("seed"),
+            "n_references": hp.get("n_references"), "steps": ckpt.get("global_step")}
+    return DomainPrompt(_check_tensor(P, path), meta, str(path))
 
 
-def _check_shape(D: torch.Tensor, path: Path) -> torch.Tensor:
+def _check_tensor(D: torch.Tensor, path: Path) -> torch.Tensor:
     if D.dim() != 2 or D.shape[0] < 1:
         raise ValueError(f"{path}: domain tokens must be (k, hidden), got {tuple(D.shape)}")
+    if not bool(torch.isfinite(D).all()):
+        bad = int((~torch.isfinite(D)).sum())
+        raise ValueError(f"{path}: {bad} of {D.numel()} domain-token values are NaN or infinite: the "
+                         "training diverged or the file is damaged; refusing to sample from it")
     return D
 
 

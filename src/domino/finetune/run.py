@@ -9,13 +9,13 @@ from typing import Any
 
 import hydra
 import lightning as L
-from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from domino.finetune.data import SFTDataModule, load_sft, sha256_file, split
 from domino.finetune.module import LoRAModule
 from domino.provenance import config_hash, git_commit
+from domino.trainer import build_trainer
 
 log = logging.getLogger(__name__)
 # the frozen base is in eval mode on purpose (no dropout)
@@ -49,9 +49,9 @@ def read_data(cfg: DictConfig) -> tuple[list[dict], list[dict], dict[str, Any]]:
 
 
 def callbacks_for(cfg: DictConfig, out: Path, has_val: bool) -> tuple[list, ModelCheckpoint | None]:
-    last = ModelCheckpoint(dirpath=str(out / "checkpoints"), save_last=True, save_top_k=0,
-                           every_n_train_steps=cfg.get("checkpoint_every_n_steps") or None)
-    callbacks: list = [last, LearningRateMonitor(logging_interval="step")]
+    """What finetune adds to the `callbacks` group: the best checkpoint and early stopping, which
+    need a validation split."""
+    callbacks: list = []
     best = None
     if has_val:
         best = ModelCheckpoint(dirpath=str(out / "checkpoints"), filename="best", monitor=VAL_METRIC,
@@ -94,10 +94,8 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
                        packing=s.packing, shuffle=s.shuffle, num_workers=s.num_workers, seed=cfg.seed)
     data_info.update(n_train_tokens=dm.n_train_tokens, n_label_tokens=dm.n_label_tokens,
                      n_train_rows=len(dm.train_rows))
-    loggers = [TensorBoardLogger(save_dir=str(out), name="tensorboard", version=""),
-               CSVLogger(save_dir=str(out), name="csv", version="")]
     callbacks, best = callbacks_for(cfg, out, bool(val))
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers, callbacks=callbacks)
+    trainer = build_trainer(cfg, callbacks)
     trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}

@@ -51,10 +51,14 @@ def compose(config_name: str, overrides: list[str]) -> DictConfig:
 
 
 def config_method(overrides: list[str]) -> tuple[str, bool]:
-    """(method name, whether it trains with the contrastive term) of a trained config's overrides."""
+    """(objective name, whether it trains sample tokens with the contrastive term) of a trained
+    config's overrides; reads the `method=`/`method.lambda=` spelling of results made before the
+    objective group existed too."""
+    from domino.training.objective import has_sample_tokens
     ov = dict(o.split("=", 1) for o in overrides if "=" in o)
-    method = ov.get("method", "domino")
-    return method, method == "domino" and float(ov.get("method.lambda", 1.0)) > 0
+    name = ov.get("objective", ov.get("method", "domino"))
+    lam = float(ov.get("objective.lambda", ov.get("method.lambda", 1.0 if name == "domino" else 0.0)))
+    return name, has_sample_tokens(int(ov.get("prompt.l", 1)), lam)
 
 
 def fmt_lr(lr: float) -> str:
@@ -260,8 +264,7 @@ class Study:
 
         def trained(config: str, seed: int, epoch: int):
             def ov() -> list[str]:
-                method = config_method(list(s.configs[config]))[0]
-                return [f"method={method}", f"seed={seed}",
+                return [f"seed={seed}",
                         f"ckpt={self.prompt_path(config, seed, self.lr_of(config), epoch)}"]
             return ov
 

@@ -1,7 +1,7 @@
 """What each method feeds the engine. Every method samples through the same batched engine; they
 differ only in the prefix:
 
-- domino / soft_prompt: the learned domain tokens D alone (no text, no sample tokens, no BOS: the
+- domain_prompt: trained domain tokens D alone (DOMINO's or a soft prompt's) (no text, no sample tokens, no BOS: the
   training objective scores x after D with nothing in between, so sampling starts the same way);
 - zero_shot: a chat prompt describing the domain in words (`domain.description`): the deductive
   baseline;
@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-DOMAIN_METHODS = ("domino", "soft_prompt")
+DOMAIN_METHODS = ("domain_prompt",)
 TEXT_METHODS = ("few_shot", "zero_shot", "magpie")
 METHODS = DOMAIN_METHODS + TEXT_METHODS
 _SENTINEL = "\u2063DOMINO_USER_TURN\u2063"
@@ -89,10 +89,6 @@ def build_plan(method: dict[str, Any], tokenizer, domain_prompt=None, domain: di
         if domain_prompt is None:
             raise ValueError(f"method={name} samples from trained domain tokens: pass ckpt=<run>/"
                              "domain_prompt.safetensors (or <run>/checkpoints/last.ckpt)")
-        trained = domain_prompt.meta.get("method")
-        if trained not in (None, name):
-            raise ValueError(f"ckpt={domain_prompt.path} was trained with method={trained}, but "
-                             f"method={name} was asked: pass method={trained}")
         return Plan(name, prefix_embeds=domain_prompt.tokens,
                     describe={"domain_prompt_digest": domain_prompt.digest,
                               "k": int(domain_prompt.tokens.shape[0])})

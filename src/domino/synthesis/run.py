@@ -102,7 +102,9 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     prompt = load_domain_prompt(c["ckpt"]) if c.get("ckpt") else None
     if prompt is None and name in DOMAIN_METHODS:
         raise ValueError(f"method={name} needs ckpt=<train run>/domain_prompt.safetensors "
-                         "(or <run>/checkpoints/last.ckpt)")
+                         "(or <run>/checkpoints/last.ckpt), or a baseline: method=few_shot|zero_shot|magpie")
+    # samples from a domain prompt are named after the objective it was trained with
+    label = str(prompt.meta.get("method") or "domino") if name in DOMAIN_METHODS else name
     bcfg = backbone_config(c, prompt)
     domain = dict(c.get("domain") or {})
     references = None
@@ -131,12 +133,12 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
                    **{k: v for k, v in params.to_dict().items() if k != "stop_token_ids"},
                    "fingerprint": store.fingerprint}
     log.info("synthesis: method=%s n=%d -> %s (%d already there; resume or extend by rerunning with "
-             "output_dir=%s)", name, n, store.path, len(store.done), out_dir)
+             "output_dir=%s)", label, n, store.path, len(store.done), out_dir)
     try:
-        stats = _sample_loop(engine, plan, store, name, n, seed, base_source, bool(c.get("progress", True)))
+        stats = _sample_loop(engine, plan, store, label, n, seed, base_source, bool(c.get("progress", True)))
     finally:
         store.close()
-    total = sum(1 for i in range(n) if sample_id(name, i) in store.done)
+    total = sum(1 for i in range(n) if sample_id(label, i) in store.done)
     result = {"output_dir": str(out_dir), "samples": str(store.path), "n": n, "n_present": total, **stats}
     store.update_meta(last_run={k: v for k, v in result.items() if k not in ("output_dir", "samples")})
     if c.get("save_dataset"):

@@ -2,7 +2,6 @@
 checkpoint that holds only what was trained."""
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -16,8 +15,13 @@ from domino.training import objective as obj
 from domino.training.prompts import SoftPrompts
 
 log = logging.getLogger(__name__)
-METHODS = ("domino", "soft_prompt")
 BACKBONE_PREFIX = "backbone."
+# what each config group of conf/train.yaml holds, with the defaults a bare DominoModule(...) gets
+OBJECTIVE = {"name": "domino", "lambda": 1.0, "w_dom": 1.0, "form": "paper", "impl": "efficient",
+             "chunk_size": None, "negatives": None}
+PROMPT = {"k": 8, "l": 8, "init": "sample_vocab", "init_text": None, "domain_head": False,
+          "domain_head_hidden": 256, "sample_rank": None}
+OPTIM = {"lr_domain": 3e-3, "lr_sample": 3e-3, "weight_decay": 0.0, "warmup_steps": 0}
 
 
 def nll_fn(impl: str):
@@ -30,36 +34,51 @@ def nll_fn(impl: str):
     raise ValueError(f"objective.impl={impl!r} is not one of ('straightforward', 'efficient')")
 
 
+def _merged(group: str, defaults: dict[str, Any], given: dict[str, Any] | None) -> dict[str, Any]:
+    given = dict(given or {})
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown key(s) {', '.join(f'{group}.{k}' for k in unknown)}; "
+                         f"{group} takes {sorted(defaults)}")
+    return {**defaults, **given}
+
+
 class DominoModule(L.LightningModule):
-    def __init__(self, backbone: dict[str, Any], n_references: int, method: str = "domino",
-                 form: str = "paper", impl: str = "efficient", chunk_size: int | None = None,
-                 negatives: int | None = None,
-                 k: int = 8, l: int = 8, init: str = "sample_vocab", init_text: str | None = None,
-                 domain_head: bool = False, domain_head_hidden: int = 256, sample_rank: int | None = None,
-                 w_dom: float = 1.0, lam: float = 1.0, lr_domain: float = 3e-3, lr_sample: float = 3e-3,
-                 weight_decay: float = 0.0, warmup_steps: int = 0, seed: int = 0):
+    """`objective`, `prompt`, `optim`: the config groups of conf/train.yaml (missing keys take the
+    defaults above). Whether the run has sample tokens follows from them: prompt.l > 0 and
+    objective.lambda > 0 (obj.has_sample_tokens)."""
+
+    def __init__(self, backbone: dict[str, Any], n_references: int, objective: dict[str, Any] | None = None,
+                 prompt: dict[str, Any] | None = None, optim: dict[str, Any] | None = None, seed: int = 0):
         super().__init__()
-        if method not in METHODS:
-            raise ValueError(f"method.name={method!r} is not one of {METHODS}")
-        if form not in obj.FORMS:
-            raise ValueError(f"objective.form={form!r} is not one of {obj.FORMS}")
-        if method == "domino" and n_references < 2:
-            raise ValueError(f"method=domino needs at least 2 references, got {n_references}")
-        self._nll = nll_fn(impl)
+        objective = _merged("objective", OBJECTIVE, objective)
+        prompt = _merged("prompt", PROMPT, prompt)
+        optim = _merged("optim", OPTIM, optim)
+        if objective["form"] not in obj.FORMS:
+            raise ValueError(f"objective.form={objective['form']!r} is not one of {obj.FORMS}")
+        self.with_samples = obj.has_sample_tokens(prompt["l"], objective["lambda"])
+        if self.with_samples and n_references < 2:
+            raise ValueError(f"the contrastive objective (prompt.l > 0, objective.lambda > 0) needs at "
+                             f"least 2 references, got {n_references}")
+        self._nll = nll_fn(objective["impl"])
         # the checkpoint never holds the frozen backbone; on_load_checkpoint checks the keys itself, and
         # DeepSpeed (exclude_frozen_parameters) loads its module state with this flag as `strict`
         self.strict_loading = False
         # only plain config values go into hparams: the checkpoint rebuilds the backbone from them
-        self.save_hyperparameters()
+        self.save_hyperparameters({"backbone": dict(backbone), "n_references": n_references,
+                                   "objective": objective, "prompt": prompt, "optim": optim, "seed": seed})
+        self.obj, self.prompt_cfg, self.optim_cfg = objective, prompt, optim
         bb = load_backbone(**backbone)
         self.backbone = bb.model
         self.tokenizer = bb.tokenizer
         self.backbone_id, self.backbone_hash = bb.id, bb.config_hash
+        init_text = prompt["init_text"]
         text_ids = bb.tokenizer(init_text, add_special_tokens=False)["input_ids"] if init_text else None
-        self.prompts = SoftPrompts(bb.embed.weight, n_samples=n_references if method == "domino" else 0,
-                                   k=k, l=l if method == "domino" else 0, init=init, text_ids=text_ids,
-                                   domain_head=domain_head, domain_head_hidden=domain_head_hidden,
-                                   sample_rank=sample_rank, seed=seed)
+        self.prompts = SoftPrompts(bb.embed.weight, n_references=n_references if self.with_samples else 0,
+                                   k=prompt["k"], l=prompt["l"] if self.with_samples else 0, init=prompt["init"],
+                                   text_ids=text_ids, domain_head=prompt["domain_head"],
+                                   domain_head_hidden=prompt["domain_head_hidden"],
+                                   sample_rank=prompt["sample_rank"], seed=seed)
 
     # ------------------------------------------------------------------ parameters & counts
     def param_counts(self) -> dict[str, int]:
@@ -81,21 +100,21 @@ class DominoModule(L.LightningModule):
     # ------------------------------------------------------------------ forward & steps
     def nll(self, batch: dict, with_samples: bool) -> tuple[obj.NLL, obj.NLL | None]:
         """(l(x|D), the l_ij matrix or None) by the configured `objective.impl`."""
-        hp = self.hparams
+        o = self.obj
         D = self.prompts.domain_tokens()
         S = self.prompts.sample_tokens(batch["index"]) if with_samples else None
-        if hp.impl == "efficient":
-            kwargs = {"chunk_size": hp.chunk_size, "negatives": hp.negatives}
-        elif hp.negatives:
+        if o["impl"] == "efficient":
+            kwargs = {"chunk_size": o["chunk_size"], "negatives": o["negatives"]}
+        elif o["negatives"]:
             raise ValueError("objective.negatives needs objective.impl=efficient")
         else:
             kwargs = {}
         return self._nll(self.backbone, D, S, batch["input_ids"], batch["attention_mask"], **kwargs)
 
     def losses(self, batch: dict) -> dict[str, torch.Tensor]:
-        hp = self.hparams
-        dom, mat = self.nll(batch, with_samples=hp.method == "domino")
-        return obj.combine(dom, mat, form=hp.form, w_dom=hp.w_dom, lam=hp.lam if mat is not None else 0.0)
+        o = self.obj
+        dom, mat = self.nll(batch, with_samples=self.with_samples)
+        return obj.combine(dom, mat, form=o["form"], w_dom=o["w_dom"], lam=o["lambda"] if mat is not None else 0.0)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         out = self.losses(batch)
@@ -120,13 +139,13 @@ class DominoModule(L.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
-        hp = self.hparams
-        groups = [{"params": self.prompts.domain_parameters(), "lr": hp.lr_domain, "name": "domain"}]
+        o = self.optim_cfg
+        groups = [{"params": self.prompts.domain_parameters(), "lr": o["lr_domain"], "name": "domain"}]
         if self.prompts.sample_parameters():
-            groups.append({"params": self.prompts.sample_parameters(), "lr": hp.lr_sample, "name": "sample"})
-        opt = torch.optim.AdamW(groups, weight_decay=hp.weight_decay)
+            groups.append({"params": self.prompts.sample_parameters(), "lr": o["lr_sample"], "name": "sample"})
+        opt = torch.optim.AdamW(groups, weight_decay=o["weight_decay"])
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warm = min(hp.warmup_steps, total - 1) if total > 1 else 0
+        warm = min(o["warmup_steps"], total - 1) if total > 1 else 0
 
         def schedule(step: int) -> float:  # linear warmup, then linear decay to 0 at the last step
             if step < warm:
@@ -176,17 +195,10 @@ class DominoModule(L.LightningModule):
 
     def export_domain_prompt(self, out_dir: str | Path, metadata: dict[str, Any]) -> Path:
         """domain_prompt.safetensors (D only, heads folded) + domain_prompt.json (how to rebuild)."""
-        from safetensors.torch import save_file
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        D = self.prompts.export_domain()
-        path = out_dir / "domain_prompt.safetensors"
-        save_file({"domain_tokens": D}, str(path))
+        from domino.domain_prompt import save_domain_prompt
         hp = self.hparams
         meta = {"backbone_id": self.backbone_id, "backbone_hash": self.backbone_hash,
-                "backbone": dict(hp.backbone), "hidden_size": int(D.shape[1]), "k": int(D.shape[0]),
-                "l": hp.l if hp.method == "domino" else 0, "method": hp.method,
-                "objective": {"form": hp.form, "w_dom": hp.w_dom, "lambda": hp.lam}, "seed": hp.seed,
-                **metadata}
-        (out_dir / "domain_prompt.json").write_text(json.dumps(meta, indent=2, default=str))
-        return path
+                "backbone": dict(hp.backbone), "l": self.prompts.l if self.with_samples else 0,
+                "method": self.obj["name"], "objective": dict(self.obj), "prompt": dict(self.prompt_cfg),
+                "seed": hp.seed, **metadata}
+        return save_domain_prompt(out_dir, self.prompts.export_domain(), meta)

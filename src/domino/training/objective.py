@@ -148,3 +148,9 @@ def straightforward_nll(model, domain: torch.Tensor, samples: torch.Tensor | Non
     eye = torch.eye(B, dtype=torch.bool, device=input_ids.device)
     mat = NLL(torch.where(eye, torch.diag_embed(pos.total), mat.total), mat.count)
     return dom, mat
+
+
+def has_sample_tokens(l: int, lam: float) -> bool:
+    """Whether a run learns sample tokens S_i: only they carry the contrastive term, so a run with
+    no sample tokens (prompt.l = 0) or no weight on that term (objective.lambda = 0) is prompt tuning."""
+    return int(l) > 0 and float(lam) > 0

@@ -59,10 +59,29 @@ class DomainHead(nn.Module):
         return p + self.net(p)
 
 
+PREFIX = "prompts."  # the module's attribute name: checkpoint keys are prompts.domain, prompts.domain_head.*
+
+
+def domain_from_state_dict(sd: dict[str, torch.Tensor], prefix: str = PREFIX) -> torch.Tensor:
+    """D (k, h) fp32 from a checkpoint's state dict, the domain head folded in: what
+    `SoftPrompts.export_domain` gives, without building the backbone."""
+    if prefix + "domain" not in sd:
+        raise KeyError(f"no {prefix}domain tensor (found {sorted(sd)})")
+    P = sd[prefix + "domain"].float()
+    head_prefix = prefix + "domain_head."
+    head_sd = {k[len(head_prefix):]: v.float() for k, v in sd.items() if k.startswith(head_prefix)}
+    if head_sd:
+        head = DomainHead(P.shape[1], head_sd["net.0.weight"].shape[0])
+        head.load_state_dict(head_sd)
+        with torch.no_grad():
+            P = head(P)
+    return P.detach().contiguous()
+
+
 class SoftPrompts(nn.Module):
     """All trainable soft tokens of a run. Parameters are fp32; callers cast to the embedding dtype."""
 
-    def __init__(self, embedding_weight: torch.Tensor, n_samples: int, k: int = 8, l: int = 8,
+    def __init__(self, embedding_weight: torch.Tensor, n_references: int, k: int = 8, l: int = 8,
                  init: str = "sample_vocab", text_ids: list[int] | None = None,
                  domain_head: bool = False, domain_head_hidden: int = 256,
                  sample_rank: int | None = None, seed: int = 0):
@@ -75,16 +94,16 @@ class SoftPrompts(nn.Module):
         self.domain = nn.Parameter(init_tokens(k, embedding_weight, init, gen, text_ids))
         self.domain_head = DomainHead(h, domain_head_hidden) if domain_head else None
         self.sample_rank = sample_rank
-        if l > 0 and n_samples > 0:
+        if l > 0 and n_references > 0:
             sample_init = "sample_vocab" if init == "text" else init
             if sample_rank:
                 # U_i V ~ a random mix of r vocabulary embeddings, at the embeddings' scale
                 self.sample_basis = nn.Parameter(init_tokens(sample_rank, embedding_weight, sample_init, gen))
-                self.sample_coef = nn.Parameter(torch.randn(n_samples, l, sample_rank, generator=gen)
+                self.sample_coef = nn.Parameter(torch.randn(n_references, l, sample_rank, generator=gen)
                                                 / math.sqrt(sample_rank))
             else:
                 self.samples = nn.Parameter(torch.stack(
-                    [init_tokens(l, embedding_weight, sample_init, gen) for _ in range(n_samples)]))
+                    [init_tokens(l, embedding_weight, sample_init, gen) for _ in range(n_references)]))
 
     @property
     def has_samples(self) -> bool:

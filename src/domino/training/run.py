@@ -6,32 +6,20 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import hydra
 import lightning as L
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
+from domino.config import instantiate
 from domino.data.domains import fingerprint, load_domain
 from domino.provenance import config_hash, git_commit
 from domino.records import write_jsonl
+from domino.trainer import build_trainer
 from domino.training.datamodule import DomainDataModule
 from domino.training.module import DominoModule
 
 log = logging.getLogger(__name__)
 # the frozen backbone is in eval mode on purpose (no dropout)
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
-
-
-def build_module(cfg: DictConfig, n_references: int) -> DominoModule:
-    m, p, o, opt = cfg.method, cfg.prompt, cfg.objective, cfg.optim
-    return DominoModule(
-        backbone=OmegaConf.to_container(cfg.backbone, resolve=True), n_references=n_references,
-        method=m.name, form=o.form, impl=o.impl, chunk_size=o.chunk_size, negatives=o.negatives,
-        k=p.k, l=p.l, init=p.init, init_text=p.init_text, domain_head=p.domain_head,
-        domain_head_hidden=p.domain_head_hidden, sample_rank=p.sample_rank,
-        w_dom=m.w_dom, lam=m["lambda"], lr_domain=opt.lr_domain, lr_sample=opt.lr_sample,
-        weight_decay=opt.weight_decay, warmup_steps=opt.warmup_steps, seed=cfg.seed)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -45,16 +33,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     write_jsonl(out / "references.jsonl", refs)
     write_jsonl(out / "heldout.jsonl", held)
 
-    module = build_module(cfg, len(refs))
-    min_batch = 2 if cfg.method.name == "domino" else 1
-    dm = DomainDataModule(module.tokenizer, [r["text"] for r in refs], [r["text"] for r in held],
-                          batch_size=cfg.data.batch_size, max_len=cfg.data.max_len,
-                          val_size=cfg.data.val_size, num_workers=cfg.data.num_workers, min_batch=min_batch)
-    loggers = [TensorBoardLogger(save_dir=str(out), name="tensorboard", version=""),
-               CSVLogger(save_dir=str(out), name="csv", version="")]
-    ckpt = ModelCheckpoint(dirpath=str(out / "checkpoints"), save_last=True, save_top_k=0,
-                           every_n_train_steps=cfg.get("checkpoint_every_n_steps") or None)
-    callbacks = [ckpt, LearningRateMonitor(logging_interval="step")]
+    module: DominoModule = instantiate(cfg.module, n_references=len(refs), _convert_="all")
+    # partial: the texts and the tokenizer go in as they are, not through OmegaConf
+    dm: DomainDataModule = instantiate(cfg.data, _partial_=True)(
+        tokenizer=module.tokenizer, references=[r["text"] for r in refs],
+        heldout=[r["text"] for r in held], min_batch=2 if module.with_samples else 1)
+    callbacks = []
     meta_base = {"config_hash": config_hash(cfg), "reference_fingerprint": fingerprint(refs),
                  "n_references": len(refs), "domain": cfg.domain.name, "git_commit": git_commit(),
                  "references": str(out / "references.jsonl"), "heldout": str(out / "heldout.jsonl")}
@@ -62,7 +46,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         from domino.training.diagnostics import EpochPoints
         callbacks.append(EpochPoints(out, list(cfg.get("export_epochs") or []), bool(cfg.get("diagnostics")),
                                      dm.train_ids, dm.val_ids, cfg.data.batch_size, lambda: meta_base))
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers, callbacks=callbacks)
+    trainer = build_trainer(cfg, callbacks)
     trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
