@@ -10,7 +10,15 @@ Isolation, strongest available first (`isolation=auto` picks it, see docs/evalua
   No network interface but a down loopback; when pid 1 dies the kernel kills every process of
   the sandbox, including ones that called setsid() or double-forked.
 - `process`: same child, same rlimits, same uid as the harness, private temp working dir, new
-  session killed as a group. No network or filesystem isolation: trusted-ish code only.
+  session. No network or filesystem isolation: trusted-ish code only.
+
+In both modes the child is a *supervisor* that forks the worker running the untrusted code and
+never runs any itself: it kills the whole sandbox at its own hard wall clock, when the harness
+closes the lifeline pipe, or when the harness process dies (pidfd / pipe EOF), so neither the time
+limit nor the cleanup depends on the harness being alive (a SIGKILLed or OOM-killed evaluate.py
+leaves nothing behind). In namespaces mode the supervisor is pid 1 and root, out of the program's
+reach; in process mode it is a subreaper of the same uid, which a deliberately hostile program
+can kill first (see docs/evaluation.md).
 
 Never a fork of the model-holding process running untrusted code: `subprocess` exec's a fresh
 interpreter (no preexec_fn, which is unsafe in a multi-threaded torch process). The environment
@@ -40,12 +48,16 @@ from typing import Any, Callable, Iterable
 log = logging.getLogger(__name__)
 
 CHILD = Path(__file__).with_name("sandbox_child.py")
-RUNNER_VERSION = "3"  # bump when the child's semantics change: it is part of the cache key
+RUNNER_VERSION = "4"  # bump when the child's semantics change: it is part of the cache key
 # Programs run with a fixed string-hash seed: a completion whose answer follows the order of a set
 # of strings (`list(set(words))`) gets the same verdict every run, not a coin flip per execution.
 MINIMAL_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
                "HOME": "/tmp", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
                "PYTHONHASHSEED": "0"}
+# The supervisor's own wall clock runs this much longer than the harness's wait, so that with a live
+# harness the harness's timeout (verdict "timeout") fires first; without one, it is the hard limit.
+SUPERVISOR_GRACE_S = 1.0
+STOP_GRACE_S = 2.0  # how long the harness lets the supervisor clean up before killing its group
 
 
 @functools.lru_cache(maxsize=None)
@@ -214,7 +226,10 @@ class Sandbox:
         scratch = Path(tempfile.mkdtemp(prefix="domino-sbx-"))  # 0700, ours: job, result, logs
         started = time.monotonic()
         namespaced = self.isolation == "namespaces"
+        budget = min(cfg.timeout_total, 2.0 + cfg.timeout_per_test * (len(tests) + 1))
         res_r, res_w = os.pipe()
+        life_r, life_w = os.pipe()  # never written: its EOF tells the supervisor to stop
+        harness_fd = _pidfd_of_self()  # readable once this process is gone, however it died
         proc = None
         try:
             job = {"program": program, "tests": tests, "test_type": test_type, "nonce": nonce,
@@ -222,7 +237,9 @@ class Sandbox:
                    "memory_mb": cfg.memory_mb, "cpu_seconds": cfg.cpu_seconds, "fsize_mb": cfg.fsize_mb,
                    "nofile": cfg.nofile, "nproc": cfg.nproc, "tmpfs_mb": cfg.tmpfs_mb,
                    "max_output_bytes": cfg.max_output_bytes, "namespace": namespaced,
-                   "uid": cfg.uid_base + slot if namespaced else None, "gid": cfg.gid}
+                   "uid": cfg.uid_base + slot if namespaced else None, "gid": cfg.gid,
+                   "lifeline_fd": life_r, "harness_pidfd": harness_fd if harness_fd >= 0 else None,
+                   "wall_clock_s": budget + SUPERVISOR_GRACE_S}
             (scratch / "job.json").write_text(json.dumps(job))
             if namespaced:
                 cmd = [shutil.which("unshare"), "--net", "--pid", "--fork", "--kill-child", "--mount-proc",
@@ -234,24 +251,26 @@ class Sandbox:
                 cmd, cwd = [cfg.python, *interpreter_flags(cfg.python), str(CHILD)], str(work)
             with open(scratch / "job.json", "rb") as stdin, open(scratch / "stderr", "wb") as stderr:
                 proc = subprocess.Popen(cmd, stdin=stdin, stdout=subprocess.DEVNULL, stderr=stderr,
-                                        pass_fds=(res_w,), cwd=cwd, env=MINIMAL_ENV, start_new_session=True,
-                                        close_fds=True)
-            os.close(res_w)
-            res_w = -1
+                                        pass_fds=tuple(fd for fd in (res_w, life_r, harness_fd) if fd >= 0),
+                                        cwd=cwd, env=MINIMAL_ENV, start_new_session=True, close_fds=True)
+            for fd in (res_w, life_r, harness_fd):
+                if fd >= 0:
+                    os.close(fd)
+            res_w = life_r = harness_fd = -1
             timed_out = False
             try:
-                proc.wait(timeout=min(cfg.timeout_total, 2.0 + cfg.timeout_per_test * (len(tests) + 1)))
+                proc.wait(timeout=budget)
             except subprocess.TimeoutExpired:
                 timed_out = True
-            _kill_group(proc.pid)
-            proc.wait()
+            life_w, w = -1, life_w  # _stop closes it: never twice (another thread may reuse the number)
+            _stop(proc, w)
             raw = _read_all(res_r)
             stderr_tail = (scratch / "stderr").read_bytes()[-2000:].decode("utf-8", "replace")
         finally:
             if proc is not None and proc.returncode is None:
-                _kill_group(proc.pid)
-                proc.wait()
-            for fd in (res_r, res_w):
+                life_w, w = -1, life_w
+                _stop(proc, w)
+            for fd in (res_r, res_w, life_r, life_w, harness_fd):
                 if fd >= 0:
                     try:
                         os.close(fd)
@@ -314,6 +333,33 @@ def _wait_for_uid_exit(uid: int, timeout_s: float = 10.0) -> None:
             log.warning("sandbox uid %d still has processes after %.0f s; reusing its slot", uid, timeout_s)
             return
         time.sleep(0.02)
+
+
+def _pidfd_of_self() -> int:
+    """A pidfd of this process (Linux >= 5.3), or -1. A fork of the harness (a data-loader worker,
+    say) inherits the lifeline's write end and would keep it open after the harness died; the
+    pidfd becomes readable when this process exits regardless."""
+    try:
+        return os.pidfd_open(os.getpid())
+    except (AttributeError, OSError):
+        return -1
+
+
+def _stop(proc: subprocess.Popen, life_w: int) -> None:
+    """Close the lifeline: the supervisor kills the sandbox (in process mode, the descendants that
+    left our process group too) and exits. If it does not within STOP_GRACE_S, kill its group."""
+    if life_w >= 0:
+        try:
+            os.close(life_w)
+        except OSError:
+            pass
+    if proc.returncode is None:
+        try:
+            proc.wait(timeout=STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            pass
+    _kill_group(proc.pid)
+    proc.wait()
 
 
 def _kill_group(pgid: int) -> None:

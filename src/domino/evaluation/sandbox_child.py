@@ -1,17 +1,27 @@
 """The trusted half of the sandbox: runs inside the fresh interpreter, *before* any untrusted code.
 
 Started by `sandbox.Sandbox` as `python -s -P sandbox_child.py` (`-I` less `-E`, so the fixed
-PYTHONHASHSEED of its minimal environment applies; stdlib only, no domino import). It
-reads one job (JSON) from stdin, and then, in this order:
+PYTHONHASHSEED of its minimal environment applies; stdlib only, no domino import). It reads one
+job (JSON) from stdin and becomes the sandbox's *supervisor*:
 
 1. in namespace mode (it is pid 1 of fresh pid/net/mount namespaces, still root): mounts private
    tmpfs over /tmp, /var/tmp, /dev/shm, hides directories the sandbox user cannot traverse
    (re-exposing only the interpreter's own directories), creates the working dir /tmp/work;
-2. lowers resource limits (address space, CPU, file size, open files, processes, core);
-3. drops privileges to the job's uid/gid (no supplementary groups, no_new_privs);
-4. runs the program and its tests, counting tests that ran to completion and passed;
-5. only after the last test, writes `<nonce> <json>` to the result fd (inherited from the harness,
-   never on stdout) using functions captured in step 0, then `os._exit`.
+   in process mode it makes itself a child subreaper, so orphans of the program reparent to it;
+2. forks the *worker*, which lowers resource limits (address space, CPU, file size, open files,
+   processes, core), drops privileges to the job's uid/gid (no supplementary groups,
+   no_new_privs), re-arms PR_SET_PDEATHSIG (a uid change clears it) and checks its parent is still
+   the supervisor, runs the program and its tests, and, only after the last test, writes
+   `<nonce> <result>` to the result fd (inherited from the harness, never on stdout) using
+   functions captured at import, then `os._exit`;
+3. the supervisor never runs untrusted code. It waits for the worker, the job's hard wall clock
+   (`wall_clock_s`, counted from its own start) and the harness: the `lifeline_fd` pipe (EOF when
+   the harness closes it or dies) and `harness_pidfd` (readable when the harness process exits,
+   even if a fork of the harness still holds the pipe). On whichever comes first it SIGKILLs every
+   other sandboxed process (namespace: `kill(-1)` from pid 1, and its exit makes the kernel kill
+   the rest; process mode: every descendant, reparented to it as they orphan) and exits with the
+   worker's status (128 + signal when killed). So the time limit and the cleanup hold without the
+   harness: a SIGKILLed or OOM-killed harness leaves nothing running.
 
 Everything the untrusted code could tamper with (builtins, sys.exit, os.write, the test helpers)
 is captured as locals here first; an early exit, SystemExit, a printed "success" line or a
@@ -25,8 +35,10 @@ import io
 import json
 import os
 import resource
+import select
 import signal
 import sys
+import time
 
 _write, _exit, _getpid, _kill, _fork, _waitpid = os.write, os._exit, os.getpid, os.kill, os.fork, os.waitpid
 _isinstance, _type, _len = isinstance, type, len
@@ -41,7 +53,9 @@ _BUILTINS_SNAPSHOT = dict(_BUILTINS)  # restored before every test: a solution c
 
 MS_NOSUID, MS_NODEV, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 4096, 16384, 1 << 18
 MNT_DETACH, PR_SET_NO_NEW_PRIVS, PR_SET_DUMPABLE = 2, 38, 4
+PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
 WORKDIR = "/tmp/work"
+_IN_NAMESPACE = False  # set by main(): kill(-1) is only ever sent inside our own pid namespace
 
 
 class TestTimeout(BaseException):
@@ -250,7 +264,7 @@ def _tokens_equal(out, expected):
 
 
 def _kill_stragglers():
-    if _getpid() == 1:  # pid 1 of our own pid namespace: -1 means "everything in this sandbox"
+    if _IN_NAMESPACE:  # the worker's uid owns nothing outside this pid namespace but the sandbox
         try:
             _kill(-1, signal.SIGKILL)
         except OSError:
@@ -320,15 +334,20 @@ def run_stdin(job, deadline_s, max_output):
     return passed, failure
 
 
-def main():
+def _arm_parent_death(libc, parent_pid):
+    """SIGKILL this process when its parent dies. Armed after the uid change (which clears it); the
+    getppid() check closes the race where the parent died before the arming."""
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0 or os.getppid() != parent_pid:
+        _exit(1)
+
+
+def run_worker(job, supervisor_pid):
+    """The forked worker: limits, privilege drop, the program and its tests, the result line."""
     my_pid = _getpid()
-    job = json.loads(sys.stdin.buffer.read())
     nonce, result_fd = _str(job["nonce"]), int(job["result_fd"])
-    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-    if job.get("namespace"):
-        setup_namespace(job)
     set_limits(job)
     drop_privileges(job)
+    _arm_parent_death(_libc(), supervisor_pid)
     import random
     random.seed(0)  # a program drawing from `random` unseeded gets the same numbers every run
     if job["test_type"] == "stdin":
@@ -351,6 +370,127 @@ def main():
         except _BaseException:
             pass
     _exit(0)
+
+
+def _children(pid):
+    """Pids whose parent is `pid` (scans /proc: /proc/<pid>/task/*/children is not always built)."""
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as fh:
+                stat = fh.read()
+        except OSError:  # gone while we looked
+            continue
+        fields = stat[stat.rfind(b")") + 2:].split()
+        if _len(fields) > 1 and int(fields[1]) == pid:
+            out.append(int(name))
+    return out
+
+
+def _kill_descendants(timeout_s=5.0):
+    """Process mode: SIGKILL every descendant. As a subreaper we inherit each orphan when its
+    parent dies, so killing our children until none is left reaches setsid()/double-forked ones."""
+    me, end = _getpid(), time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        kids = _children(me)
+        for pid in kids:
+            try:
+                _kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        try:
+            pid, _ = _waitpid(-1, 0 if kids else os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            time.sleep(0.005)
+
+
+def _kill_sandbox():
+    if _IN_NAMESPACE:  # pid 1, root: everything else in this pid namespace; our exit does the rest
+        try:
+            _kill(-1, signal.SIGKILL)
+        except OSError:
+            pass
+    else:
+        _kill_descendants()
+
+
+def supervise(job, worker_pid):
+    """Wait for the worker, the wall clock or the harness's end, then kill the rest of the sandbox.
+    Returns the worker's wait status, or None when the worker had to be killed."""
+    watch = [int(job[k]) for k in ("lifeline_fd", "harness_pidfd") if job.get(k) is not None]
+    deadline = time.monotonic() + float(job["wall_clock_s"]) if job.get("wall_clock_s") else None
+    try:
+        worker_fd = os.pidfd_open(worker_pid)
+    except (AttributeError, OSError):
+        worker_fd = None  # no pidfd (Linux < 5.3): poll the worker every 10 ms instead
+    poller = select.poll()
+    for fd in watch + ([worker_fd] if worker_fd is not None else []):
+        poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+    status = None
+    while True:
+        pid, wstatus = _waitpid(worker_pid, os.WNOHANG)
+        if pid == worker_pid:
+            status = wstatus
+            break
+        timeout_ms = None if worker_fd is not None else 10
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            left_ms = int(left * 1000) + 1
+            timeout_ms = left_ms if timeout_ms is None else min(left_ms, timeout_ms)
+        events = poller.poll(timeout_ms)
+        if any(fd in watch for fd, _ in events):  # harness closed the lifeline or is gone
+            break
+    _kill_sandbox()
+    if status is None:
+        try:
+            _waitpid(worker_pid, 0)
+        except ChildProcessError:
+            pass
+    return status
+
+
+def main():
+    global _IN_NAMESPACE
+    job = json.loads(sys.stdin.buffer.read())
+    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+    _IN_NAMESPACE = bool(job.get("namespace"))
+    if _IN_NAMESPACE:
+        setup_namespace(job)
+    else:
+        _libc().prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    supervisor_pid = _getpid()
+    worker_pid = _fork()
+    if worker_pid == 0:
+        try:
+            for k in ("lifeline_fd", "harness_pidfd"):
+                if job.get(k) is not None:
+                    os.close(int(job[k]))
+            run_worker(job, supervisor_pid)  # never returns
+        except _BaseException:
+            import traceback
+            traceback.print_exc()  # a crash of the trusted code is reported as sandbox_error
+            sys.stderr.flush()
+        _exit(1)
+    os.close(int(job["result_fd"]))
+    status = supervise(job, worker_pid)
+    if status is None:
+        code = 128 + signal.SIGKILL
+    elif os.WIFSIGNALED(status):
+        code = 128 + os.WTERMSIG(status)
+    else:
+        code = os.WEXITSTATUS(status)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except _BaseException:
+            pass
+    _exit(code)
 
 
 if __name__ == "__main__":
