@@ -229,6 +229,10 @@ def test_run_exports_adapter_with_provenance_and_lora_only_checkpoint(run):
     assert prov["data"]["sha256"] == sha256_file(SMALL) and prov["data"]["n_train"] == 10
     assert prov["base_model"]["id"].startswith("tiny:") and len(prov["base_model"]["config_hash"]) == 16
     assert prov["config"]["lora"]["r"] == 4 and prov["steps"] == 8 and prov["exported_from"] == "last"
+    # lineage: the adapter names its SFT set (this fixture has no upstream lineage of its own)
+    lin = json.loads((adapter / "lineage.json").read_text())
+    assert prov["lineage"] == lin and lin["sft"] == str(SMALL.resolve()) and lin["sft_sha256"] == sha256_file(SMALL)
+    assert lin["adapter"] == str(adapter.resolve())
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     keys = set(ckpt["state_dict"])
     want = {f"model.base_model.model.model.layers.{i}.self_attn.{p}_proj.lora_{ab}.default.weight"

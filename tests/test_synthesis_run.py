@@ -212,6 +212,15 @@ def test_curate_after_sampling_and_on_existing_samples(run_dir, tmp_path):
     cur = res["curation"]
     assert Path(cur["sft"]).exists() and Path(cur["report_md"]).exists()
     sft = Path(cur["sft"]).read_text()
+    # lineage: the SFT set traces back to the domain prompt and the references behind it
+    from domino import lineage
+    lin = lineage.read(cur["sft"])
+    train_lin = lineage.read(run_dir)
+    assert train_lin["heldout"] == str((run_dir / "heldout.jsonl").resolve())
+    for key in ("train_run", "domain_prompt", "domain_prompt_digest", "references", "heldout", "reference_fingerprint"):
+        assert lin[key] == train_lin[key], key
+    assert lin["samples"] == str(Path(res["samples"]).resolve()) and lin["sft"] == str(Path(cur["sft"]).resolve())
+    assert lineage.heldout_of(cur["sft"]) == train_lin["heldout"]
     again = synth(tmp_path / "b", "stage=curate", f"samples={res['samples']}", *fast_curation)
     assert Path(again["sft"]).read_text() == sft
     with pytest.raises(FileNotFoundError, match="samples="):

@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
+from domino import lineage
 from domino.curation import sources as S
 from domino.curation.stages import StageFiles, fingerprint
 from domino.records import RecordError, iter_jsonl, write_jsonl
@@ -134,6 +135,8 @@ class Curation:
             funnel.append({"stage": name, "enabled": True, **{k: meta[k] for k in keys}})
             current = files.kept
         result = self._sft(current)
+        lineage.write(self.out_dir, lineage.read(self.samples_path), curation_input=str(Path(self.samples_path).resolve()),
+                      curated=str(Path(result["curated"]).resolve()), sft=str(Path(result["sft"]).resolve()))
         report = write_report(self.out_dir, self.root, funnel, self.metas, result, self.cfg.get("report") or {})
         result.update(report)
         return result

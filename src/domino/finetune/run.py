@@ -12,6 +12,7 @@ import lightning as L
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
+from domino import lineage
 from domino.finetune.data import SFTDataModule, load_sft, sha256_file, split
 from domino.finetune.module import LoRAModule
 from domino.provenance import config_hash, git_commit
@@ -128,6 +129,8 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
             "versions": {"peft": peft.__version__, "transformers": transformers.__version__,
                          "torch": torch.__version__},
             "config": OmegaConf.to_container(cfg, resolve=True)}
+    prov["lineage"] = lineage.read(lineage.write(adapter, lineage.read(data_info["path"]), sft=data_info["path"],
+                                                 sft_sha256=data_info["sha256"], adapter=str(adapter.resolve())))
     (adapter / PROVENANCE).write_text(json.dumps(prov, indent=2, default=str))
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     result["adapter"] = str(adapter)

@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
+from domino import lineage
 from domino.domain_prompt import DomainPrompt, check_backbone, load_domain_prompt
 from domino.generation.params import Generation, SamplingParams, sample_seed
 from domino.provenance import git_commit
@@ -132,6 +133,8 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
                    "backbone_hash": ident["backbone_hash"], "engine": engine.name, "run_seed": seed,
                    **{k: v for k, v in params.to_dict().items() if k != "stop_token_ids"},
                    "fingerprint": store.fingerprint}
+    lineage.write(out_dir, _parent_lineage(prompt), samples=str(store.path.resolve()), samples_method=label,
+                  samples_fingerprint=store.fingerprint)
     log.info("synthesis: method=%s n=%d -> %s (%d already there; resume or extend by rerunning with "
              "output_dir=%s)", label, n, store.path, len(store.done), out_dir)
     try:
@@ -147,6 +150,18 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
              total, n, store.path, stats["n_new"], stats["samples_per_s"], stats["tokens_per_s"],
              stats["finish_reasons"])
     return result
+
+
+def _parent_lineage(prompt: DomainPrompt | None) -> dict[str, Any]:
+    """The training run behind the domain prompt (its lineage.json; for a file without one, what
+    the prompt's own metadata says). Baselines have none."""
+    if prompt is None:
+        return {}
+    found = lineage.read(prompt.path)
+    if not found and Path(prompt.path).parent.name == "checkpoints":  # <run>/checkpoints/last.ckpt
+        found = lineage.read(Path(prompt.path).parent.parent)
+    own = {k: prompt.meta[k] for k in ("references", "heldout", "reference_fingerprint") if prompt.meta.get(k)}
+    return {**own, **found, "domain_prompt": str(Path(prompt.path).resolve()), "domain_prompt_digest": prompt.digest}
 
 
 def _sample_loop(engine, plan: Plan, store: SampleStore, name: str, n: int, seed: int,

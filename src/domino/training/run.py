@@ -9,6 +9,7 @@ from typing import Any
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
+from domino import lineage
 from domino.config import instantiate
 from domino.data.domains import fingerprint, load_domain
 from domino.provenance import config_hash, git_commit
@@ -55,5 +56,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         meta = {**meta_base, "steps": trainer.global_step, "epochs": trainer.current_epoch, "metrics": metrics}
         result["domain_prompt"] = str(module.export_domain_prompt(out, meta))
         (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        from domino.domain_prompt import load_domain_prompt
+        lineage.write(out, train_run=str(out.resolve()), domain_prompt=str(Path(result["domain_prompt"]).resolve()),
+                      domain_prompt_digest=load_domain_prompt(result["domain_prompt"]).digest,
+                      references=str((out / "references.jsonl").resolve()),
+                      heldout=str((out / "heldout.jsonl").resolve()),
+                      reference_fingerprint=meta_base["reference_fingerprint"], backbone_id=module.backbone_id)
         log.info("domain prompt written to %s", result["domain_prompt"])
     return result
