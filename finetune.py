@@ -7,15 +7,12 @@ import hydra
 from omegaconf import DictConfig
 
 import domino  # noqa: F401  (registers the config resolvers)
+from domino.cli import run_stage
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="finetune")
 def main(cfg: DictConfig) -> float | None:
-    from domino.stages import finetune  # heavy imports after Hydra has parsed the command line
-
-    result = finetune(cfg)
-    metric = cfg.get("optimized_metric")
-    return result["metrics"].get(metric) if metric else None
+    return run_stage("finetune", cfg)  # the stage's heavy imports happen after Hydra parsed the command line
 
 
 if __name__ == "__main__":

@@ -8,13 +8,12 @@ import hydra
 from omegaconf import DictConfig
 
 import domino  # noqa: F401  (registers the config resolvers)
+from domino.cli import run_stage
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="study")
-def main(cfg: DictConfig) -> None:
-    from domino.study.run import run  # heavy imports after Hydra has parsed the command line
-
-    run(cfg)
+def main(cfg: DictConfig) -> object:
+    return run_stage("study", cfg)  # the stage's heavy imports happen after Hydra parsed the command line
 
 
 if __name__ == "__main__":

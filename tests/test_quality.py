@@ -257,6 +257,14 @@ def test_fragment_composes_into_evaluate_config(tmp_path):
     assert cfg.heldout is None and cfg.references == "run/references.jsonl"
 
 
-def test_data_quality_task_is_wired_into_evaluate():
-    from domino.stages import EVALUATE_TASKS
-    assert "data_quality" in EVALUATE_TASKS
+def test_missing_references_file_is_named_by_evaluate(tmp_path):
+    """evaluate task=data_quality dispatches here, and a missing references= file is the error
+    (not the held-out file derived from it)."""
+    from omegaconf import OmegaConf
+
+    from domino.stages import evaluate
+    cfg = OmegaConf.create({"task": "data_quality", "references": str(tmp_path / "nope" / "references.jsonl"),
+                            "samples": {"a": str(tmp_path / "a.jsonl")}, "heldout": None, "data_quality": {},
+                            "paths": {"output_dir": str(tmp_path / "out")}, "backbone": None})
+    with pytest.raises(FileNotFoundError, match=r"references=.*nope/references.jsonl: no such file"):
+        evaluate(cfg)

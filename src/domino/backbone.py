@@ -46,6 +46,15 @@ class Backbone:
         return self.model.get_input_embeddings()
 
 
+def hub_id(backbone_cfg: dict[str, Any] | None) -> str | None:
+    """The name other tools (peft, the hub, vLLM elsewhere) know the backbone by: the hub id of the
+    embedded model, a hub id or local directory as given, None for the random tiny test model."""
+    path = str((backbone_cfg or {}).get("path") or "embedded")
+    if path == "tiny":
+        return None
+    return EMBEDDED_ID if path == "embedded" else path
+
+
 def default_cache_dir() -> Path:
     root = os.environ.get("DOMINO_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "domino")

@@ -2,6 +2,9 @@
 compose API and the tests see them without registering anything themselves."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from omegaconf import OmegaConf
 
 _UNSET = (None, "", "None", "null")
@@ -27,3 +30,14 @@ def instantiate(node, *args, **kwargs):
         if e.__cause__ is not None:
             raise e.__cause__ from None
         raise
+
+
+def conf_dir() -> Path:
+    """The config directory: $DOMINO_CONF, else the copy an installed wheel carries (domino/conf),
+    else the repository's conf/ (a clone or an editable install)."""
+    if os.environ.get("DOMINO_CONF"):
+        return Path(os.environ["DOMINO_CONF"]).expanduser().resolve()
+    packaged = Path(__file__).resolve().parent / "conf"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parents[2] / "conf"

@@ -23,6 +23,7 @@ import torch
 DOMAIN_KEY = "domain_tokens"
 EXPORT = "domain_prompt.safetensors"
 META = "domain_prompt.json"
+PEFT_DIR = "peft_prompt"  # the same D as a peft PromptTuning adapter
 
 
 def tensor_digest(tokens: torch.Tensor) -> str:
@@ -59,7 +60,36 @@ def save_domain_prompt(out_dir: str | Path, tokens: torch.Tensor, meta: dict[str
     meta_tmp = meta_path.with_name(meta_path.name + ".tmp")
     meta_tmp.write_text(json.dumps(meta, indent=2, default=str))
     meta_tmp.replace(meta_path)
+    save_peft_prompt(out_dir / PEFT_DIR, D, meta)
     return path
+
+
+def save_peft_prompt(out_dir: str | Path, tokens: torch.Tensor, meta: dict[str, Any]) -> Path:
+    """D as a peft PromptTuning adapter (adapter_config.json + adapter_model.safetensors), so
+    `PeftModel.from_pretrained(base, <run>/peft_prompt)` prepends it to every input. The base model
+    is named by hub id (backbone.hub_id); the safetensors header carries the provenance."""
+    from peft import PromptTuningConfig
+    from safetensors.torch import save_file
+
+    from domino.backbone import hub_id
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    D = tokens.detach().float().cpu().contiguous()
+    base = hub_id(meta.get("backbone")) if meta.get("backbone") else None
+    PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=int(D.shape[0]), token_dim=int(D.shape[1]),
+                       num_transformer_submodules=1, base_model_name_or_path=base).save_pretrained(str(out_dir))
+    header = {"format": "pt", "digest": tensor_digest(D), "base_model": str(base),
+              "source": "domino domain prompt (D, heads folded)"}
+    for key in ("backbone_id", "backbone_hash", "method", "reference_fingerprint", "n_references", "domain",
+                "git_commit", "config_hash", "steps", "seed"):
+        if meta.get(key) is not None:
+            header[key] = str(meta[key])
+    if meta.get("objective"):
+        header["objective"] = json.dumps(meta["objective"], sort_keys=True, default=str)
+    tmp = out_dir / "adapter_model.safetensors.tmp"
+    save_file({"prompt_embeddings": D}, str(tmp), metadata=header)
+    tmp.replace(out_dir / "adapter_model.safetensors")
+    return out_dir
 
 
 def load_domain_prompt(path: str | Path) -> DomainPrompt:

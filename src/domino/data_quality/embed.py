@@ -81,18 +81,21 @@ class Embedder:
         m = mask.unsqueeze(-1).to(h.dtype)
         return ((h * m).sum(1) / m.sum(1)).cpu().numpy()
 
-    def encode(self, texts: Sequence[str]) -> np.ndarray:
+    def encode(self, texts: Sequence[str], what: str = "texts", progress: bool = True) -> np.ndarray:
+        from domino.progress import Bar
         texts = [t if t else "" for t in texts]
         if not texts:
             return np.zeros((0, self.model.config.hidden_size), np.float32)
         lengths = [len(t) for t in texts]
         order = np.argsort(lengths, kind="stable")[::-1]  # longest first: an OOM shows up at once
         out: list[np.ndarray | None] = [None] * len(texts)
-        for start in range(0, len(texts), self.batch_size):
-            idx = order[start:start + self.batch_size]
-            vecs = self._encode_batch([texts[i] for i in idx])
-            for i, v in zip(idx, vecs):
-                out[i] = v
+        with Bar(f"embedding {what}", len(texts), "texts", enabled=progress) as bar:
+            for start in range(0, len(texts), self.batch_size):
+                idx = order[start:start + self.batch_size]
+                vecs = self._encode_batch([texts[i] for i in idx])
+                for i, v in zip(idx, vecs):
+                    out[i] = v
+                bar.advance(len(idx))
         return np.stack(out).astype(np.float32)
 
 

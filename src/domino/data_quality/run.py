@@ -185,13 +185,13 @@ def compute_report(sets: dict[str, tuple[list[str], np.ndarray]], train: tuple[l
                          "ceiling": "heldout" in rows and opt["ceiling"] == "split"}}
 
 
-def _embed_cached(embedder, texts: list[str], cache_dir: str | None) -> np.ndarray:
+def _embed_cached(embedder, texts: list[str], cache_dir: str | None, what: str = "texts") -> np.ndarray:
     if not cache_dir:
-        return embedder.encode(texts)
+        return embedder.encode(texts, what)
     f = Path(cache_dir) / f"{texts_fingerprint(texts, embedder.id)}.npy"
     if f.exists():
         return np.load(f)
-    x = embedder.encode(texts)
+    x = embedder.encode(texts, what)
     f.parent.mkdir(parents=True, exist_ok=True)
     tmp = f.with_name(f.name + ".tmp.npy")
     np.save(tmp, x)
@@ -221,6 +221,9 @@ def run_data_quality(cfg: Any) -> dict:
     refs_path = cfg.get("references")
     if not refs_path:
         raise ValueError("task=data_quality needs references=<run>/references.jsonl (the training references)")
+    if not Path(refs_path).exists():
+        raise FileNotFoundError(f"references={refs_path}: no such file (the training references, "
+                                "<train run>/references.jsonl)")
     heldout_path = cfg.get("heldout") or str(Path(refs_path).with_name("heldout.jsonl"))
     named = sample_paths(cfg.get("samples"))
     out_dir = Path(cfg.paths.output_dir)
@@ -243,7 +246,7 @@ def run_data_quality(cfg: Any) -> dict:
         log.info("%s: %d samples from %s (%d used)", name, len(t), p, len(idx))
     t0 = time.perf_counter()
     embedder = build_embedder(opt["embed"], _plain(cfg.get("backbone")))
-    emb = {k: _embed_cached(embedder, v, opt["cache_dir"])
+    emb = {k: _embed_cached(embedder, v, opt["cache_dir"], k)
            for k, v in [("_train", train_texts), ("_heldout", held_texts), *texts.items()]}
     embed_s = time.perf_counter() - t0
     t0 = time.perf_counter()

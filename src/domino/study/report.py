@@ -101,7 +101,7 @@ def write_report(study_dir: str | Path, s: Any) -> dict:
     bcfg = compose("train", [*s["backbone_embed"], "paths.output_dir=.", "paths.root_dir=."]).backbone
     embedder = build_embedder(opt["embed"], OmegaConf.to_container(bcfg, resolve=True))
     cache = str(Path(s["work_dir"]) / "embed_cache")
-    spaces["backbone"] = {k: _embed_cached(embedder, v, cache) for k, v in texts.items()}
+    spaces["backbone"] = {k: _embed_cached(embedder, v, cache, k) for k, v in texts.items()}
     del embedder
     tf = TfidfEmbedder(st["refs"] + st["held"], int(s["tfidf"]["dims"]), seed=opt["seed"])
     spaces["tfidf"] = {k: tf.encode(v) for k, v in texts.items()}

@@ -1,0 +1,124 @@
+"""`domino <stage> [key=value ...]`: every stage from anywhere, with the configs the package ships.
+
+    domino train domain=humaneval backbone=smollm2
+    domino synthesize ckpt=<run>/domain_prompt.safetensors n=1000 [curate=true]
+    domino curate samples=<run>/samples.jsonl
+    domino finetune data=<run>/sft.jsonl
+    domino evaluate adapter=<run>/adapter benchmark=humaneval_heldout
+    domino study experiment=study_humaneval
+    domino train --help            # that stage's own groups and options
+
+Overrides and Hydra flags (-m, --cfg job, hydra.run.dir=...) are those of `python train.py` etc.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+# stage -> (primary config, what it is)
+STAGES = {
+    "train": ("train", "learn the domain tokens from reference examples"),
+    "synthesize": ("synthesize", "sample new examples (curate=true: then curate them)"),
+    "curate": ("synthesize", "filter samples, write responses and the SFT set (samples=<file>)"),
+    "finetune": ("finetune", "fit a LoRA adapter on an SFT set (data=<file>)"),
+    "evaluate": ("evaluate", "pass@k on a code benchmark, or task=data_quality"),
+    "study": ("study", "the evidence study (seeded comparison with intervals)"),
+}
+
+
+def run_stage(stage: str, cfg) -> Any:
+    """What the entry point of `stage` runs with its composed config (train.py etc. call this too)."""
+    from domino import stages
+    if stage == "train":
+        result = stages.train(cfg)
+    elif stage in ("synthesize", "curate"):
+        return stages.synthesize(cfg)
+    elif stage == "finetune":
+        result = stages.finetune(cfg)
+    elif stage == "evaluate":
+        return stages.evaluate(cfg)
+    elif stage == "study":
+        from domino.study.run import run
+        return run(cfg)
+    else:
+        raise ValueError(f"unknown stage {stage!r}")
+    metric = cfg.get("optimized_metric")  # what a sweeper (Optuna) minimises
+    return result["metrics"].get(metric) if metric else None
+
+
+def experiment_stage(name: str) -> str:
+    """Which stage's config an experiment file is for: demo_synthesize -> synthesize, study_* ->
+    study, plain names (demo, paper_codegen) -> train."""
+    for stage in ("synthesize", "finetune", "evaluate"):
+        if name.endswith("_" + stage):
+            return stage
+    return "study" if name.startswith("study_") else "train"
+
+
+def usage() -> str:
+    width = max(len(s) for s in STAGES)
+    lines = ["usage: domino <stage> [key=value ...] [--help]", "", "stages:"]
+    lines += [f"  {s:<{width}}  {what}" for s, (_, what) in STAGES.items()]
+    lines += ["", "`domino <stage> --help` lists that stage's config groups and options."]
+    return "\n".join(lines)
+
+
+def stage_help(stage: str) -> str:
+    """The stage's own config groups (from its defaults list) with their options, then its config."""
+    from omegaconf import OmegaConf
+
+    from domino.config import conf_dir
+    conf = conf_dir()
+    name, what = STAGES[stage]
+    primary = OmegaConf.load(conf / f"{name}.yaml")
+    lines = [f"usage: domino {stage} [key=value ...]", "", f"{stage}: {what}", "",
+             "config groups (group=option):"]
+    for entry in primary.get("defaults", []):
+        if not isinstance(entry, (dict,)) and not OmegaConf.is_dict(entry):
+            continue
+        for group, default in entry.items():
+            group = str(group)
+            if group in ("hydra", "_self_") or group.startswith("override"):
+                continue
+            options = sorted(p.stem for p in (conf / group).glob("*.yaml")) if (conf / group).is_dir() else []
+            if group == "experiment":
+                options = [o for o in options if experiment_stage(o) == name]
+            lines.append(f"  {group:<15} default: {default}   options: {', '.join(options) or '-'}")
+    body = {k: v for k, v in OmegaConf.to_container(primary, resolve=False).items() if k != "defaults"}
+    lines += ["", "options (defaults of this stage; groups above add their own):",
+              OmegaConf.to_yaml(OmegaConf.create(body)).rstrip(), "",
+              f"configs: {conf}", "Hydra flags work too: -m (multirun), --cfg job (print the composed config)."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    stage, rest = argv[0], argv[1:]
+    if stage not in STAGES:
+        print(f"domino: unknown stage {stage!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    if "-h" in rest or "--help" in rest:
+        print(stage_help(stage))
+        return 0
+    import hydra
+
+    import domino  # noqa: F401  (registers the config resolvers)
+    from domino.config import conf_dir
+    extra = ["stage=curate"] if stage == "curate" and not any(a.startswith("stage=") for a in rest) else []
+    sys.argv = [f"domino-{stage}", *extra, *rest]
+
+    def task(cfg) -> Any:
+        return run_stage(stage, cfg)
+
+    task.__module__ = __name__
+    app = hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name=STAGES[stage][0])(task)
+    app()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
