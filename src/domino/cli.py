@@ -13,7 +13,6 @@ Overrides and Hydra flags (-m, --cfg job, hydra.run.dir=...) are those of `pytho
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Any
 
 # stage -> (primary config, what it is)

@@ -52,9 +52,9 @@ def save_domain_prompt(out_dir: str | Path, tokens: torch.Tensor, meta: dict[str
     meta = {**meta, "hidden_size": int(D.shape[1]), "k": int(D.shape[0]), "digest": tensor_digest(D)}
     path = out_dir / EXPORT
     tmp = path.with_name(path.name + ".tmp")
-    save_file({DOMAIN_KEY: D}, str(tmp), metadata={"format": "pt", "digest": meta["digest"],
-                                                 "backbone_id": str(meta.get("backbone_id")),
-                                                 "backbone_hash": str(meta.get("backbone_hash"))})
+    header = {"format": "pt", "digest": meta["digest"], "backbone_id": str(meta.get("backbone_id")),
+              "backbone_hash": str(meta.get("backbone_hash"))}
+    save_file({DOMAIN_KEY: D}, str(tmp), metadata=header)
     tmp.replace(path)
     meta_path = out_dir / META
     meta_tmp = meta_path.with_name(meta_path.name + ".tmp")
