@@ -43,14 +43,17 @@ METRICS = [("distinct_1", "distinct-1", "↑"), ("distinct_2", "distinct-2", "�
            ("precision", "precision", "↑"), ("recall", "recall", "↑"), ("density", "density", "↑"),
            ("coverage", "coverage", "↑"), ("mem_ngram_mean", "max n-gram overlap", "↓"),
            ("mem_cos_mean", "NN cosine to train", "↓"), ("near_copy_share", "near-copy share", "↓")]
-DEFAULTS: dict[str, Any] = {
-    "text_field": "text", "tokenizer": "regex", "lowercase": False, "seed": 0,
-    "max_samples": None, "match_size": True, "ceiling": "split", "distinct_n": [1, 2, 3],
-    "self_bleu": {"max_n": 4, "subsample": 200}, "embed": {}, "center": True, "normalize": False,
-    "knn_k": 5, "mmd_bandwidth": None,
-    "memorisation": {"ngram_n": 8, "ngram_threshold": 0.8, "cosine_threshold": 0.95},
-    "tsne": {"perplexity": 30, "max_points_per_set": 300}, "plots": True, "cache_dir": None,
-}
+
+
+def defaults() -> dict[str, Any]:
+    """The options of conf/data_quality.yaml (the one place they are written down); its cache_dir
+    interpolates the run's paths, so a call outside Hydra caches nothing unless it says so."""
+    from omegaconf import OmegaConf
+
+    from domino.config import conf_dir
+    d = OmegaConf.to_container(OmegaConf.load(conf_dir() / "data_quality.yaml").data_quality, resolve=False)
+    d["cache_dir"] = None
+    return d
 
 
 def _plain(x: Any) -> Any:
@@ -64,10 +67,10 @@ def _plain(x: Any) -> Any:
 
 
 def options(dq: Mapping | None) -> dict:
-    out = json.loads(json.dumps(DEFAULTS))
+    out = defaults()
     for k, v in (_plain(dq) or {}).items():
-        if k not in DEFAULTS:
-            raise ValueError(f"data_quality.{k}: unknown option; known: {sorted(DEFAULTS)}")
+        if k not in out:
+            raise ValueError(f"data_quality.{k}: unknown option; known: {sorted(out)}")
         out[k] = {**out[k], **v} if isinstance(out[k], dict) and isinstance(v, dict) else v
     return out
 
