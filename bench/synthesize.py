@@ -1,5 +1,16 @@
-"""Synthesis throughput: the HF engine (shared prefix KV cache, batched, KV cache throughout) vs a
-naive loop that calls `generate` once per sample with use_cache=False and inputs_embeds=D.
+"""Synthesis throughput: the HF engine (shared prefix KV cache, batched, KV cache throughout) vs
+(a) transformers' batched `generate` with its KV cache (what a user would pick instead: same batch
+size, inputs_embeds=D repeated per row) and (b) a naive loop that calls `generate` once per sample
+with use_cache=False (the released code's way).
+
+    .venv/bin/python bench/synthesize.py --n 64 --max-new-tokens 128 --threads 1
+    .venv/bin/python bench/synthesize.py --n 64 --max-new-tokens 128 --threads 1 --natural-stop
+
+With the default, every sample is forced to exactly max_new_tokens tokens (min_new_tokens =
+max_new_tokens), so all sides do the same work. With --natural-stop samples end at EOS, as in real
+use: the engine drops finished rows from the batch, generate keeps computing them until the
+longest row ends; tokens/s counts only the tokens that are kept. --check-greedy N decodes N samples
+greedily on both batched paths and reports how many are token-identical.
 
     .venv/bin/python bench/synthesize.py --n 64 --max-new-tokens 128 --threads 1
 
@@ -50,6 +61,37 @@ def run_engine(bb, D, n, params, batch_size):
 
 
 @torch.no_grad()
+def run_batched_generate(bb, D, n, p: SamplingParams, batch_size: int, do_sample: bool = True):
+    """(seconds, kept tokens, token lists): `generate(inputs_embeds=D per row, use_cache=True)` in
+    batches of batch_size; a row's tokens after its EOS are padding and are not counted."""
+    torch.manual_seed(0)
+    eos = bb.tokenizer.eos_token_id
+    t0, toks, rows = time.perf_counter(), 0, []
+    for start in range(0, n, batch_size):
+        B = min(batch_size, n - start)
+        kw = dict(do_sample=True, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k or None) if do_sample \
+            else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+        out = bb.model.generate(inputs_embeds=D[None].expand(B, -1, -1), attention_mask=torch.ones(B, D.shape[0],
+                                dtype=torch.long), use_cache=True, max_new_tokens=p.max_new_tokens,
+                                min_new_tokens=p.min_new_tokens, pad_token_id=bb.tokenizer.pad_token_id,
+                                eos_token_id=eos, **kw)
+        for row in out.tolist():
+            kept = row[:row.index(eos)] if eos in row else row
+            rows.append(kept)
+            toks += len(kept)
+    return time.perf_counter() - t0, toks, rows
+
+
+def greedy_agreement(bb, D, n, max_new_tokens, batch_size):
+    p = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
+    e = HFEngine(bb.model, bb.tokenizer, p, batch_size=batch_size)
+    prefix = e.prefill(D)
+    ours = [g.token_ids for g in e.generate_shared(prefix, [sample_seed(0, i) for i in range(n)])]
+    _, _, theirs = run_batched_generate(bb, D, n, p, batch_size, do_sample=False)
+    return sum(a == b for a, b in zip(ours, theirs))
+
+
+@torch.no_grad()
 def run_naive(bb, D, n, p: SamplingParams, budget_s: float | None):
     """(seconds, tokens, samples measured): stops after the sample that crosses budget_s."""
     torch.manual_seed(0)
@@ -80,23 +122,33 @@ def main():
     ap.add_argument("--naive-budget-s", type=float, default=None,
                     help="stop the naive loop after this many seconds; its tokens/s is then measured on "
                          "the samples it finished (reported, never hidden)")
+    ap.add_argument("--natural-stop", action="store_true",
+                    help="samples end at EOS (min_new_tokens=0) instead of all running to max_new_tokens")
+    ap.add_argument("--check-greedy", type=int, default=0, help="greedy samples compared token by token")
+    ap.add_argument("--skip-naive", action="store_true")
     ap.add_argument("--out", default=str(OUT))
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     bb = load_backbone(path="embedded")
     D = domain_tokens(bb, a.k, a.ckpt)
     p = SamplingParams(temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.max_new_tokens,
-                       min_new_tokens=a.max_new_tokens)
+                       min_new_tokens=0 if a.natural_stop else a.max_new_tokens)
     run_engine(bb, D, min(4, a.n), p, a.batch_size)  # warm-up (allocator, kernels)
-    engine_runs, naive = [], None
-    for r in range(a.repeats):
+    run_batched_generate(bb, D, min(4, a.n), p, a.batch_size)
+    engine_runs, batched_runs, naive = [], [], None
+    for r in range(a.repeats):  # interleaved: the machine is shared, drift hits both sides alike
         engine_runs.append(run_engine(bb, D, a.n, p, a.batch_size))
         print(f"engine run {r + 1}: {engine_runs[-1][1]} tokens in {engine_runs[-1][0]:.1f}s", flush=True)
-        if r == 0:
+        batched_runs.append(run_batched_generate(bb, D, a.n, p, a.batch_size)[:2])
+        print(f"batched generate run {r + 1}: {batched_runs[-1][1]} tokens in {batched_runs[-1][0]:.1f}s", flush=True)
+        if r == 0 and not a.skip_naive:
             naive = run_naive(bb, D, a.n, p, a.naive_budget_s)
             print(f"naive: {naive[2]} samples, {naive[1]} tokens in {naive[0]:.1f}s", flush=True)
     e_s = statistics.median(s for s, _ in engine_runs)
-    e_tok = engine_runs[0][1]
+    e_tok = statistics.median(t for _, t in engine_runs)
+    g_s = statistics.median(s for s, _ in batched_runs)
+    g_tok = statistics.median(t for _, t in batched_runs)
+    agree = greedy_agreement(bb, D, a.check_greedy, a.max_new_tokens, a.batch_size) if a.check_greedy else None
     res = {
         "command": "python bench/synthesize.py " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items() if v is not None and k != "out"),
@@ -104,25 +156,36 @@ def main():
         "cpu": platform.processor() or platform.machine(),
         "n": a.n, "k": int(D.shape[0]), "max_new_tokens": a.max_new_tokens, "batch_size": a.batch_size,
         "sampling": p.to_dict(),
+        "natural_stop": a.natural_stop,
         "engine": {"seconds_runs": [round(s, 2) for s, _ in engine_runs], "seconds_median": round(e_s, 2),
                    "tokens": e_tok, "tokens_per_s": round(e_tok / e_s, 1),
                    "samples_per_s": round(a.n / e_s, 3)},
-        "naive": {"seconds": round(naive[0], 2), "tokens": naive[1],
-                  "tokens_per_s": round(naive[1] / naive[0], 1), "samples_per_s": round(naive[2] / naive[0], 3),
-                  "measured_samples": naive[2],
-                  # every sample has exactly max_new_tokens tokens, so tokens/s over a subset is the
-                  # rate; only the time for all n is extrapolated
-                  "extrapolated": naive[2] < a.n,
-                  "seconds_for_n_extrapolated":
-                      round(naive[0] * a.n / naive[2], 1) if naive[2] < a.n else None},
+        "batched_generate": {"seconds_runs": [round(s, 2) for s, _ in batched_runs], "seconds_median": round(g_s, 2),
+                             "tokens": g_tok, "tokens_per_s": round(g_tok / g_s, 1),
+                             "samples_per_s": round(a.n / g_s, 3)},
+        "greedy_identical": None if agree is None else f"{agree}/{a.check_greedy}",
+        "naive": None if naive is None else {
+            "seconds": round(naive[0], 2), "tokens": naive[1],
+            "tokens_per_s": round(naive[1] / naive[0], 1), "samples_per_s": round(naive[2] / naive[0], 3),
+            "measured_samples": naive[2],
+            # every sample has exactly max_new_tokens tokens, so tokens/s over a subset is the
+            # rate; only the time for all n is extrapolated
+            "extrapolated": naive[2] < a.n,
+            "seconds_for_n_extrapolated": round(naive[0] * a.n / naive[2], 1) if naive[2] < a.n else None},
     }
-    res["speedup_tokens_per_s"] = round(res["engine"]["tokens_per_s"] / res["naive"]["tokens_per_s"], 1)
+    ratio = res["engine"]["tokens_per_s"] / res["batched_generate"]["tokens_per_s"]
+    res["engine_vs_batched_generate"] = round(ratio, 2)
+    if naive is not None:
+        res["speedup_tokens_per_s"] = round(res["engine"]["tokens_per_s"] / res["naive"]["tokens_per_s"], 1)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res, indent=2))
     print(f"| engine (prefix cache, batch {a.batch_size}) | {e_tok} | {e_s:.1f} | {e_tok / e_s:.1f} |")
-    print(f"| naive generate, use_cache=False, 1 sample per call ({naive[2]}/{a.n} samples measured) | "
-          f"{naive[1]} | {naive[0]:.1f} | {naive[1] / naive[0]:.1f} |")
-    print(f"speed-up (tokens/s): {res['speedup_tokens_per_s']}x")
+    print(f"| batched generate, use_cache=True, batch {a.batch_size} | {g_tok} | {g_s:.1f} | {g_tok / g_s:.1f} |")
+    if naive is not None:
+        print(f"| naive generate, use_cache=False, 1 sample per call ({naive[2]}/{a.n} samples measured) | "
+              f"{naive[1]} | {naive[0]:.1f} | {naive[1] / naive[0]:.1f} |")
+        print(f"speed-up vs naive (tokens/s): {res['speedup_tokens_per_s']}x")
+    print(f"engine vs batched generate (tokens/s): {res['engine_vs_batched_generate']}x; greedy identical: {agree}")
 
 
 if __name__ == "__main__":
