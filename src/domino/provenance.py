@@ -27,8 +27,14 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def json_hash(obj: Any) -> str:
+    """Short sha256 of a JSON-able value (keys sorted, non-JSON values as str): the one content
+    fingerprint of configs, stage inputs and sample-store inputs."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def config_hash(cfg: Any) -> str:
-    """Short sha256 of a (resolved) config: an OmegaConf node or a plain mapping."""
+    """json_hash of a run's (resolved) config: an OmegaConf node or a plain mapping. (A backbone's
+    architecture has its own hash: backbone.model_config_hash.)"""
     from omegaconf import DictConfig, OmegaConf
-    c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-    return hashlib.sha256(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return json_hash(OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg)
