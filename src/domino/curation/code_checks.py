@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ast
 
-from domino.curation.responses import extract_code
+from domino.generation.code import extract_code
 
 
 def syntax_error(code: str, language: str = "python") -> str | None:

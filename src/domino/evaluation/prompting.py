@@ -2,7 +2,9 @@
 
 Two modes, picked by whether the tokenizer has a chat template (override: `prompt.chat`):
 - chat (instruct models): the problem becomes one user message asking for a single ```python
-  block; the program is the *last* fenced block of the answer (an unterminated final block counts).
+  block; the program is the answer's code as domino.generation.code.extract_code reads it (the
+  last python or untagged fenced block; an unterminated final block counts), the same code
+  curation trains on, or the whole answer when it has no fenced block.
   For completion-style problems (HumanEval) the program is `prompt + "\n" + code`: when the model
   redefines the function this keeps the prompt's imports and helper functions (the redefinition
   wins), and when it wrote only the body the body continues the prompt's signature. This is what
@@ -14,12 +16,10 @@ Two modes, picked by whether the tokenizer has a chat template (override: `promp
 """
 from __future__ import annotations
 
-import re
+from domino.generation.code import extract_code as answer_code
 
 # Codex / human-eval stop sequences for completion-style generation of a function body
 COMPLETION_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ")
-_FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", re.S | re.I)
-_OPEN_FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*)$", re.S | re.I)
 
 
 def instruction(problem: dict) -> str:
@@ -57,16 +57,10 @@ def use_chat(tokenizer, chat: bool | None) -> bool:
 
 
 def extract_code(text: str) -> str:
-    """The last fenced code block; else an unterminated last block; else the text itself."""
-    blocks = _FENCE.findall(text)
-    if blocks:
-        return blocks[-1]
-    last_open = text.rfind("```")
-    if last_open >= 0:
-        m = _OPEN_FENCE.match(text, last_open)
-        if m:
-            return m.group(1)
-    return text
+    """The python code of an answer (curation's rule, see domino.generation.code); the answer
+    itself when it has no fenced block (a model that answers with bare code)."""
+    code = answer_code(text, "python")
+    return text if code is None else code
 
 
 def truncate_at_stops(text: str, stops=COMPLETION_STOPS) -> str:

@@ -1,0 +1,44 @@
+"""The code in a model's answer: one rule for the code curation trains on and the code evaluation
+scores (curation.responses and evaluation.prompting both call `extract_code`).
+
+The answer's fenced blocks are read in order; a block's tag (```python, ```cpp, bare ```) is
+matched case-insensitively. With a `language`, blocks tagged with it (or an alias: python, py,
+python3) or untagged are preferred, other blocks are used only when there is none. The last
+preferred block that is not blank wins: models explain first and answer last, and often follow
+the answer with a sample output block. A final fence that is never closed (an answer cut at
+max_new_tokens) runs to the end of the text.
+"""
+from __future__ import annotations
+
+import re
+
+# a fence: ``` + optional tag + newline; the body ends at the next ``` or at the end of the text
+_FENCE = re.compile(r"```[ \t]*([\w+#.-]*)[ \t]*\n(.*?)(```|\Z)", re.DOTALL)
+_ALIASES = {"python": ("python", "py", "python3", "py3"), "py": ("python", "py", "python3", "py3")}
+
+
+def fenced_blocks(text: str) -> list[tuple[str, str, bool]]:
+    """(tag lowercased, body, closed) for every fenced block, in order. A closed block's body
+    loses the blank lines around it (the newline before the closing fence belongs to the fence);
+    an unclosed block keeps its text up to the end, as generated."""
+    out = []
+    for tag, body, end in _FENCE.findall(text):
+        closed = end == "```"
+        body = body.lstrip("\n")
+        out.append((tag.lower(), body.rstrip("\n") if closed else body, closed))
+    return out
+
+
+def extract_code(text: str | None, language: str | None = None) -> str | None:
+    """The code of an answer (see the module docstring); None when it has no non-blank fenced block."""
+    if not text:
+        return None
+    blocks = fenced_blocks(text)
+    if language:
+        lang = language.lower()
+        tags = ("",) + _ALIASES.get(lang, (lang,))
+        blocks = [b for b in blocks if b[0] in tags] or blocks
+    for _, body, _ in reversed(blocks):
+        if body.strip():
+            return body
+    return None
