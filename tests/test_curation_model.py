@@ -1,5 +1,5 @@
 """The model stages on a real (tiny, random) backbone: chat template, batched left-padded greedy
-decoding through the synthesis engine, and the judge/responses stages driven by it."""
+decoding through the shared engine (domino.generation.hf), and the judge/responses stages driven by it."""
 import json
 
 import pytest

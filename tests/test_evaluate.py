@@ -39,6 +39,7 @@ def test_tiny_backbone_end_to_end_and_resume(tmp_path):
     evaluate(run1, *TINY)
     comps = [json.loads(x) for x in (run1 / "completions.jsonl").read_text().splitlines()]
     assert len(comps) == 4 and {c["task_id"] for c in comps} == {"HumanEval/0", "HumanEval/1"}
+    assert all(c["finish_reason"] in ("stop", "length") for c in comps)
     summary = json.loads((run1 / "summary.json").read_text())
     assert summary["tasks"] == 2 and summary["samples"] == 4 and set(summary) >= {"pass@1", "pass@2"}
     assert summary["model"].startswith("tiny:") and summary["benchmark"]["fingerprint"]
@@ -91,3 +92,143 @@ def test_humaneval_canonical_solutions_all_pass(tmp_path):
     evaluate(tmp_path / "run_empty", "benchmark=humaneval", f"samples={empty}")
     s = json.loads((tmp_path / "run_empty" / "summary.json").read_text())
     assert s["pass@1"] == 0.0 and "passed" not in s["outcomes"]
+
+
+# ------------------------------------------------------------------------------ one decoding stack
+def test_evaluate_config_is_the_shared_engine_and_sampling_config(compose):
+    from domino.evaluation.generation import engine_config
+    from domino.generation.params import SamplingParams
+    cfg = compose("evaluate", ["backbone=tiny"])
+    params = SamplingParams.from_config(cfg.sampling)
+    assert params.greedy and params.top_p == 0.95 and params.max_new_tokens == 512 and params.stop == ()
+    assert cfg.engine.name == "hf" and engine_config(dict(cfg.engine))["batch_size"] == cfg.engine.batch_size
+    cfg = compose("evaluate", ["engine=vllm", "sampling.temperature=0.8", "sampling.batch_size=3"])
+    assert cfg.engine.name == "vllm" and SamplingParams.from_config(cfg.sampling).temperature == 0.8
+    # sampling.batch_size, the older place of the batch size, and a bare engine name still work
+    assert engine_config(dict(cfg.engine), cfg.sampling.batch_size)["batch_size"] == 3
+    assert engine_config("vllm") == {"name": "vllm"}
+    with pytest.raises(ValueError, match="expected hf or vllm"):
+        engine_config("tgi")
+
+
+def test_sampled_completions_depend_on_their_seed_not_their_batch(tmp_path):
+    from domino.evaluation.benchmarks import load_benchmark
+    from domino.evaluation.generation import generate_completions
+    from domino.generation.params import SamplingParams
+
+    from .conftest import TINY
+    problems = load_benchmark("humaneval", limit=3)
+    # top_k: a random model's near-flat distribution over the whole vocabulary puts the inverse-CDF
+    # draw within float rounding of a boundary, where padded and unpadded batches can disagree
+    params = SamplingParams(temperature=0.8, top_p=0.95, top_k=50, max_new_tokens=6)
+
+    def run(name, batch_size, n, seed=0):
+        recs, prov = generate_completions(problems, TINY, params, n, seed, tmp_path / name / "completions.jsonl",
+                                          engine={"name": "hf", "batch_size": batch_size})
+        return {(r["task_id"], r["sample_idx"]): r for r in recs}, prov
+
+    a, prov = run("a", 1, 2)
+    b, _ = run("b", 4, 3)
+    c, _ = run("c", 4, 2, seed=1)
+    assert len(a) == 6 and len(b) == 9
+    # the same sample whatever batch decoded it, and n_samples=3 extends n_samples=2
+    assert all(b[k]["output"] == r["output"] and b[k]["gen_key"] == r["gen_key"] for k, r in a.items())
+    assert any(a[(t, 0)]["output"] != a[(t, 1)]["output"] for t in {t for t, _ in a})  # samples differ
+    assert [r["output"] for r in a.values()] != [r["output"] for r in c.values()]  # another seed
+    assert all(r["finish_reason"] in ("stop", "length") and r["n_tokens"] <= 6 for r in a.values())
+    assert prov["sampling"] == params.to_dict() and prov["seed"] == 0 and prov["engine"]["name"] == "hf"
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_greedy_completions_equal_transformers_generate(tmp_path, tiny_backbone, chat):
+    """Greedy completions are what evaluation produced before it shared the engine: the prompt text
+    tokenised as the model sees it (chat templates carry their own BOS), decoded by `generate`."""
+    import torch
+
+    from domino.evaluation.benchmarks import load_benchmark
+    from domino.evaluation.generation import generate_completions
+    from domino.evaluation.prompting import build_prompt
+    from domino.generation.params import SamplingParams
+
+    from .conftest import TINY
+    problems = load_benchmark("humaneval", limit=2) + load_benchmark(
+        "livecodebench", path=str(FX / "bench_livecodebench.jsonl"))[:2]
+    recs, _ = generate_completions(problems, TINY, SamplingParams(temperature=0, max_new_tokens=12), 1, 0,
+                                   tmp_path / "completions.jsonl", engine={"name": "hf", "batch_size": 3},
+                                   chat=chat)
+    tok, model = tiny_backbone.tokenizer, tiny_backbone.model
+    by_id = {r["task_id"]: r["output"] for r in recs}
+    for p in problems:
+        enc = tok(build_prompt(p, tok, chat), return_tensors="pt", add_special_tokens=not chat)
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=tok.eos_token_id,
+                                 eos_token_id=tok.eos_token_id, temperature=None, top_p=None, top_k=None)
+        assert by_id[p["task_id"]] == tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("text", [
+    "Here it is:\n```python\ndef f(a):\n    return a + 1\n```\nExample:\n```text\n2\n```",
+    "First try:\n```python\nx = 1\n```\nBetter:\n```Python\ndef f(a):\n    return a\n```\n",
+    "Cut at the token limit:\n```py\ndef f(a):\n    return a",
+    "```\n\ndef f(a):\n    return a\n\n```",
+    "```python\ndef f(a):\n    return a\n```\n```python\n```",
+    "```cpp\nint f(int a) { return a; }\n```",
+])
+def test_curation_trains_on_the_code_evaluation_scores(text):
+    """The code curation keeps for training (curation stage 8) is byte for byte the program
+    evaluation executes for the same answer (a chat answer to an instruction-style problem)."""
+    from domino.curation.code_checks import extract_code as curation_code
+    from domino.evaluation.prompting import to_program
+    problem = {"task_id": "t", "prompt": "Return a.", "tests": [], "test_type": "functional"}
+    code = curation_code(text, "python")
+    assert code is not None and code.strip() and code == to_program(problem, text, chat=True)
+    assert "```" not in code
+
+
+# ------------------------------------------------------------------------------ lineage
+def _adapter_with_lineage(path: Path, **lineage) -> Path:
+    path.mkdir(parents=True)
+    (path / "lineage.json").write_text(json.dumps({"train_run": "/runs/train", **lineage}))
+    return path
+
+
+def test_heldout_benchmark_path_follows_the_adapter_lineage(tmp_path, compose):
+    from domino.evaluation.run import benchmark_config
+    heldout = str(FX / "bench_heldout.jsonl")
+    adapter = _adapter_with_lineage(tmp_path / "adapter", heldout=heldout)
+    cfg = compose("evaluate", ["benchmark=humaneval_heldout", f"adapter={adapter}"])
+    assert benchmark_config(cfg)["path"] == heldout
+    other = str(FX / "bench_mbpp.jsonl")
+    cfg = compose("evaluate", ["benchmark=humaneval_heldout", f"adapter={adapter}", f"benchmark.path={other}"])
+    assert benchmark_config(cfg)["path"] == other  # an explicit path wins
+    cfg = compose("evaluate", [f"adapter={adapter}"])
+    assert benchmark_config(cfg)["path"] is None  # benchmark=humaneval: the packaged set, not the lineage
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    cfg = compose("evaluate", ["benchmark=humaneval_heldout", f"adapter={bare}"])
+    with pytest.raises(ValueError, match=rf"benchmark\.path.*adapter={bare}"):
+        benchmark_config(cfg)
+    with pytest.raises(ValueError, match=r"benchmark=humaneval_heldout needs benchmark\.path"):
+        benchmark_config(compose("evaluate", ["benchmark=humaneval_heldout"]))
+    gone = _adapter_with_lineage(tmp_path / "gone", heldout=str(tmp_path / "missing.jsonl"))
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        benchmark_config(compose("evaluate", ["benchmark=humaneval_heldout", f"adapter={gone}"]))
+
+
+def test_adapter_run_scores_its_heldout_split_and_records_the_lineage(tmp_path):
+    """End to end with a real (tiny) LoRA adapter: no benchmark.path, the lineage names it."""
+    from peft import LoraConfig, get_peft_model
+
+    from domino.backbone import load_backbone
+
+    from .conftest import TINY
+    adapter = _adapter_with_lineage(tmp_path / "adapter", heldout=str(FX / "bench_heldout.jsonl"))
+    model = get_peft_model(load_backbone(**TINY).model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    model.save_pretrained(str(adapter))
+    out = tmp_path / "run"
+    evaluate(out, "backbone=tiny", "benchmark=humaneval_heldout", f"adapter={adapter}", "n_samples=1",
+             "sampling.max_new_tokens=4")
+    s = json.loads((out / "summary.json").read_text())
+    assert s["benchmark"]["path"] == str(FX / "bench_heldout.jsonl") and s["tasks"] == 3
+    assert s["lineage"]["heldout"] == str(FX / "bench_heldout.jsonl") and s["lineage"]["train_run"] == "/runs/train"
+    assert s["adapter_fingerprint"] and s["adapter"] == str(adapter)

@@ -2,9 +2,10 @@
 
 A generator is any callable `conversations -> texts` (one conversation = a list of
 {"role", "content"} messages); tests inject deterministic fakes. The real one renders each
-conversation with the model's chat template and decodes in left-padded batches on the synthesis
-stage's HF engine (KV cache, finished rows dropped, per-row seeds), so there is one decoding
-implementation in the project. Models are loaded once per backbone config and shared by stages.
+conversation with the model's chat template and decodes in left-padded batches on
+domino.generation.hf.HFEngine (KV cache, finished rows dropped, per-row seeds) with
+domino.generation.params.SamplingParams, the engine and sampling config every stage uses.
+Models are loaded once per backbone config and shared by stages.
 """
 from __future__ import annotations
 

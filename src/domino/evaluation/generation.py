@@ -1,33 +1,33 @@
-"""Sample completions for benchmark prompts: HF transformers (batched, KV cache, left padding) or
-vLLM (`engine=vllm`, imported only then; GPU only).
+"""Completions for benchmark prompts, sampled by the project's one decoding stack
+(domino.generation: `engine=hf`, batched with a KV cache, or `engine=vllm`, GPU only and imported
+only then), with the backbone optionally carrying a LoRA adapter.
 
-Completions are appended to a JSONL file and flushed one record at a time, so a crashed run can
-be resumed (`resume=<old completions.jsonl or run dir>`) without regenerating finished samples.
+Sample `i` of task `t` draws its random numbers from its own seed,
+`sample_seed(seed, sample_index(t, i))`: it is the same sample whatever batch it is decoded in,
+whether the run was resumed, and however many samples per task were asked for.
+
+Completions are appended to a JSONL file and flushed batch by batch, so a crashed run can be
+resumed (`resume=<old completions.jsonl or run dir>`) without regenerating finished samples.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+import time
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Callable
 
-import torch
+from domino.generation.params import SamplingParams, sample_seed
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class SamplingConfig:
-    n_samples: int = 1
-    temperature: float = 0.0       # 0 = greedy (then n_samples > 1 repeats the same answer)
-    top_p: float = 0.95
-    max_new_tokens: int = 512
-    batch_size: int = 8
-    seed: int = 0
+# what a completion depends on besides its key's fields; bumped when the same settings would
+# produce other records (2: one engine with per-sample seeds, finish reasons, one extract_code)
+COMPLETIONS_VERSION = 2
 
 
+# ---------------------------------------------------------------------------------- adapters
 def load_adapter(model, adapter: str | None):
     """Attach a peft LoRA directory and merge it (merged weights generate at base-model speed)."""
     if not adapter:
@@ -62,53 +62,151 @@ def _canonical_config(raw: bytes) -> bytes:
     return json.dumps(conf, sort_keys=True).encode()
 
 
-class HFEngine:
-    def __init__(self, model, tokenizer, sampling: SamplingConfig, chat: bool):
-        self.model, self.tok, self.s, self.chat = model, tokenizer, sampling, chat
-        self.tok.padding_side = "left"  # batched decoding: every row's last prompt token at -1
-        if self.tok.pad_token is None:
-            self.tok.pad_token = self.tok.eos_token
-        self.device = next(model.parameters()).device
-
-    @torch.no_grad()
-    def generate(self, prompts: list[str], seed: int) -> tuple[list[str], int]:
-        """Return decoded continuations and the number of generated (non-pad) tokens."""
-        enc = self.tok(prompts, return_tensors="pt", padding=True,
-                       add_special_tokens=not self.chat).to(self.device)  # chat templates add BOS
-        sample = self.s.temperature > 0
-        kwargs = dict(max_new_tokens=self.s.max_new_tokens, do_sample=sample, use_cache=True,
-                      pad_token_id=self.tok.pad_token_id, eos_token_id=self.tok.eos_token_id)
-        if sample:
-            kwargs.update(temperature=self.s.temperature, top_p=self.s.top_p)
-        else:
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            out = self.model.generate(**enc, **kwargs)
-        new = out[:, enc["input_ids"].shape[1]:]
-        n_tokens = int((new != self.tok.pad_token_id).sum())
-        return self.tok.batch_decode(new, skip_special_tokens=True), n_tokens
+def lora_rank(adapter: str) -> int:
+    """The adapter's rank, rounded up to a rank vLLM accepts as max_lora_rank."""
+    r = int(json.loads((Path(adapter).expanduser() / "adapter_config.json").read_text()).get("r", 16))
+    return next((v for v in (8, 16, 32, 64, 128, 256, 320, 512) if v >= r), r)
 
 
-class VLLMEngine:
-    """GPU only. Untested on CPU CI: see tests marked `gpu`."""
+# ---------------------------------------------------------------------------------- engines
+def engine_config(engine: Any, batch_size: int | None = None) -> dict[str, Any]:
+    """The engine group (conf/engine/*.yaml) as a dict. A bare name (`engine: vllm` in an older
+    experiment file) means that engine with its defaults; `sampling.batch_size` (the older place
+    of the batch size) overrides engine.batch_size when set."""
+    ecfg = {"name": engine} if isinstance(engine, str) else dict(engine or {"name": "hf"})
+    if batch_size is not None:
+        ecfg["batch_size"] = int(batch_size)
+    if ecfg.get("name") not in ("hf", "vllm"):
+        raise ValueError(f"engine={ecfg.get('name')!r}: expected hf or vllm")
+    return ecfg
 
-    def __init__(self, model_path: str, sampling: SamplingConfig, chat: bool, adapter: str | None = None,
-                 dtype: str = "bfloat16", gpu_memory_utilization: float = 0.85):
-        from vllm import LLM  # imported only when engine=vllm
-        self.s, self.chat, self.adapter = sampling, chat, adapter
-        self.llm = LLM(model=model_path, dtype=dtype, enable_lora=bool(adapter), seed=sampling.seed,
-                       gpu_memory_utilization=gpu_memory_utilization)
 
-    def generate(self, prompts: list[str], seed: int) -> tuple[list[str], int]:
-        from vllm import SamplingParams
-        from vllm.lora.request import LoRARequest
-        params = SamplingParams(n=1, temperature=self.s.temperature, top_p=self.s.top_p if self.s.temperature
-                                else 1.0, max_tokens=self.s.max_new_tokens, seed=seed)
-        lora = LoRARequest("adapter", 1, self.adapter) if self.adapter else None
-        outs = self.llm.generate(prompts, params, lora_request=lora, use_tqdm=False)
-        texts = [o.outputs[0].text for o in outs]
-        return texts, sum(len(o.outputs[0].token_ids) for o in outs)
+def build_engine(backbone_cfg: dict, ecfg: dict[str, Any], params: SamplingParams, adapter: str | None,
+                 seed: int) -> tuple[Any, Any, str, str | None]:
+    """(engine, tokenizer, model id, adapter fingerprint); the model is loaded once."""
+    import torch
+
+    from domino.backbone import load_backbone, load_tokenizer, resolve_dtype
+    if ecfg["name"] == "vllm":
+        from domino.generation.vllm import VLLMEngine
+        path = str(backbone_cfg.get("path"))
+        if path in ("embedded", "tiny"):
+            raise ValueError("engine=vllm needs backbone.path to be a hub id or local HF directory")
+        tok = load_tokenizer(path)
+        eng = VLLMEngine(path, path, params, batch_size=int(ecfg.get("batch_size", 1024)),
+                         tensor_parallel_size=int(ecfg.get("tensor_parallel_size", 1)),
+                         dtype=str(ecfg.get("dtype") or "auto"),
+                         gpu_memory_utilization=float(ecfg.get("gpu_memory_utilization", 0.9)),
+                         max_model_len=ecfg.get("max_model_len"), enforce_eager=bool(ecfg.get("enforce_eager")),
+                         seed=seed, trust_remote_code=bool(backbone_cfg.get("trust_remote_code")),
+                         enable_prefix_caching=ecfg.get("enable_prefix_caching"), extra=ecfg.get("extra"),
+                         prompt_embeds=False, adapter=adapter,
+                         max_lora_rank=lora_rank(adapter) if adapter else None)
+        return eng, tok, path, adapter_fingerprint(Path(adapter).expanduser()) if adapter else None
+    from domino.generation.hf import HFEngine
+    if ecfg.get("num_threads"):
+        torch.set_num_threads(int(ecfg["num_threads"]))
+    bb = load_backbone(**backbone_cfg)
+    model, adapter_fp = load_adapter(bb.model, adapter)
+    device = ecfg.get("device") or "auto"
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    if ecfg.get("dtype"):
+        model = model.to(dtype=resolve_dtype(ecfg["dtype"]))
+    model = model.to(device)
+    return HFEngine(model, bb.tokenizer, params, batch_size=int(ecfg.get("batch_size", 32))), \
+        bb.tokenizer, bb.id, adapter_fp
+
+
+# ---------------------------------------------------------------------------------- seeds and keys
+def sample_index(task_id: str, sample_idx: int) -> int:
+    """A stable integer naming sample `sample_idx` of a task (the index sample_seed hashes)."""
+    digest = hashlib.sha256(json.dumps([str(task_id), int(sample_idx)]).encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+def gen_key(model_id: str, adapter_fp: str | None, engine: str, params: SamplingParams, seed: int,
+            chat: bool, prompt: str) -> str:
+    """What a task's completions depend on; resumed records are reused only when it matches."""
+    blob = json.dumps([COMPLETIONS_VERSION, model_id, adapter_fp, engine, params.to_dict(), seed, chat, prompt],
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------- the loop
+def generate_completions(problems: list[dict], backbone_cfg: dict, params: SamplingParams, n_samples: int,
+                         seed: int, out_path: Path, engine: Any = "hf", adapter: str | None = None,
+                         chat: bool | None = None, resume: str | None = None, batch_size: int | None = None,
+                         progress: Callable | None = None) -> tuple[list[dict], dict]:
+    """Sample `n_samples` outputs per problem, appending each batch to `out_path` as soon as it exists.
+    Prompts are text (prompting.build_prompt), tokenised as the model sees them: chat templates
+    carry their own special tokens, plain prompts get the tokenizer's (BOS)."""
+    from domino.evaluation.prompting import build_prompt, to_program, use_chat
+    ecfg = engine_config(engine, batch_size)
+    eng, tok, model_id, adapter_fp = build_engine(backbone_cfg, ecfg, params, adapter, seed)
+    chat = use_chat(tok, chat)
+    prompts = {p["task_id"]: build_prompt(p, tok, chat) for p in problems}
+    keys = {t: gen_key(model_id, adapter_fp, ecfg["name"], params, seed, chat, pr) for t, pr in prompts.items()}
+    done: dict[tuple[str, int], dict] = {}
+    if resume:
+        for rec in read_completions(resume):
+            same = keys.get(rec.get("task_id")) == rec.get("gen_key")
+            if same and rec.get("sample_idx", 1 << 30) < n_samples:
+                done[(rec["task_id"], rec["sample_idx"])] = rec
+        log.info("resume: reusing %d completions from %s", len(done), resume)
+    by_id = {p["task_id"]: p for p in problems}
+    reused = len(done)
+    ids = {t: list(tok(pr, add_special_tokens=not chat)["input_ids"]) for t, pr in prompts.items()}
+    todo = [(t, i) for t in prompts for i in range(n_samples) if (t, i) not in done]
+    todo.sort(key=lambda ti: len(ids[ti[0]]))  # similar lengths per batch: less padding
+    bs = eng.batch_size
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_path, "a") as fh:
+        for rec in done.values():
+            fh.write(json.dumps(rec) + "\n")
+        fh.flush()
+        started, n_tok = time.monotonic(), 0
+        bar = progress() if progress else _NoProgress()
+        with bar:
+            job = bar.add_task("generate", total=len(todo), rate="")
+            for b in range(0, len(todo), bs):
+                batch = todo[b: b + bs]
+                seeds = [sample_seed(seed, sample_index(t, i)) for t, i in batch]
+                gens = eng.generate_prompts([ids[t] for t, _ in batch], seeds)
+                for (t, i), g in zip(batch, gens):
+                    n_tok += len(g.token_ids)
+                    rec = {"task_id": t, "sample_idx": i, "gen_key": keys[t], "output": g.text,
+                           "finish_reason": g.finish_reason, "n_tokens": len(g.token_ids),
+                           "program": to_program(by_id[t], g.text, chat)}
+                    done[(t, i)] = rec
+                    fh.write(json.dumps(rec) + "\n")
+                fh.flush()
+                rate = n_tok / max(1e-9, time.monotonic() - started)
+                bar.update(job, advance=len(batch), rate=f"{rate:.1f} tok/s")
+    truncated = sum(r.get("finish_reason") == "length" for r in done.values())
+    if truncated:
+        log.warning("%d of %d completions hit sampling.max_new_tokens=%d (finish_reason=length)",
+                    truncated, len(done), params.max_new_tokens)
+    provenance = {"model": model_id, "adapter": adapter, "adapter_fingerprint": adapter_fp,
+                  "engine": {k: v for k, v in ecfg.items() if k not in ("device", "num_threads")},
+                  "chat_template": chat, "sampling": params.to_dict(), "n_samples": n_samples, "seed": seed,
+                  "completions_version": COMPLETIONS_VERSION, "reused_completions": reused,
+                  "truncated_completions": truncated}
+    recs = sorted(done.values(), key=lambda r: (r["task_id"], r["sample_idx"]))
+    return recs, provenance
+
+
+class _NoProgress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def add_task(self, *a, **k):
+        return 0
+
+    def update(self, *a, **k):
+        pass
 
 
 def read_completions(path: str | Path) -> list[dict]:
@@ -131,8 +229,3 @@ def read_completions(path: str | Path) -> list[dict]:
                     raise ValueError(f"{path}:{lineno}: invalid JSON in completions") from None
                 log.warning("%s:%d: dropping a torn last line (crash during write)", path, lineno)
     return recs
-
-
-def batch_seed(seed: int, keys: Iterable[str]) -> int:
-    """Seed of a batch from its content, so a resumed run draws the same samples it would have."""
-    return int.from_bytes(hashlib.sha256(json.dumps([seed, *keys]).encode()).digest()[:4], "little")

@@ -5,18 +5,17 @@ summary.json and summary.md (pass@k, outcome counts, provenance).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from domino import lineage
 from domino.evaluation.benchmarks import fingerprint, load_benchmark
-from domino.evaluation.generation import SamplingConfig, batch_seed, read_completions
 from domino.evaluation.passk import aggregate, check_ks, pass_at_k
-from domino.evaluation.prompting import build_prompt, program_from_sample, to_program, use_chat
+from domino.evaluation.prompting import program_from_sample
 from domino.evaluation.sandbox import ExecutionCache, Sandbox, SandboxConfig
 from domino.records import iter_jsonl
 
@@ -35,81 +34,6 @@ def _progress():
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
                     TimeRemainingColumn())
-
-
-def _gen_key(model_id: str, adapter_fp: str | None, s: SamplingConfig, chat: bool, prompt: str) -> str:
-    """What a completion depends on; resumed records are reused only when it matches."""
-    blob = json.dumps([model_id, adapter_fp, s.temperature, s.top_p, s.max_new_tokens, s.seed, chat, prompt])
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def generate_completions(problems: list[dict], backbone_cfg: dict, sampling: SamplingConfig,
-                         out_path: Path, adapter: str | None = None, engine: str = "hf",
-                         chat: bool | None = None, resume: str | None = None) -> tuple[list[dict], dict]:
-    """Sample `n_samples` outputs per problem, appending each to `out_path` as soon as it exists."""
-    from domino.backbone import load_backbone, load_tokenizer
-    if engine == "vllm":
-        from domino.evaluation.generation import VLLMEngine, adapter_fingerprint
-        path = str(backbone_cfg.get("path"))
-        if path in ("embedded", "tiny"):
-            raise ValueError("engine=vllm needs backbone.path to be a hub id or local HF directory")
-        tok = load_tokenizer(path)
-        chat = use_chat(tok, chat)
-        eng = VLLMEngine(path, sampling, chat, adapter=adapter, dtype=backbone_cfg.get("dtype", "bfloat16"))
-        model_id, adapter_fp = path, adapter_fingerprint(Path(adapter)) if adapter else None
-    elif engine == "hf":
-        import torch
-
-        from domino.evaluation.generation import HFEngine, load_adapter
-        bb = load_backbone(**backbone_cfg)
-        model, adapter_fp = load_adapter(bb.model, adapter)
-        if torch.cuda.is_available():
-            model = model.cuda()
-        chat = use_chat(bb.tokenizer, chat)
-        tok = bb.tokenizer
-        eng = HFEngine(model, tok, sampling, chat)
-        model_id = bb.id
-    else:
-        raise ValueError(f"engine={engine!r}: expected hf or vllm")
-
-    prompts = {p["task_id"]: build_prompt(p, tok, chat) for p in problems}
-    keys = {t: _gen_key(model_id, adapter_fp, sampling, chat, pr) for t, pr in prompts.items()}
-    done: dict[tuple[str, int], dict] = {}
-    if resume:
-        for rec in read_completions(resume):
-            same = keys.get(rec.get("task_id")) == rec.get("gen_key")
-            if same and rec.get("sample_idx", 1 << 30) < sampling.n_samples:
-                done[(rec["task_id"], rec["sample_idx"])] = rec
-        log.info("resume: reusing %d completions from %s", len(done), resume)
-    by_id = {p["task_id"]: p for p in problems}
-    reused = len(done)
-    todo = [(t, i) for t in prompts for i in range(sampling.n_samples) if (t, i) not in done]
-    todo.sort(key=lambda ti: len(prompts[ti[0]]))  # similar lengths per batch: less padding
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_path, "a") as fh:
-        for rec in done.values():
-            fh.write(json.dumps(rec) + "\n")
-        fh.flush()
-        started, n_tok = time.monotonic(), 0
-        with _progress() as bar:
-            job = bar.add_task("generate", total=len(todo), rate="")
-            for b in range(0, len(todo), sampling.batch_size):
-                batch = todo[b: b + sampling.batch_size]
-                seed = batch_seed(sampling.seed, [f"{t}#{i}" for t, i in batch])
-                outs, ntok = eng.generate([prompts[t] for t, _ in batch], seed)
-                n_tok += ntok
-                for (t, i), text in zip(batch, outs):
-                    rec = {"task_id": t, "sample_idx": i, "gen_key": keys[t], "output": text,
-                           "program": to_program(by_id[t], text, chat)}
-                    done[(t, i)] = rec
-                    fh.write(json.dumps(rec) + "\n")
-                fh.flush()
-                rate = n_tok / max(1e-9, time.monotonic() - started)
-                bar.update(job, advance=len(batch), rate=f"{rate:.1f} tok/s")
-    provenance = {"model": model_id, "adapter": adapter, "adapter_fingerprint": adapter_fp, "engine": engine,
-                  "chat_template": chat, "sampling": vars(sampling), "reused_completions": reused}
-    recs = sorted(done.values(), key=lambda r: (r["task_id"], r["sample_idx"]))
-    return recs, provenance
 
 
 def completions_from_samples(problems: list[dict], samples: str) -> list[dict]:
@@ -183,16 +107,48 @@ def write_report(output_dir: Path, problems: list[dict], per_task: dict[str, lis
     return summary
 
 
+def benchmark_config(cfg: Any) -> dict:
+    """cfg.benchmark as a dict. A benchmark whose path is required but unset (`path: ???`, e.g.
+    benchmark=humaneval_heldout) takes the held-out split recorded in the adapter's lineage.json:
+    `evaluate.py adapter=<finetune run>/adapter benchmark=humaneval_heldout` scores the adapter
+    on the problems its training run held out."""
+    from omegaconf import OmegaConf
+    if not OmegaConf.is_missing(cfg.benchmark, "path"):
+        return OmegaConf.to_container(cfg.benchmark, resolve=True)
+    bench = OmegaConf.to_container(cfg.benchmark, resolve=True, throw_on_missing=False)
+    bench["path"] = heldout_path(cfg.get("adapter"), bench.get("name"))
+    return bench
+
+
+def heldout_path(adapter: str | None, benchmark: str | None = None) -> str:
+    """The held-out split in the adapter's lineage; an error naming benchmark.path and the adapter
+    when there is none to follow."""
+    if not adapter:
+        raise ValueError(f"benchmark={benchmark} needs benchmark.path=<file> (e.g. <train run>/heldout.jsonl), "
+                         "or adapter=<finetune run>/adapter whose lineage.json names the held-out split")
+    held = lineage.heldout_of(adapter)
+    if held is None:
+        raise ValueError(f"benchmark.path is not set and adapter={adapter} records no held-out split "
+                         f"({lineage.lineage_path(adapter)} is missing or has no 'heldout'): pass "
+                         f"benchmark.path=<train run>/heldout.jsonl for benchmark={benchmark}")
+    if not Path(held).exists():
+        raise FileNotFoundError(f"benchmark.path is not set and the held-out split in adapter={adapter}'s "
+                                f"lineage ({held}) does not exist: pass benchmark.path=<heldout.jsonl>")
+    log.info("benchmark.path=%s: the held-out split in the lineage of adapter=%s", held, adapter)
+    return held
+
+
 def run_passk(cfg: Any) -> dict:
     """task=passk. `cfg` is the composed evaluate config (see conf/evaluate.yaml)."""
     from omegaconf import OmegaConf
+
+    from domino.generation.params import SamplingParams
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    bench = OmegaConf.to_container(cfg.benchmark, resolve=True)
+    bench = benchmark_config(cfg)
     problems = load_benchmark(**bench)
-    sampling = SamplingConfig(n_samples=cfg.n_samples, temperature=cfg.sampling.temperature,
-                              top_p=cfg.sampling.top_p, max_new_tokens=cfg.sampling.max_new_tokens,
-                              batch_size=cfg.sampling.batch_size, seed=cfg.seed)
+    scfg = OmegaConf.to_container(cfg.sampling, resolve=True)
+    params = SamplingParams.from_config(scfg)
     ks = list(cfg.k)
     if cfg.samples:
         completions = completions_from_samples(problems, cfg.samples)
@@ -200,11 +156,14 @@ def run_passk(cfg: Any) -> dict:
         check_ks(ks, n_min)
         provenance = {"model": None, "adapter": None, "samples_file": str(cfg.samples)}
     else:
-        ks = check_ks(ks, sampling.n_samples)  # before spending any generation
+        from domino.evaluation.generation import generate_completions
+        ks = check_ks(ks, int(cfg.n_samples))  # before spending any generation
+        engine = cfg.engine if isinstance(cfg.engine, str) else OmegaConf.to_container(cfg.engine, resolve=True)
         completions, provenance = generate_completions(
-            problems, OmegaConf.to_container(cfg.backbone, resolve=True), sampling,
-            output_dir / "completions.jsonl", adapter=cfg.adapter, engine=cfg.engine, chat=cfg.prompt.chat,
-            resume=cfg.resume)
+            problems, OmegaConf.to_container(cfg.backbone, resolve=True), params, int(cfg.n_samples),
+            int(cfg.seed), output_dir / "completions.jsonl", engine=engine, adapter=cfg.adapter,
+            chat=cfg.prompt.chat, resume=cfg.resume, batch_size=scfg.get("batch_size"), progress=_progress)
+    provenance["lineage"] = lineage.read(cfg.get("adapter"))  # {} without an adapter or its lineage.json
     sb_cfg = SandboxConfig(**OmegaConf.to_container(cfg.sandbox, resolve=True))
     cache = ExecutionCache(cfg.cache_path)
     sandbox = Sandbox(sb_cfg, cache=cache)

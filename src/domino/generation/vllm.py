@@ -3,8 +3,10 @@
 The domain tokens go in as prompt embeddings: `LLM(..., enable_prompt_embeds=True)` and requests
 `{"prompt_embeds": D}` with D a (k, hidden) tensor, which vLLM documents for offline inference
 (vllm.inputs.EmbedsPrompt; written against vLLM >= 0.10.2, where prompt embeddings work in the V1
-engine). Text prompts (baselines) go in as token ids. Every request carries its own seed
-(`SamplingParams.seed`), so a sample depends on its index, not on the chunk it was sent in.
+engine). Text prompts (baselines, benchmark prompts) go in as token ids. Every request carries its
+own seed (`SamplingParams.seed`), so a sample depends on its index, not on the chunk it was sent in.
+A LoRA adapter directory (evaluation of a fine-tuned model) is applied per request with
+`LoRARequest`; vLLM then needs `enable_lora` and a `max_lora_rank` at least the adapter's rank.
 """
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ class VLLMEngine:
                  tensor_parallel_size: int = 1, dtype: str = "auto", gpu_memory_utilization: float = 0.9,
                  max_model_len: int | None = None, enforce_eager: bool = False, seed: int = 0,
                  trust_remote_code: bool = False, enable_prefix_caching: bool | None = None,
-                 extra: dict[str, Any] | None = None):
+                 extra: dict[str, Any] | None = None, prompt_embeds: bool = True, adapter: str | None = None,
+                 max_lora_rank: int | None = None):
         try:
             import vllm
         except ImportError as e:
@@ -34,7 +37,7 @@ class VLLMEngine:
         if not torch.cuda.is_available():
             raise RuntimeError("engine=vllm needs a CUDA GPU; use engine=hf on this machine")
         self.params, self.batch_size = params, batch_size
-        kwargs: dict[str, Any] = dict(model=model_path, tokenizer=tokenizer_path, enable_prompt_embeds=True,
+        kwargs: dict[str, Any] = dict(model=model_path, tokenizer=tokenizer_path, enable_prompt_embeds=prompt_embeds,
                                       tensor_parallel_size=tensor_parallel_size, dtype=dtype,
                                       gpu_memory_utilization=gpu_memory_utilization, seed=seed,
                                       enforce_eager=enforce_eager, trust_remote_code=trust_remote_code)
@@ -42,6 +45,13 @@ class VLLMEngine:
             kwargs["max_model_len"] = max_model_len
         if enable_prefix_caching is not None:
             kwargs["enable_prefix_caching"] = enable_prefix_caching
+        self.lora = None
+        if adapter:
+            from vllm.lora.request import LoRARequest
+            kwargs["enable_lora"] = True
+            if max_lora_rank:
+                kwargs["max_lora_rank"] = int(max_lora_rank)
+            self.lora = LoRARequest("adapter", 1, str(adapter))
         kwargs.update(extra or {})
         log.info("vLLM %s: loading %s (tensor_parallel_size=%d)", vllm.__version__, model_path,
                  tensor_parallel_size)
@@ -61,7 +71,7 @@ class VLLMEngine:
             seed=int(seed) % (2 ** 63), skip_special_tokens=True, include_stop_str_in_output=False)
 
     def _run(self, prompts: list[dict], seeds: list[int]) -> list[Generation]:
-        outs = self.llm.generate(prompts, [self._sp(s) for s in seeds], use_tqdm=False)
+        outs = self.llm.generate(prompts, [self._sp(s) for s in seeds], use_tqdm=False, lora_request=self.lora)
         gens = []
         for o in outs:  # LLM.generate returns outputs in request order
             c = o.outputs[0]
