@@ -122,7 +122,7 @@ def test_finetune_lora_bf16_on_cuda(tmp_path):
 def test_evaluate_generates_on_cuda(tmp_path):
     cmd = [sys.executable, "evaluate.py", f"hydra.run.dir={tmp_path}", f"cache_path={tmp_path / 'c.jsonl'}",
            "backbone=tiny", "backbone.dtype=bfloat16", "benchmark.limit=2", "n_samples=2", "k=[1,2]",
-           "sampling.max_new_tokens=8", "sampling.temperature=0.8", "sampling.batch_size=4"]
+           "sampling.max_new_tokens=8", "sampling.temperature=0.8", "engine.batch_size=4"]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     summary = json.loads((tmp_path / "summary.json").read_text())

@@ -18,7 +18,7 @@ TINY_STAGES = {
                        "+curation.responses.generation.sampling.min_new_tokens=8",
     "DEMO_FINETUNE_ARGS": "trainer.max_steps=2 sft.val_size=2 sft.batch_size=2 sft.max_len=128 "
                           "trainer.enable_progress_bar=false",
-    "DEMO_EVAL_ARGS": "benchmark.limit=3 sampling.max_new_tokens=16 sampling.batch_size=3",
+    "DEMO_EVAL_ARGS": "benchmark.limit=3 sampling.max_new_tokens=16 engine.batch_size=3",
 }
 
 

@@ -67,6 +67,7 @@ def test_adapter_fingerprint_is_the_weights_not_the_provenance(tmp_path):
         (tmp_path / d / "adapter_config.json").write_text('{"r": 4}')
         (tmp_path / d / "adapter_model.safetensors").write_bytes(b"weights")
         (tmp_path / d / "domino_finetune.json").write_text(json.dumps({"data": {"path": where}}))
+        (tmp_path / d / "lineage.json").write_text(json.dumps({"adapter": where, "sft": where + "/sft.jsonl"}))
     assert adapter_fingerprint(tmp_path / "a") == adapter_fingerprint(tmp_path / "b")
     (tmp_path / "b" / "adapter_model.safetensors").write_bytes(b"other weights")
     assert adapter_fingerprint(tmp_path / "a") != adapter_fingerprint(tmp_path / "b")

@@ -41,13 +41,16 @@ def load_adapter(model, adapter: str | None):
     return model, adapter_fingerprint(path)
 
 
+PROVENANCE_FILES = ("domino_finetune.json", "lineage.json")
+
+
 def adapter_fingerprint(path: Path) -> str:
-    """What the adapter computes: its config and weights. finetune.py's provenance file beside
-    them (domino_finetune.json: paths, git commit) is left out, so the same weights exported by
-    another run have the same fingerprint (and completion keys)."""
+    """What the adapter computes: its config and weights. finetune.py's provenance files beside
+    them (domino_finetune.json, lineage.json: paths, git commit) are left out, so the same weights
+    exported by another run have the same fingerprint (and completion keys)."""
     h = hashlib.sha256()
     for f in sorted(path.iterdir()):
-        if f.is_file() and f.suffix in (".json", ".safetensors", ".bin") and f.name != "domino_finetune.json":
+        if f.is_file() and f.suffix in (".json", ".safetensors", ".bin") and f.name not in PROVENANCE_FILES:
             h.update(f.name.encode())
             h.update(_canonical_config(f.read_bytes()) if f.name == "adapter_config.json" else f.read_bytes())
     return h.hexdigest()[:16]
