@@ -40,6 +40,8 @@ def test_tiny_backbone_end_to_end_and_resume(tmp_path):
     comps = [json.loads(x) for x in (run1 / "completions.jsonl").read_text().splitlines()]
     assert len(comps) == 4 and {c["task_id"] for c in comps} == {"HumanEval/0", "HumanEval/1"}
     assert all(c["finish_reason"] in ("stop", "length") for c in comps)
+    # EvalPlus reads {task_id, solution}: the whole program, the same string that was scored
+    assert all(c["solution"] == c["program"] and "def " in c["solution"] for c in comps)
     summary = json.loads((run1 / "summary.json").read_text())
     assert summary["tasks"] == 2 and summary["samples"] == 4 and set(summary) >= {"pass@1", "pass@2"}
     assert summary["model"].startswith("tiny:") and summary["benchmark"]["fingerprint"]

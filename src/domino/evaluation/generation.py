@@ -177,9 +177,12 @@ def generate_completions(problems: list[dict], backbone_cfg: dict, params: Sampl
                 gens = eng.generate_prompts([ids[t] for t, _ in batch], seeds)
                 for (t, i), g in zip(batch, gens):
                     n_tok += len(g.token_ids)
+                    program = to_program(by_id[t], g.text, chat)
+                    # `solution` is EvalPlus's field (the whole program): evalplus.evaluate reads
+                    # this file unchanged; `program` is the same string under this project's name
                     rec = {"task_id": t, "sample_idx": i, "gen_key": keys[t], "output": g.text,
                            "finish_reason": g.finish_reason, "n_tokens": len(g.token_ids),
-                           "program": to_program(by_id[t], g.text, chat)}
+                           "program": program, "solution": program}
                     done[(t, i)] = rec
                     fh.write(json.dumps(rec) + "\n")
                 fh.flush()
