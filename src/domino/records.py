@@ -1,12 +1,25 @@
 """JSON Lines I/O: every bad record is reported with its file and line, and writers append and
-flush as they go so a crashed stage loses nothing it had produced."""
+flush as they go so a crashed stage loses nothing it had produced.
+
+One recovery rule for every append-only file (samples, curation model stages, completions): a
+last line without its newline was being written when the process died; it is cut off when the
+file is opened for appending, with a warning naming the file, and the record is produced again.
+`JsonlStore` adds a unique key per record, so a resumed or repeated write never duplicates one:
+
+    from domino.records import JsonlStore
+    with JsonlStore(path, key=lambda r: (r["task_id"], r["sample_idx"]), keep_records=True) as store:
+        store.add(rec)          # False (and nothing written) when that key is already there
+"""
 from __future__ import annotations
 
 import gzip
 import json
+import logging
 import os
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Hashable, Iterable, Iterator
+
+log = logging.getLogger(__name__)
 
 
 class RecordError(ValueError):
@@ -18,25 +31,38 @@ class RecordError(ValueError):
         self.source, self.line = str(source), line
 
 
-def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+def _open_bytes(path: Path):
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def _decode(raw: bytes, path: Path, lineno: int, offset: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RecordError(path, lineno, f"not valid UTF-8: byte {raw[e.start:e.start + 1]!r} at column "
+                                        f"{e.start + 1} (byte offset {offset + e.start} in the file)") from None
 
 
 def iter_jsonl(path: str | os.PathLike, required: Iterable[str] = ()) -> Iterator[tuple[int, dict]]:
     """Yield (line number, record). Blank lines are skipped; anything else that is not a JSON
-    object, or lacks a required field, raises RecordError naming file and line."""
+    object (or not UTF-8), or lacks a required field, raises RecordError naming file and line."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such file: {path}")
     required = tuple(required)
-    with _open_text(path) as fh:
-        for lineno, raw in enumerate(fh, start=1):
+    offset = 0
+    with _open_bytes(path) as fh:
+        for lineno, raw_bytes in enumerate(fh, start=1):
+            raw = _decode(raw_bytes, path, lineno, offset)
+            offset += len(raw_bytes)
             if not raw.strip():
                 continue
             try:
                 rec = json.loads(raw)
             except json.JSONDecodeError as e:
-                raise RecordError(path, lineno, f"malformed JSON ({e.msg} at column {e.colno})") from None
+                torn = "" if raw_bytes.endswith(b"\n") else (
+                    "; it is the last line and has no newline: the writer was interrupted (rerun it to finish)")
+                raise RecordError(path, lineno, f"malformed JSON ({e.msg} at column {e.colno}){torn}") from None
             if not isinstance(rec, dict):
                 raise RecordError(path, lineno, f"expected a JSON object, got {type(rec).__name__}")
             missing = [k for k in required if k not in rec]
@@ -59,8 +85,15 @@ def read_records(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
         for i, rec in enumerate(pq.read_table(path).to_pylist(), start=1):
             yield i, rec
     elif path.suffix == ".json":
+        raw = path.read_bytes()
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw.count(b"\n", 0, e.start) + 1
+            raise RecordError(path, line, f"not valid UTF-8: byte {raw[e.start:e.start + 1]!r} at byte offset "
+                                          f"{e.start}") from None
+        try:
+            data = json.loads(text)
         except json.JSONDecodeError as e:
             raise RecordError(path, e.lineno, f"malformed JSON ({e.msg})") from None
         if not isinstance(data, list):
@@ -83,6 +116,8 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> int:
         for rec in records:
             fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
             n += 1
+        fh.flush()
+        os.fsync(fh.fileno())  # the rename must never publish a file whose content is not on disk
     os.replace(tmp, path)
     return n
 
@@ -90,12 +125,12 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> int:
 class JsonlAppender:
     """Append records one at a time, flushed (and fsynced every `sync_every`) so that a crash
     loses at most the record being written. A torn last line from a previous crash is cut off
-    on open."""
+    on open (recover_torn_tail)."""
 
     def __init__(self, path: str | os.PathLike, sync_every: int = 16):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        _truncate_torn_tail(self.path)
+        recover_torn_tail(self.path)
         self._fh = open(self.path, "a", encoding="utf-8")
         self._sync_every, self._since_sync = sync_every, 0
 
@@ -120,12 +155,98 @@ class JsonlAppender:
         self.close()
 
 
-def _truncate_torn_tail(path: Path) -> None:
+def recover_torn_tail(path: str | os.PathLike) -> int:
+    """Cut a last line that lacks its newline (a write interrupted by a crash) and say so in the
+    log. Returns the number of bytes dropped (0: the file was whole, or does not exist)."""
+    path = Path(path)
     if not path.exists() or path.stat().st_size == 0:
-        return
+        return 0
     with open(path, "rb+") as fh:
-        data = fh.read()
-        if data.endswith(b"\n"):
-            return
-        cut = data.rfind(b"\n") + 1  # 0 when the only line is torn
+        size = fh.seek(0, os.SEEK_END)
+        fh.seek(size - 1)
+        if fh.read(1) == b"\n":
+            return 0
+        # scan back to the last newline in blocks: a file can be large, its torn line is not
+        pos, cut = size, 0
+        while pos > 0:
+            start = max(0, pos - 65536)
+            fh.seek(start)
+            block = fh.read(pos - start)
+            i = block.rfind(b"\n")
+            if i >= 0:
+                cut = start + i + 1
+                break
+            pos = start
+        fh.seek(0)
+        line = fh.read(cut).count(b"\n") + 1
         fh.truncate(cut)
+        fh.flush()
+        os.fsync(fh.fileno())
+    log.warning("%s:%d: dropped a torn last line (%d bytes without a newline, left by an interrupted "
+                "write); that record is produced again", path, line, size - cut)
+    return size - cut
+
+
+def _key_fn(key: str | Callable[[dict], Hashable]) -> Callable[[dict], Hashable]:
+    if callable(key):
+        return key
+    return lambda rec: rec[key]
+
+
+class JsonlStore:
+    """An append-only JSONL file of records with a unique key each: the one store every resumable
+    stage writes through. Opening it recovers a torn tail (recover_torn_tail) and reads the keys
+    already there (a duplicate key in the file is an error naming its line); `add` writes a record
+    only if its key is new, so a resumed run, or records reused from an earlier run, can never be
+    written twice. `keep_records=True` also keeps the records themselves (`records`, by key)."""
+
+    def __init__(self, path: str | os.PathLike, key: str | Callable[[dict], Hashable] = "id",
+                 keep_records: bool = False, sync_every: int = 16):
+        self.path = Path(path)
+        self._key = _key_fn(key)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.n_recovered_bytes = recover_torn_tail(self.path)
+        self.keys: set = set()
+        self.records: dict = {}
+        if self.path.exists():
+            for lineno, rec in iter_jsonl(self.path):
+                try:
+                    k = self._key(rec)
+                except (KeyError, TypeError) as e:
+                    raise RecordError(self.path, lineno, f"record has no key ({e}); present: {sorted(rec)}") from None
+                if k in self.keys:
+                    raise RecordError(self.path, lineno, f"duplicate record {k!r}")
+                self.keys.add(k)
+                if keep_records:
+                    self.records[k] = rec
+        self._keep = keep_records
+        self._appender = JsonlAppender(self.path, sync_every=sync_every)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self.keys
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def key(self, rec: dict) -> Hashable:
+        return self._key(rec)
+
+    def add(self, rec: dict[str, Any]) -> bool:
+        """Append `rec` unless its key is already stored; True when it was written."""
+        k = self._key(rec)
+        if k in self.keys:
+            return False
+        self._appender.write(rec)
+        self.keys.add(k)
+        if self._keep:
+            self.records[k] = rec
+        return True
+
+    def close(self) -> None:
+        self._appender.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

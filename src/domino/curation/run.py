@@ -16,6 +16,7 @@ from typing import Any, Callable
 from domino import lineage
 from domino.curation import sources as S
 from domino.curation.stages import StageFiles, fingerprint
+from domino.locking import output_lock
 from domino.records import RecordError, iter_jsonl, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,11 @@ class Curation:
 
     # ------------------------------------------------------------------ the run
     def run(self) -> dict[str, Any]:
+        # one writer per directory: two curations would each append every model-stage verdict
+        with output_lock(self.out_dir, "curate"):
+            return self._run()
+
+    def _run(self) -> dict[str, Any]:
         from domino.curation.report import write_report
         _read_input(self.samples_path)  # validate up front: file:line for a bad record
         current = self.samples_path
@@ -135,7 +141,8 @@ class Curation:
             funnel.append({"stage": name, "enabled": True, **{k: meta[k] for k in keys}})
             current = files.kept
         result = self._sft(current)
-        lineage.write(self.out_dir, lineage.read(self.samples_path), curation_input=str(Path(self.samples_path).resolve()),
+        lineage.write(self.out_dir, lineage.read(self.samples_path),
+                      curation_input=str(Path(self.samples_path).resolve()),
                       curated=str(Path(result["curated"]).resolve()), sft=str(Path(result["sft"]).resolve()))
         report = write_report(self.out_dir, self.root, funnel, self.metas, result, self.cfg.get("report") or {})
         result.update(report)
@@ -164,7 +171,8 @@ class Curation:
         only the records without a verdict. When only the input changed (an upstream stage was
         re-tuned) verdicts of records whose text (and response) are unchanged are reused."""
         from domino.curation.generation import StageProgress
-        from domino.records import JsonlAppender
+        from domino.records import JsonlStore
+        files.recover()  # a crash mid-write left a torn last line: cut it (logged), redo that record
         cfp = fingerprint(c, extra)
         fp = fingerprint(S.file_hash(current), cfp)
         recs = [r for _, r in iter_jsonl(current)]
@@ -182,7 +190,7 @@ class Curation:
         n_reused = 0
         log.info("curation %s: %d records to do (%d already done, %d reusable)", files.name, len(todo),
                  len(done), len(reuse))
-        with JsonlAppender(files.kept) as ka, JsonlAppender(files.dropped) as da, \
+        with JsonlStore(files.kept) as ka, JsonlStore(files.dropped) as da, \
                 StageProgress(files.name, len(recs), len(done), self.progress) as bar:
             for s in range(0, len(todo), max(1, batch_size)):
                 batch = todo[s:s + batch_size]
@@ -192,7 +200,7 @@ class Curation:
                     prev = reuse.get(_reuse_key(r, files.name))
                     out = _merge(r, prev, files.name) if prev is not None else next(made)
                     n_reused += prev is not None
-                    (da if "dropped" in out else ka).write(out)
+                    (da if "dropped" in out else ka).add(out)
                 bar.advance(len(batch))
         meta = files.finish(fp, info, {**(summarise(files) if summarise else {}), "n_reused": n_reused})
         log.info("curation %s: %d -> %d (%s)", files.name, len(recs), meta["n_out"], meta["reasons"])

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from domino.provenance import file_sha256
-from domino.records import read_jsonl
+from domino.records import iter_jsonl, read_jsonl
 
 log = logging.getLogger(__name__)
 BENCHMARK_FORMATS = ("humaneval", "mbpp", "livecodebench", "codecontests")
@@ -36,7 +36,20 @@ def run_sources(samples_path: str | Path) -> dict[str, Any]:
             from domino.data.domains import load_domain
             refs, held = load_domain(**domain)
             out["references"], out["heldout"] = refs, held
+    out["heldout"] = _unless_empty(out["heldout"], meta_path)
     return out
+
+
+def _unless_empty(held: str | list | None, meta_path: Path) -> str | list | None:
+    """A domain without a held-out split (domain=jsonl with every record a reference) leaves an empty
+    heldout.jsonl: there is nothing to decontaminate against, which is a note, not an error."""
+    empty = held is not None and (len(held) == 0 if isinstance(held, list) else
+                                  Path(held).exists() and not any(True for _ in iter_jsonl(held)))
+    if not empty:
+        return held
+    log.warning("curation: the run behind %s has an empty held-out split (%s): decontamination skips it",
+                meta_path, held if not isinstance(held, list) else "no held-out records")
+    return None
 
 
 def load_texts(spec: str | Path | list[dict] | None, what: str) -> list[dict] | None:

@@ -7,7 +7,9 @@ Stage `i` named `s` writes, under the curation directory:
 The fingerprint hashes the input file's content, the stage's config and whatever else decides
 its output (reference/eval files, model). A complete stage with the same fingerprint is skipped;
 an incomplete one with the same fingerprint is resumed (LLM stages append per record, so only
-records without a verdict are processed); a different fingerprint starts the stage over.
+records without a verdict are processed); a different fingerprint starts the stage over. A last
+line torn by a crash is cut off before the files are read (`recover`, domino.records'
+one recovery rule), and that record is decided again.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from domino.records import iter_jsonl, write_jsonl
+from domino.records import iter_jsonl, recover_torn_tail, write_jsonl
 
 log = logging.getLogger(__name__)
 VERSION = 1  # bump when a stage's semantics change: invalidates every stage output
@@ -59,6 +61,11 @@ class StageFiles:
                         self.name, (meta or {}).get("fingerprint"), fp)
         self.reset()
         return "new"
+
+    def recover(self) -> None:
+        """Cut a torn last line off the kept/dropped files of an interrupted model stage."""
+        for p in (self.kept, self.dropped):
+            recover_torn_tail(p)
 
     def reset(self) -> None:
         for p in (self.kept, self.dropped, self.meta_path):

@@ -4,7 +4,8 @@
 fingerprint of everything that decides what sample i is (method, domain tokens, backbone,
 sampling settings, seed, engine settings) but not `n`: rerunning the same command continues
 where it stopped, a larger `n` extends the set, and a different configuration refuses instead of
-mixing two distributions in one file (unless overwrite=true, which starts over).
+mixing two distributions in one file (unless overwrite=true, which starts over). The run holds the
+directory's lock (domino.locking) while it writes: a second writer is refused, not interleaved.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from domino.records import JsonlAppender, RecordError, iter_jsonl
+from domino.records import JsonlStore, iter_jsonl
 
 log = logging.getLogger(__name__)
 SAMPLES = "samples.jsonl"
@@ -62,21 +63,15 @@ class SampleStore:
             tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "inputs": inputs, **meta,
                                        "created": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2, default=str))
             os.replace(tmp, self.meta_path)
-        self._appender = JsonlAppender(self.path)  # cuts a line torn by a crash
-        self.done: set[str] = set()
-        for lineno, rec in iter_jsonl(self.path, required=("id",)):
-            if rec["id"] in self.done:
-                raise RecordError(self.path, lineno, f"duplicate sample id {rec['id']!r}")
-            self.done.add(rec["id"])
+        self._store = JsonlStore(self.path, key="id")  # cuts a line torn by a crash; unique ids
+        self.done: set[str] = self._store.keys
 
     def write(self, rec: dict[str, Any]) -> None:
-        if rec["id"] in self.done:
+        if not self._store.add(rec):
             raise ValueError(f"sample {rec['id']} is already in {self.path}")
-        self._appender.write(rec)
-        self.done.add(rec["id"])
 
     def close(self) -> None:
-        self._appender.close()
+        self._store.close()
 
     def update_meta(self, **fields: Any) -> None:
         meta = json.loads(self.meta_path.read_text())

@@ -14,10 +14,12 @@ from omegaconf import DictConfig, OmegaConf
 from domino import lineage
 from domino.domain_prompt import DomainPrompt, check_backbone, load_domain_prompt
 from domino.generation.params import Generation, SamplingParams, sample_seed
+from domino.locking import output_lock
 from domino.provenance import git_commit
 from domino.synthesis.methods import DOMAIN_METHODS, Plan, build_plan, stop_strings
 from domino.synthesis.output import SampleStore, sample_id
 from domino.synthesis.progress import SynthesisProgress
+from domino.validate import check_config
 
 log = logging.getLogger(__name__)
 
@@ -94,12 +96,20 @@ def _build_engine(c: dict[str, Any], bcfg: dict[str, Any], params_cfg: dict, pla
 
 
 def sample(cfg: DictConfig) -> dict[str, Any]:
+    check_config(cfg, "synthesize")
     c = OmegaConf.to_container(cfg, resolve=True)
+    out_dir = Path(c.get("output_dir") or c["paths"]["output_dir"])
+    # one writer per directory, taken before anything is loaded: a second run into out_dir would
+    # write every sample again
+    with output_lock(out_dir, "synthesize"):
+        return _sample(c, out_dir)
+
+
+def _sample(c: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     method = dict(c["method"])
     name, n, seed = method["name"], int(c["n"]), int(c["seed"])
     if n < 1:
         raise ValueError(f"n={n}: ask for at least one sample")
-    out_dir = Path(c.get("output_dir") or c["paths"]["output_dir"])
     prompt = load_domain_prompt(c["ckpt"]) if c.get("ckpt") else None
     if prompt is None and name in DOMAIN_METHODS:
         raise ValueError(f"method={name} needs ckpt=<train run>/domain_prompt.safetensors "
@@ -217,4 +227,3 @@ def _record(sid: str, method: str, index: int, seed: int, g: Generation, extra: 
             "n_tokens": len(g.token_ids),
             "source": {**base, "index": index, "seed": seed, "truncated": g.finish_reason == "length",
                        "stop_reason": g.stop_reason, **extra}}
-
