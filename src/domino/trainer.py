@@ -1,15 +1,34 @@
 """The Lightning Trainer of train.py and finetune.py, built from their config groups: `trainer`,
 `logger` (conf/logger: default | csv | tensorboard | wandb | none) and `callbacks`
-(conf/callbacks: default | none), each entry instantiated from its `_target_`."""
+(conf/callbacks: default | none), each entry instantiated from its `_target_`.
+
+Crash safety lives here too. Checkpoints go through SafeCheckpointIO: written atomically, with a
+digest of their tensors; a write that fails stops training (Lightning 2.6 swallows a
+PermissionError during its save), and a load that fails, or finds damaged or non-finite tensors,
+names the file. CSVLogger (conf/logger/csv.yaml) keeps the rows of an earlier run in the same directory up to
+the step a resumed run starts at (Lightning's CSVLogger deletes them)."""
 from __future__ import annotations
 
+import csv
+import hashlib
+import logging
+import os
+from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger as _LightningCSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from omegaconf import DictConfig
 
 from domino.config import instantiate
+from domino.records import recover_torn_tail
+
+log = logging.getLogger(__name__)
+DIGEST_KEY = "domino_digest"
 
 
 def instantiate_group(node: DictConfig | None) -> list[Any]:
@@ -26,9 +45,177 @@ def build_trainer(cfg: DictConfig, extra_callbacks: list | None = None) -> L.Tra
     if "enable_checkpointing" not in cfg.trainer:
         # no checkpoint callback configured (callbacks=none) means none: Lightning would add its own
         extra["enable_checkpointing"] = any(isinstance(c, ModelCheckpoint) for c in callbacks)
-    return instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, **extra)
+    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, **extra)
+    if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # DeepSpeed writes its own directories
+        trainer.strategy.checkpoint_io = SafeCheckpointIO()
+    return trainer
 
 
 def last_checkpoint(trainer: L.Trainer) -> ModelCheckpoint | None:
     """The callback writing last.ckpt, if the `callbacks` group has one."""
     return next((c for c in trainer.checkpoint_callbacks if getattr(c, "save_last", False)), None)
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or read, naming the file."""
+
+
+def tensor_digest(state_dict: dict[str, Any]) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of a state dict's tensors."""
+    h = hashlib.sha256()
+    for k in sorted(state_dict):
+        v = state_dict[k]
+        if not isinstance(v, torch.Tensor):
+            continue
+        t = v.detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def check_checkpoint(ckpt: Any, path: str | os.PathLike) -> dict:
+    """A loaded checkpoint's tensors against the digest stored at save time, and finite."""
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path}: not a Lightning checkpoint (a {type(ckpt).__name__}, not a dict)")
+    sd = ckpt.get("state_dict")
+    if isinstance(sd, dict):
+        want = ckpt.get(DIGEST_KEY)
+        if want is not None and tensor_digest(sd) != want:
+            raise CheckpointError(f"{path}: its tensors do not match the digest stored when it was written "
+                                  f"({want}): the file is damaged")
+        bad = [k for k, v in sd.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+               and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise CheckpointError(f"{path}: non-finite values (NaN/inf) in {bad[:5]}; resume from an earlier "
+                                  "checkpoint")
+    return ckpt
+
+
+def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", weights_only: bool | None = False) -> dict:
+    """torch.load a Lightning checkpoint; every failure names the file (check_checkpoint applied)."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"checkpoint {path}: no such file")
+    try:
+        ckpt = torch.load(str(path), map_location=map_location, weights_only=weights_only)
+    except Exception as e:  # noqa: BLE001 - re-raised naming the file
+        raise CheckpointError(f"{path}: cannot read this checkpoint ({type(e).__name__}: {e}); it is truncated, "
+                              "damaged or not a Lightning checkpoint") from e
+    return check_checkpoint(ckpt, path)
+
+
+class SafeCheckpointIO(TorchCheckpointIO):
+    """TorchCheckpointIO that never goes on after a failed write and names the file on a bad read."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any = None) -> None:
+        if isinstance(checkpoint.get("state_dict"), dict):
+            checkpoint[DIGEST_KEY] = tensor_digest(checkpoint["state_dict"])
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as fh:
+                torch.save(checkpoint, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except OSError as e:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+            raise CheckpointError(f"cannot write checkpoint {path} ({type(e).__name__}: {e}); training stops "
+                                  "here rather than go on with nothing to resume from") from e
+
+    def load_checkpoint(self, path, map_location: Any = lambda storage, loc: storage,
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        if "://" in str(path):
+            return check_checkpoint(super().load_checkpoint(path, map_location, weights_only), path)
+        return read_checkpoint(path, map_location, weights_only)
+
+
+# ---------------------------------------------------------------------------------- logs
+class _HistoryWriter(ExperimentWriter):
+    """CSV writer that starts from the rows already in metrics.csv (instead of deleting them):
+    rows before `start_step` are kept, later ones (the part of a crashed run after its checkpoint,
+    which the resumed run redoes) are dropped, and a metric the new run logs again at a kept step
+    (validation re-run at resume) replaces the old value. Written on the first save, atomically."""
+
+    def __init__(self, log_dir: str, start_step: int):
+        self._start_step = start_step
+        self._previous: list[dict] | None = None
+        super().__init__(log_dir=log_dir)
+
+    def _check_log_dir_exists(self) -> None:
+        path = Path(self.metrics_file_path)
+        if path.is_file():
+            recover_torn_tail(path)  # a row cut by a kill would read as a shorter number
+            with open(path, newline="") as fh:
+                self._previous = list(csv.DictReader(fh))
+
+    def save(self) -> None:
+        if self._previous is None or not self.metrics:
+            return super().save()
+        redone: dict[int, set] = {}
+        for m in self.metrics:
+            redone.setdefault(int(m["step"]), set()).update(k for k in m if k != "step")
+        rows = []
+        for r in self._previous:
+            try:
+                step = int(float(r.get("step") or 0))
+            except ValueError:
+                continue
+            if step >= self._start_step:
+                continue
+            kept = {k: v for k, v in r.items() if k and v not in ("", None) and k not in redone.get(step, ())}
+            if set(kept) - {"step", "epoch"}:
+                rows.append(kept)
+        n_old = len(self._previous)
+        self._previous = None
+        rows += self.metrics
+        self.metrics_keys = sorted(set().union(*rows))
+        tmp = self.metrics_file_path + ".tmp"
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=self.metrics_keys)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, self.metrics_file_path)
+        log.info("%s: kept %d of %d earlier rows (steps < %d)", self.metrics_file_path, len(rows) - len(self.metrics),
+                 n_old, self._start_step)
+        self.metrics = []
+
+
+class CSVLogger(_LightningCSVLogger):
+    """Lightning's CSVLogger (same name, same arguments), except that metrics.csv keeps an earlier
+    run's history in the same directory up to `start_step` (set by the stage from the checkpoint it
+    resumes; 0 = a fresh run, which replaces the file as Lightning's does) and every row is on disk
+    as soon as it is logged."""
+
+    start_step: int = 0
+
+    def __init__(self, *args, flush_logs_every_n_steps: int = 1, **kwargs):
+        # every row on disk as soon as it is logged (CSVLogger: every 100): a killed run keeps them
+        super().__init__(*args, flush_logs_every_n_steps=flush_logs_every_n_steps, **kwargs)
+
+    @property
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            if not self._is_rank_zero():
+                return super().experiment
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _HistoryWriter(self.log_dir, self.start_step)
+        return self._experiment
+
+    @staticmethod
+    def _is_rank_zero() -> bool:
+        from lightning.pytorch.utilities.rank_zero import rank_zero_only
+        return getattr(rank_zero_only, "rank", 0) == 0
+
+
+def resume_logs_at(trainer: L.Trainer, step: int) -> None:
+    """Tell the trainer's history-keeping loggers where the resumed run starts."""
+    for lg in trainer.loggers:
+        if isinstance(lg, CSVLogger):
+            lg.start_step = int(step)

@@ -20,10 +20,11 @@ from dataclasses import dataclass
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset
 
 from domino.provenance import file_sha256 as sha256_file  # noqa: F401 (the finetune provenance hash)
 from domino.records import RecordError, iter_jsonl
+from domino.training.datamodule import resumable_loader
 
 log = logging.getLogger(__name__)
 IGNORE = -100
@@ -221,22 +222,6 @@ class Collate:
         return batch
 
 
-class EpochShuffle(RandomSampler):
-    """A permutation that depends only on (seed, epoch), so a resumed run sees the same order as an
-    uninterrupted one. A RandomSampler subclass so that DDP swaps it for a DistributedSampler."""
-
-    def __init__(self, data_source, seed: int = 0):
-        super().__init__(data_source)
-        self.seed, self.epoch = seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(len(self.data_source), generator=g).tolist())
-
-
 def split(records: list[dict], val_size: int, seed: int) -> tuple[list[dict], list[dict]]:
     """A seeded held-out split; at least one record always stays in training."""
     n_val = max(0, min(int(val_size), len(records) - 1))
@@ -265,10 +250,10 @@ class SFTDataModule(L.LightningDataModule):
                  len(tr), len(self.train_rows), self.n_train_tokens, self.n_label_tokens, len(va))
 
     def train_dataloader(self) -> DataLoader:
-        ds = Rows(self.train_rows)
-        sampler = EpochShuffle(ds, self.seed) if self.shuffle else None
-        return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate,
-                          num_workers=self.num_workers)
+        # order = f(seed, pass), and Lightning stores the loader's position in every checkpoint: a
+        # resumed run sees the batches the uninterrupted one would have (training/datamodule.py)
+        return resumable_loader(Rows(self.train_rows), self.batch_size, self.seed, self.trainer,
+                                shuffle=self.shuffle, collate_fn=self.collate, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_rows:

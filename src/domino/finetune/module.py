@@ -87,7 +87,12 @@ class LoRAModule(L.LightningModule):
         return nll, sel.sum()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        total, count = self.nll_sum(batch)
+        # LoRA dropout masks from (seed, step, batch), not the global RNG stream, which no checkpoint
+        # holds: a resumed run draws the masks the uninterrupted one did
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.hparams.seed * 1_000_003 + self.global_step * 1_009 + batch_idx)
+            total, count = self.nll_sum(batch)
         loss = total / count.clamp(min=1)  # a batch whose replies were all truncated away gives 0
         B = batch["input_ids"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=B)
@@ -155,7 +160,8 @@ class LoRAModule(L.LightningModule):
 
     def load_trainable(self, ckpt_path: str | Path) -> None:
         """Load the LoRA tensors of a Lightning checkpoint (e.g. the best one) into this module."""
-        ckpt = torch.load(str(ckpt_path), map_location="cpu", weights_only=False)
+        from domino.trainer import read_checkpoint
+        ckpt = read_checkpoint(ckpt_path)  # a damaged file is named
         self.check_checkpoint(ckpt)
         self.load_state_dict(ckpt["state_dict"], strict=False)
 

@@ -7,7 +7,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import hydra
 import lightning as L
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
@@ -15,8 +14,10 @@ from omegaconf import DictConfig, OmegaConf
 from domino import lineage
 from domino.finetune.data import SFTDataModule, load_sft, sha256_file, split
 from domino.finetune.module import LoRAModule
+from domino.locking import output_lock
 from domino.provenance import config_hash, git_commit
-from domino.trainer import build_trainer
+from domino.trainer import build_trainer, read_checkpoint, resume_logs_at
+from domino.validate import check_config
 
 log = logging.getLogger(__name__)
 # the frozen base is in eval mode on purpose (no dropout)
@@ -82,11 +83,19 @@ def canonical_adapter_config(adapter: Path) -> None:
 
 def finetune(cfg: DictConfig) -> dict[str, Any]:
     """Fit the adapter; returns the final metrics (floats) and the export paths."""
+    check_config(cfg, "finetune")
     if cfg.export not in ("best", "last"):
         raise ValueError(f"export={cfg.export!r} is not one of ('best', 'last')")
     out = Path(cfg.paths.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    with output_lock(out, "finetune"):  # one run per directory: two would interleave checkpoints and logs
+        return _finetune(cfg, out)
+
+
+def _finetune(cfg: DictConfig, out: Path) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
+    ckpt_path = cfg.get("ckpt_path")
+    # a damaged checkpoint is named before anything is loaded; its step bounds the kept log rows
+    resumed = int(read_checkpoint(ckpt_path).get("global_step", 0)) if ckpt_path and Path(ckpt_path).is_file() else 0
 
     train, val, data_info = read_data(cfg)
     module = build_module(cfg)
@@ -97,7 +106,8 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
                      n_train_rows=len(dm.train_rows))
     callbacks, best = callbacks_for(cfg, out, bool(val))
     trainer = build_trainer(cfg, callbacks)
-    trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+    resume_logs_at(trainer, resumed)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     result: dict[str, Any] = {"metrics": metrics, "output_dir": str(out)}

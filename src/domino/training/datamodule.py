@@ -3,14 +3,18 @@
 Each item carries its reference index (which sample-token set S_i it owns). Texts are right-padded
 and end with EOS so the domain tokens also learn where an example stops. The contrastive term
 needs at least two references per batch, so a last batch of one is dropped (which reference is
-dropped rotates with the epoch's shuffle)."""
+dropped rotates with the epoch's shuffle).
+
+The batch order is a function of (seed, pass over the data) alone, never of the global RNG, and the
+training loader is resumable: Lightning stores its position in the checkpoint, so a run resumed
+mid-epoch from `last.ckpt` sees exactly the batches the uninterrupted run would have seen."""
 from __future__ import annotations
 
 import logging
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +67,77 @@ class Collate:
                 "attention_mask": mask}
 
 
+class EpochOrder(DistributedSampler):
+    """The indices of one pass: a permutation drawn from (seed, pass) by its own generator, sharded
+    over ranks, starting `start` indices in (a resumed pass). A DistributedSampler, so that Lightning
+    keeps it under DDP instead of wrapping it in one that reshuffles."""
+
+    def __init__(self, dataset, seed: int = 0, shuffle: bool = True, num_replicas: int = 1, rank: int = 0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
+        self.start = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        # the pass number comes from ResumableLoader, which counts passes itself: Lightning's epoch
+        # counter is one too high after a resume from an end-of-epoch checkpoint
+        pass
+
+    def __iter__(self):
+        n = len(self.dataset)
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(n, generator=g).tolist()
+        else:
+            order = list(range(n))
+        while len(order) < self.total_size:  # pad so every rank gets as many (DistributedSampler's rule)
+            order += order[: self.total_size - len(order)]
+        return iter(order[self.rank:self.total_size:self.num_replicas][self.start:])
+
+
+class ResumableLoader(DataLoader):
+    """A training DataLoader that knows where it is: `state_dict()` = (pass, batches handed out in
+    that pass). Lightning saves it with every checkpoint and calls `load_state_dict()` on resume;
+    the next pass then starts after the batches already trained on (a fresh loader would replay
+    them). The sampler must be an EpochOrder."""
+
+    def __init__(self, dataset, sampler: EpochOrder, **kwargs):
+        super().__init__(dataset, sampler=sampler, **kwargs)
+        self.passes, self.position = 0, 0
+
+    def state_dict(self) -> dict:
+        return {"pass": self.passes, "batches": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.passes, self.position = int(state["pass"]), int(state["batches"])
+
+    def __iter__(self):
+        if self.position >= len(self):  # the previous pass was finished: start the next one
+            self.passes, self.position = self.passes + 1, 0
+        self.sampler.epoch, self.sampler.start = self.passes, self.position * self.batch_size
+        return self._counted(super().__iter__())
+
+    def _counted(self, it):
+        for batch in it:
+            self.position += 1
+            yield batch
+
+
+def resumable_loader(dataset, batch_size: int, seed: int, trainer=None, shuffle: bool = True,
+                     **kwargs) -> ResumableLoader:
+    """A ResumableLoader over `dataset` for this process's rank. Its worker seeds come from `seed`
+    too, so creating it never draws from the global RNG."""
+    world = getattr(trainer, "world_size", 1) if trainer is not None else 1
+    rank = getattr(trainer, "global_rank", 0) if trainer is not None else 0
+    sampler = EpochOrder(dataset, seed, shuffle, num_replicas=world, rank=rank)
+    return ResumableLoader(dataset, sampler, batch_size=batch_size,
+                           generator=torch.Generator().manual_seed(seed), **kwargs)
+
+
 class DomainDataModule(L.LightningDataModule):
     def __init__(self, tokenizer, references: list[str], heldout: list[str] | None = None,
                  batch_size: int = 4, max_len: int = 256, val_size: int | None = 16,
-                 num_workers: int = 0, min_batch: int = 2):
+                 num_workers: int = 0, min_batch: int = 2, seed: int = 0):
         super().__init__()
+        self.seed = seed
         if batch_size < min_batch:
             raise ValueError(f"data.batch_size={batch_size}: the contrastive objective needs at least "
                              f"{min_batch} references per batch")
@@ -85,8 +155,8 @@ class DomainDataModule(L.LightningDataModule):
         if per_rank < self.min_batch:
             raise ValueError(f"{len(self.train_ids)} references over {world} process(es) leave fewer than "
                              f"{self.min_batch} per batch")
-        return DataLoader(IndexedTexts(self.train_ids), batch_size=self.batch_size, shuffle=True,
-                          drop_last=drop_last, collate_fn=self.collate, num_workers=self.num_workers)
+        return resumable_loader(IndexedTexts(self.train_ids), self.batch_size, self.seed, self.trainer,
+                                drop_last=drop_last, collate_fn=self.collate, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_ids:

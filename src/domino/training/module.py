@@ -43,6 +43,17 @@ def _merged(group: str, defaults: dict[str, Any], given: dict[str, Any] | None) 
     return {**defaults, **given}
 
 
+def check_references(ckpt_meta: dict, fingerprint: str | None, path: str | Path | None = None) -> None:
+    """Refuse to resume sample tokens S_i trained on another reference set: row i would belong to
+    another text (and D to another domain)."""
+    had = ckpt_meta.get("reference_fingerprint")
+    if had and fingerprint and had != fingerprint:
+        where = f"{path}: " if path else ""
+        raise ValueError(f"{where}checkpoint was trained on reference set {had}, this run's references are "
+                         f"{fingerprint}: resume with the same domain config (domain.path, n_references, "
+                         "split_seed, ...) or start a new run without ckpt_path")
+
+
 class DominoModule(L.LightningModule):
     """`objective`, `prompt`, `optim`: the config groups of conf/train.yaml (missing keys take the
     defaults above). Whether the run has sample tokens follows from them: prompt.l > 0 and
@@ -68,6 +79,8 @@ class DominoModule(L.LightningModule):
         self.save_hyperparameters({"backbone": dict(backbone), "n_references": n_references,
                                    "objective": objective, "prompt": prompt, "optim": optim, "seed": seed})
         self.obj, self.prompt_cfg, self.optim_cfg = objective, prompt, optim
+        # set by the run (domino.data.domains.fingerprint of its references); stored in checkpoints
+        self.reference_fingerprint: str | None = None
         bb = load_backbone(**backbone)
         self.backbone = bb.model
         self.tokenizer = bb.tokenizer
@@ -105,6 +118,8 @@ class DominoModule(L.LightningModule):
         S = self.prompts.sample_tokens(batch["index"]) if with_samples else None
         if o["impl"] == "efficient":
             kwargs = {"chunk_size": o["chunk_size"], "negatives": o["negatives"]}
+            if o["negatives"]:  # negatives drawn from (seed, step), not the global RNG: a resume replays them
+                kwargs["generator"] = torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + self.global_step)
         elif o["negatives"]:
             raise ValueError("objective.negatives needs objective.impl=efficient")
         else:
@@ -173,7 +188,8 @@ class DominoModule(L.LightningModule):
         for key in [k for k in sd if k.startswith(BACKBONE_PREFIX)]:
             del sd[key]
         checkpoint["domino"] = {"backbone_id": self.backbone_id, "backbone_hash": self.backbone_hash,
-                                "hidden_size": self.prompts.hidden}
+                                "hidden_size": self.prompts.hidden,
+                                "reference_fingerprint": self.reference_fingerprint}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "state_dict" not in checkpoint:
@@ -189,6 +205,7 @@ class DominoModule(L.LightningModule):
             raise ValueError(f"checkpoint was trained on backbone {meta.get('backbone_id')} "
                              f"(config hash {meta.get('backbone_hash')}), this is {self.backbone_id} "
                              f"({self.backbone_hash})")
+        check_references(meta, self.reference_fingerprint)
         # the frozen backbone was loaded from its own source: hand its tensors back so that the
         # (strict) state-dict load sees every key without the checkpoint ever storing them
         checkpoint["state_dict"].update({BACKBONE_PREFIX + k: v for k, v in self.backbone.state_dict().items()})

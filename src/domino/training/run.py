@@ -12,11 +12,13 @@ from omegaconf import DictConfig, OmegaConf
 from domino import lineage
 from domino.config import instantiate
 from domino.data.domains import fingerprint, load_domain
+from domino.locking import output_lock
 from domino.provenance import config_hash, git_commit
 from domino.records import write_jsonl
-from domino.trainer import build_trainer
+from domino.trainer import build_trainer, read_checkpoint, resume_logs_at
 from domino.training.datamodule import DomainDataModule
-from domino.training.module import DominoModule
+from domino.training.module import DominoModule, check_references
+from domino.validate import check_config
 
 log = logging.getLogger(__name__)
 # the frozen backbone is in eval mode on purpose (no dropout)
@@ -25,20 +27,28 @@ warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit the soft prompts; returns the final metrics (floats) and the export paths."""
+    check_config(cfg, "train")
     out = Path(cfg.paths.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    with output_lock(out, "train"):  # one run per directory: two would interleave checkpoints and logs
+        return _train(cfg, out)
+
+
+def _train(cfg: DictConfig, out: Path) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
 
     domain_cfg = OmegaConf.to_container(cfg.domain, resolve=True)
     refs, held = load_domain(**domain_cfg)
+    ckpt_path = cfg.get("ckpt_path")
+    resumed = resume_point(ckpt_path, fingerprint(refs)) if ckpt_path else None
     write_jsonl(out / "references.jsonl", refs)
     write_jsonl(out / "heldout.jsonl", held)
 
     module: DominoModule = instantiate(cfg.module, n_references=len(refs), _convert_="all")
+    module.reference_fingerprint = fingerprint(refs)
     # partial: the texts and the tokenizer go in as they are, not through OmegaConf
     dm: DomainDataModule = instantiate(cfg.data, _partial_=True)(
         tokenizer=module.tokenizer, references=[r["text"] for r in refs],
-        heldout=[r["text"] for r in held], min_batch=2 if module.with_samples else 1)
+        heldout=[r["text"] for r in held], min_batch=2 if module.with_samples else 1, seed=cfg.seed)
     callbacks = []
     meta_base = {"config_hash": config_hash(cfg), "reference_fingerprint": fingerprint(refs),
                  "n_references": len(refs), "domain": cfg.domain.name, "git_commit": git_commit(),
@@ -48,7 +58,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         callbacks.append(EpochPoints(out, list(cfg.get("export_epochs") or []), bool(cfg.get("diagnostics")),
                                      dm.train_ids, dm.val_ids, cfg.data.batch_size, lambda: meta_base))
     trainer = build_trainer(cfg, callbacks)
-    trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+    resume_logs_at(trainer, resumed or 0)  # metrics.csv keeps the earlier rows up to the resumed step
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     result: dict[str, Any] = {"metrics": metrics, "output_dir": str(out)}
@@ -64,3 +75,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                       reference_fingerprint=meta_base["reference_fingerprint"], backbone_id=module.backbone_id)
         log.info("domain prompt written to %s", result["domain_prompt"])
     return result
+
+
+def resume_point(ckpt_path: str, reference_fingerprint: str) -> int:
+    """The global step of `ckpt_path`, after checking it can be read (else the error names the
+    file) and was trained on the same references. A DeepSpeed checkpoint directory is left to
+    DeepSpeed (its step is not known here: the logs are kept whole)."""
+    path = Path(ckpt_path)
+    if path.is_dir():
+        return 0
+    ckpt = read_checkpoint(path)
+    check_references(ckpt.get("domino") or {}, reference_fingerprint, path)
+    return int(ckpt.get("global_step", 0))
