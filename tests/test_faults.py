@@ -176,6 +176,70 @@ def test_store_drops_a_torn_tail_says_so_and_never_duplicates(tmp_path, caplog):
         JsonlStore(f, key=key)
 
 
+def test_evaluate_resumes_into_its_own_directory_past_a_torn_line_without_duplicates(tmp_path, caplog):
+    """The crashed run's completions.jsonl (a torn last line) resumed in place, also with resume=
+    naming that same file: every (task, sample) exactly once, equal to an uninterrupted run."""
+    from domino.evaluation.benchmarks import load_benchmark
+    from domino.evaluation.generation import generate_completions
+    from domino.generation.params import SamplingParams
+
+    from .conftest import TINY
+    problems = load_benchmark("humaneval", limit=2)
+    params = SamplingParams(temperature=0.8, top_k=50, max_new_tokens=6)
+
+    def run(out, resume=None):
+        recs, _ = generate_completions(problems, TINY, params, 2, 0, out / "completions.jsonl",
+                                       engine={"name": "hf", "batch_size": 1}, resume=resume)
+        return recs
+
+    whole = run(tmp_path / "whole")
+    crashed = tmp_path / "crashed"
+    crashed.mkdir()
+    lines = (tmp_path / "whole" / "completions.jsonl").read_text().splitlines()
+    (crashed / "completions.jsonl").write_text(lines[0] + "\n" + lines[1][:25])  # killed mid-write
+    with caplog.at_level(logging.WARNING, logger="domino.records"):
+        got = run(crashed, resume=str(crashed))
+    assert "dropped a torn last line" in caplog.text
+    assert got == whole
+    on_disk = read_jsonl(crashed / "completions.jsonl")
+    assert sorted((r["task_id"], r["sample_idx"]) for r in on_disk) == sorted(
+        (r["task_id"], r["sample_idx"]) for r in whole)
+    assert run(crashed, resume=str(crashed / "completions.jsonl")) == whole  # rerun: nothing appended
+    assert len(read_jsonl(crashed / "completions.jsonl")) == len(whole)
+
+
+def test_evaluate_takes_the_output_lock_and_checks_values_first(holder, tmp_path):
+    from omegaconf import OmegaConf
+
+    from domino.evaluation.run import run_passk
+    d, proc = holder
+    cfg = OmegaConf.create({"paths": {"output_dir": str(d)}, "seed": 0, "n_samples": 1, "k": [1],
+                            "sampling": {"temperature": 0.0}})
+    with pytest.raises(OutputLocked, match=rf"in use by pid {proc.pid}"):
+        run_passk(cfg)
+    cfg.n_samples = "abc"
+    with pytest.raises(ConfigError, match="n_samples='abc'"):
+        run_passk(cfg)
+
+
+def test_shared_execution_cache_never_glues_a_record_to_a_torn_line(tmp_path):
+    from domino.evaluation.sandbox import ExecResult, ExecutionCache
+    f = tmp_path / "exec_cache.jsonl"
+    c = ExecutionCache(f)
+    r = ExecResult(status="passed", passed_tests=1, total_tests=1, seconds=0.1)
+    c.put("k1", r)
+    c.close()
+    with open(f, "a") as fh:
+        fh.write('{"key": "k2", "res')  # a crashed writer
+    c = ExecutionCache(f)
+    assert c.get("k1") is not None and c.get("k2") is None
+    c.put("k3", r)
+    c.close()
+    c = ExecutionCache(f)
+    assert c.get("k1") is not None and c.get("k3") is not None
+    assert len(f.read_text().splitlines()) == 3  # k1, the fragment on its own line, k3
+
+
 def test_curation_resumes_past_a_torn_model_stage_line(tmp_path, caplog):
     from omegaconf import OmegaConf
     cfg = OmegaConf.load(CONF / "curation" / "default.yaml")

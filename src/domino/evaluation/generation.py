@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from domino.generation.params import SamplingParams, sample_seed
+from domino.records import JsonlStore
 
 log = logging.getLogger(__name__)
 
@@ -149,24 +150,32 @@ def generate_completions(problems: list[dict], backbone_cfg: dict, params: Sampl
     chat = use_chat(tok, chat)
     prompts = {p["task_id"]: build_prompt(p, tok, chat) for p in problems}
     keys = {t: gen_key(model_id, adapter_fp, ecfg["name"], params, seed, chat, pr) for t, pr in prompts.items()}
+    # the run's own completions.jsonl is one append-only store keyed by (task, sample, gen_key):
+    # a rerun or a crash resumes from it (a torn last line is dropped, see records.JsonlStore),
+    # records of another configuration never match, and nothing is ever written twice
+    store = JsonlStore(out_path, key=lambda r: (r["task_id"], r["sample_idx"], r.get("gen_key")), keep_records=True)
     done: dict[tuple[str, int], dict] = {}
+    for rec in store.records.values():
+        if keys.get(rec["task_id"]) == rec.get("gen_key") and rec["sample_idx"] < n_samples:
+            done[(rec["task_id"], rec["sample_idx"])] = rec
+    if done:
+        log.info("resume: %d completions already in %s", len(done), out_path)
     if resume:
+        n_before = len(done)
         for rec in read_completions(resume):
             same = keys.get(rec.get("task_id")) == rec.get("gen_key")
             if same and rec.get("sample_idx", 1 << 30) < n_samples:
-                done[(rec["task_id"], rec["sample_idx"])] = rec
-        log.info("resume: reusing %d completions from %s", len(done), resume)
+                done.setdefault((rec["task_id"], rec["sample_idx"]), rec)
+        log.info("resume: reusing %d completions from %s", len(done) - n_before, resume)
     by_id = {p["task_id"]: p for p in problems}
     reused = len(done)
     ids = {t: list(tok(pr, add_special_tokens=not chat)["input_ids"]) for t, pr in prompts.items()}
     todo = [(t, i) for t in prompts for i in range(n_samples) if (t, i) not in done]
     todo.sort(key=lambda ti: len(ids[ti[0]]))  # similar lengths per batch: less padding
     bs = eng.batch_size
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_path, "a") as fh:
+    with store:
         for rec in done.values():
-            fh.write(json.dumps(rec) + "\n")
-        fh.flush()
+            store.add(rec)  # records reused from another file; those already here are not rewritten
         started, n_tok = time.monotonic(), 0
         bar = progress() if progress else _NoProgress()
         with bar:
@@ -184,8 +193,7 @@ def generate_completions(problems: list[dict], backbone_cfg: dict, params: Sampl
                            "finish_reason": g.finish_reason, "n_tokens": len(g.token_ids),
                            "program": program, "solution": program}
                     done[(t, i)] = rec
-                    fh.write(json.dumps(rec) + "\n")
-                fh.flush()
+                    store.add(rec)
                 rate = n_tok / max(1e-9, time.monotonic() - started)
                 bar.update(job, advance=len(batch), rate=f"{rate:.1f} tok/s")
     truncated = sum(r.get("finish_reason") == "length" for r in done.values())

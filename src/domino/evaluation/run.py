@@ -140,11 +140,19 @@ def heldout_path(adapter: str | None, benchmark: str | None = None) -> str:
 
 def run_passk(cfg: Any) -> dict:
     """task=passk. `cfg` is the composed evaluate config (see conf/evaluate.yaml)."""
+    from domino.locking import output_lock
+    from domino.validate import check_config
+    check_config(cfg, "evaluate")
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with output_lock(output_dir, "evaluate"):  # one run per directory: two would interleave completions
+        return _run_passk(cfg, output_dir)
+
+
+def _run_passk(cfg: Any, output_dir: Path) -> dict:
     from omegaconf import OmegaConf
 
     from domino.generation.params import SamplingParams
-    output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     bench = benchmark_config(cfg)
     problems = load_benchmark(**bench)
     scfg = OmegaConf.to_container(cfg.sampling, resolve=True)

@@ -164,6 +164,14 @@ class ExecutionCache:
             if self._fh is None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 self._fh = open(self.path, "a")
+                # the cache is shared by concurrent evaluations, so a torn last line (a crashed
+                # writer) is not cut but closed: the next record starts on its own line, and the
+                # fragment is skipped when read (that program simply runs again)
+                if self._fh.tell() > 0:
+                    with open(self.path, "rb") as r:
+                        r.seek(-1, 2)
+                        if r.read(1) != b"\n":
+                            self._fh.write("\n")
             self._fh.write(json.dumps({"key": key, "result": rec}) + "\n")
             self._fh.flush()
 
