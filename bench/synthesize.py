@@ -42,7 +42,7 @@ def domain_tokens(bb, k: int, ckpt: str | None) -> torch.Tensor:
     if ckpt:
         from domino.domain_prompt import check_backbone, load_domain_prompt
         p = load_domain_prompt(ckpt)
-        check_backbone(p, bb.config_hash, bb.hidden_size, bb.id)
+        check_backbone(p, bb.model_hash, bb.hidden_size, bb.id)
         return p.tokens
     g = torch.Generator().manual_seed(0)
     idx = torch.randint(0, bb.embed.weight.shape[0], (k,), generator=g)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from domino.evaluation.benchmarks import BenchmarkFormatError, fingerprint, load_benchmark
+from domino.evaluation.benchmarks import BenchmarkFormatError, benchmark_fingerprint, load_benchmark
 from domino.evaluation.prompting import build_prompt, extract_code, program_from_sample, to_program
 from domino.evaluation.sandbox import Sandbox, SandboxConfig
 
@@ -24,8 +24,8 @@ def test_humaneval_all_164_records():
     p = probs[0]
     assert p["test_type"] == "functional" and p["completion_style"] and p["tests"][0].endswith(
         f"check({p['entry_point']})\n")
-    assert fingerprint(probs) == fingerprint(load_benchmark("humaneval"))
-    assert fingerprint(probs) != fingerprint(probs[:-1])
+    assert benchmark_fingerprint(probs) == benchmark_fingerprint(load_benchmark("humaneval"))
+    assert benchmark_fingerprint(probs) != benchmark_fingerprint(probs[:-1])
 
 
 def test_heldout_file_is_humaneval_format(sandbox):

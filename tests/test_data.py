@@ -4,7 +4,7 @@ import logging
 
 import pytest
 
-from domino.data.domains import fingerprint, load_domain, load_records
+from domino.data.domains import load_domain, load_records, reference_fingerprint
 from domino.records import JsonlAppender, RecordError, read_jsonl
 from domino.training.datamodule import DomainDataModule, tokenize_texts
 
@@ -21,7 +21,7 @@ def test_humaneval_split_is_seeded_and_disjoint():
                            split_seed=0)
     other, _ = load_domain(source="humaneval", text_field="prompt", id_field="task_id", n_references=40,
                            split_seed=1)
-    assert fingerprint(again) == fingerprint(refs) != fingerprint(other)
+    assert reference_fingerprint(again) == reference_fingerprint(refs) != reference_fingerprint(other)
 
 
 def test_codecontests_and_livecodebench_schemas(compose):

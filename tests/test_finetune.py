@@ -227,7 +227,7 @@ def test_run_exports_adapter_with_provenance_and_lora_only_checkpoint(run):
         ".lora_A." in k or ".lora_B." in k for k in load_file(adapter / "adapter_model.safetensors"))
     prov = json.loads((adapter / PROVENANCE).read_text())
     assert prov["data"]["sha256"] == sha256_file(SMALL) and prov["data"]["n_train"] == 10
-    assert prov["base_model"]["id"].startswith("tiny:") and len(prov["base_model"]["config_hash"]) == 16
+    assert prov["base_model"]["id"].startswith("tiny:") and len(prov["base_model"]["model_hash"]) == 16
     assert prov["config"]["lora"]["r"] == 4 and prov["steps"] == 8 and prov["exported_from"] == "last"
     # lineage: the adapter names its SFT set (this fixture has no upstream lineage of its own)
     lin = json.loads((adapter / "lineage.json").read_text())
@@ -238,7 +238,7 @@ def test_run_exports_adapter_with_provenance_and_lora_only_checkpoint(run):
     want = {f"model.base_model.model.model.layers.{i}.self_attn.{p}_proj.lora_{ab}.default.weight"
             for i, p, ab in itertools.product(range(2), "qkvo", "AB")}
     assert keys == want
-    assert ckpt["domino_finetune"]["backbone_hash"] == prov["base_model"]["config_hash"]
+    assert ckpt["domino_finetune"]["backbone_hash"] == prov["base_model"]["model_hash"]
 
 
 @pytest.mark.slow

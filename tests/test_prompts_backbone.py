@@ -12,25 +12,25 @@ from .conftest import TINY
 
 def test_init_modes(tiny_backbone):
     W = tiny_backbone.embed.weight
-    sv = SoftPrompts(W, n_samples=3, k=5, l=2, init="sample_vocab", seed=0)
+    sv = SoftPrompts(W, n_references=3, k=5, l=2, init="sample_vocab", seed=0)
     rows = {tuple(r.tolist()) for r in W.detach()}
     assert all(tuple(r.tolist()) in rows for r in sv.domain.detach())
-    rnd = SoftPrompts(W, n_samples=3, k=500, l=2, init="random", seed=0)
+    rnd = SoftPrompts(W, n_references=3, k=500, l=2, init="random", seed=0)
     assert rnd.domain.std().item() == pytest.approx(W.std().item(), rel=0.1)
     ids = tiny_backbone.tokenizer("def solve", add_special_tokens=False)["input_ids"]
-    tx = SoftPrompts(W, n_samples=3, k=5, l=2, init="text", text_ids=ids, seed=0)
+    tx = SoftPrompts(W, n_references=3, k=5, l=2, init="text", text_ids=ids, seed=0)
     torch.testing.assert_close(tx.domain[: len(ids)], W[ids])
     assert sv.sample_tokens(torch.tensor([2, 0])).shape == (2, 2, 64)
     with pytest.raises(ValueError, match="prompt.init"):
-        SoftPrompts(W, n_samples=1, init="bogus")
+        SoftPrompts(W, n_references=1, init="bogus")
     with pytest.raises(ValueError, match="init_text"):
-        SoftPrompts(W, n_samples=1, init="text")
+        SoftPrompts(W, n_references=1, init="text")
 
 
 def test_heads_start_at_init_and_fold_at_export(tiny_backbone):
     W = tiny_backbone.embed.weight
-    plain = SoftPrompts(W, n_samples=4, k=3, l=2, seed=7)
-    headed = SoftPrompts(W, n_samples=4, k=3, l=2, seed=7, domain_head=True, domain_head_hidden=16,
+    plain = SoftPrompts(W, n_references=4, k=3, l=2, seed=7)
+    headed = SoftPrompts(W, n_references=4, k=3, l=2, seed=7, domain_head=True, domain_head_hidden=16,
                          sample_rank=2)
     torch.testing.assert_close(headed.domain_tokens(), plain.domain_tokens())  # zero-init last layer
     with torch.no_grad():
@@ -59,7 +59,7 @@ def test_local_directory_backbone_matches(tiny_backbone, tmp_path):
     bb = load_backbone(path=str(tmp_path / "m"))
     ids = torch.tensor([[1, 2, 3, 4]])
     torch.testing.assert_close(bb.model(ids).logits, tiny_backbone.model(ids).logits)
-    assert bb.config_hash == tiny_backbone.config_hash and bb.id == str(tmp_path / "m")
+    assert bb.model_hash == tiny_backbone.model_hash and bb.id == str(tmp_path / "m")
     with pytest.raises(FileNotFoundError, match="no such local directory"):
         load_backbone(path=str(tmp_path / "missing"))
 

@@ -21,7 +21,7 @@ def test_vllm_engine_samples_from_domain_tokens(tmp_path):
     from safetensors.torch import load_file, save_file
     from transformers import AutoConfig
 
-    from domino.backbone import config_hash, embedded_model_dir
+    from domino.backbone import embedded_model_dir, model_config_hash
     from domino.stages import synthesize as run
 
     # domain tokens for the embedded SmolLM2: random vocabulary rows (the sample_vocab init)
@@ -34,7 +34,7 @@ def test_vllm_engine_samples_from_domain_tokens(tmp_path):
     run_dir.mkdir()
     save_file({"domain_tokens": D.contiguous()}, str(run_dir / "domain_prompt.safetensors"))
     (run_dir / "domain_prompt.json").write_text(json.dumps({
-        "backbone_id": "embedded", "backbone_hash": config_hash(conf), "hidden_size": conf.hidden_size,
+        "backbone_id": "embedded", "backbone_hash": model_config_hash(conf), "hidden_size": conf.hidden_size,
         "backbone": {"name": "smollm2", "path": "embedded", "dtype": "float32"}, "method": "domino", "k": 8}))
 
     def synth(out):

@@ -39,7 +39,7 @@ class Backbone:
     tokenizer: Any
     id: str                 # what produced the weights: hub id, local dir, embedded/tiny description
     hidden_size: int
-    config_hash: str        # sha256 of the model config: checkpoints and samplers compare it
+    model_hash: str         # model_config_hash of its config: checkpoints and samplers compare it
 
     @property
     def embed(self) -> nn.Module:
@@ -69,7 +69,9 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def config_hash(config) -> str:
+def model_config_hash(config) -> str:
+    """Short sha256 of a model config (what the weights compute, not how they were loaded). A run
+    config has its own: provenance.config_hash."""
     d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     # fields that describe how a model was loaded, not what it computes
     for k in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "_attn_implementation",
@@ -235,4 +237,4 @@ def load_backbone(name: str = "smollm2", path: str | None = None, dtype: str = "
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     freeze(model)
     return Backbone(model=model, tokenizer=tok, id=ident, hidden_size=model.config.hidden_size,
-                    config_hash=config_hash(model.config))
+                    model_hash=model_config_hash(model.config))

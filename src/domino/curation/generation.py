@@ -51,7 +51,7 @@ class HFChatGenerator:
         self.engine = HFEngine(backbone.model, self.tok, params, batch_size=batch_size)
         self.batch_size = batch_size
         self.fingerprint = hashlib.sha256(json.dumps(
-            {"backbone": backbone.id, "hash": backbone.config_hash, "params": params.to_dict(), "seed": seed},
+            {"backbone": backbone.id, "hash": backbone.model_hash, "params": params.to_dict(), "seed": seed},
             sort_keys=True).encode()).hexdigest()[:16]
 
     def encode(self, conv: Conversation) -> list[int]:

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from domino import lineage
 from domino.curation import sources as S
-from domino.curation.stages import StageFiles, fingerprint
+from domino.curation.stages import StageFiles, stage_fingerprint
 from domino.locking import output_lock
 from domino.records import RecordError, iter_jsonl, write_jsonl
 
@@ -149,7 +149,7 @@ class Curation:
         return result
 
     def _fp(self, current: Path, c: dict, *extra: Any) -> str:
-        return fingerprint(S.file_hash(current), c, *extra)
+        return stage_fingerprint(S.file_hash(current), c, *extra)
 
     def _pure(self, files: StageFiles, current: Path, c: dict, fn: Callable, *extra: Any) -> dict:
         fp = self._fp(current, c, *extra)
@@ -173,8 +173,8 @@ class Curation:
         from domino.curation.generation import StageProgress
         from domino.records import JsonlStore
         files.recover()  # a crash mid-write left a torn last line: cut it (logged), redo that record
-        cfp = fingerprint(c, extra)
-        fp = fingerprint(S.file_hash(current), cfp)
+        cfp = stage_fingerprint(c, extra)
+        fp = stage_fingerprint(S.file_hash(current), cfp)
         recs = [r for _, r in iter_jsonl(current)]
         info = {"input": str(current), "n_in": len(recs), "model": extra, "config_fingerprint": cfp}
         old = files.meta() or {}
@@ -327,7 +327,7 @@ class Curation:
 def _reuse_key(rec: dict, stage: str) -> str:
     # what a model stage's verdict depends on besides its config: the text and, for the code
     # checks, the response (which the responses stage itself adds, so it is not its input)
-    return fingerprint(rec["text"], rec.get("response") if stage == "code_checks" else None)
+    return stage_fingerprint(rec["text"], rec.get("response") if stage == "code_checks" else None)
 
 
 def _load_reusable(files: StageFiles) -> dict[str, dict]:

@@ -13,7 +13,6 @@ one recovery rule), and that record is decided again.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -22,15 +21,16 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from domino.provenance import json_hash
 from domino.records import iter_jsonl, recover_torn_tail, write_jsonl
 
 log = logging.getLogger(__name__)
 VERSION = 1  # bump when a stage's semantics change: invalidates every stage output
 
 
-def fingerprint(*parts: Any) -> str:
-    blob = json.dumps([VERSION, *parts], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+def stage_fingerprint(*parts: Any) -> str:
+    """What a stage's output depends on (its input's hash, its config, ...), with VERSION."""
+    return json_hash([VERSION, *parts])
 
 
 class StageFiles:

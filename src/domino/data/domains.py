@@ -120,7 +120,7 @@ def load_domain(name: str = "jsonl", source: str = "jsonl", path: str | None = N
     return refs, held
 
 
-def fingerprint(records: list[dict]) -> str:
+def reference_fingerprint(records: list[dict]) -> str:
     """Order-independent hash of a reference set's ids and texts."""
     h = hashlib.sha256()
     for rid, text in sorted((r["id"], r["text"]) for r in records):

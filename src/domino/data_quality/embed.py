@@ -110,7 +110,7 @@ def build_embedder(embed_cfg: dict | None, backbone_cfg: dict | None) -> Embedde
             kw["dtype"] = ec.dtype
         bb = load_backbone(**kw)
         # the config hash and dtype tell apart two weight sets behind one name (embedding cache key)
-        model, tok, ident = bb.model, bb.tokenizer, f"{bb.id}|{bb.config_hash}|{kw.get('dtype', 'float32')}"
+        model, tok, ident = bb.model, bb.tokenizer, f"{bb.id}|{bb.model_hash}|{kw.get('dtype', 'float32')}"
     else:
         from transformers import AutoModel, AutoTokenizer
 

@@ -199,7 +199,7 @@ def load_benchmark(format: str, path: str | None = None, limit: int | None = Non
     return problems
 
 
-def fingerprint(problems: list[dict]) -> str:
+def benchmark_fingerprint(problems: list[dict]) -> str:
     """sha256 over the normalised problems (prompts and tests): changes iff what is measured changes."""
     h = hashlib.sha256()
     for p in problems:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from domino import lineage
-from domino.evaluation.benchmarks import fingerprint, load_benchmark
+from domino.evaluation.benchmarks import benchmark_fingerprint, load_benchmark
 from domino.evaluation.passk import aggregate, check_ks, pass_at_k
 from domino.evaluation.prompting import program_from_sample
 from domino.evaluation.sandbox import ExecutionCache, Sandbox, SandboxConfig
@@ -181,7 +181,7 @@ def _run_passk(cfg: Any, output_dir: Path) -> dict:
         cache.close()
     provenance |= {"benchmark": {"name": bench.get("name"), "format": bench["format"],
                                  "path": bench.get("path"),
-                                 "fingerprint": fingerprint(problems), "tasks": len(problems)},
+                                 "fingerprint": benchmark_fingerprint(problems), "tasks": len(problems)},
                    "sandbox": {"isolation": sandbox.isolation, **sb_cfg.fingerprint(),
                                "workers": sb_cfg.workers}, "k": ks}
     summary = write_report(output_dir, problems, per_task, ks, provenance)

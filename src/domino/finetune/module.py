@@ -31,7 +31,7 @@ class LoRAModule(L.LightningModule):
         self.save_hyperparameters()
         bb = load_backbone(**backbone)
         self.tokenizer = bb.tokenizer
-        self.backbone_id, self.backbone_hash = bb.id, bb.config_hash
+        self.backbone_id, self.backbone_hash = bb.id, bb.model_hash
         self.lora_config = LoraConfig(task_type="CAUSAL_LM", r=r, lora_alpha=alpha, lora_dropout=dropout,
                                       target_modules=list(target_modules), bias=bias)
         with torch.random.fork_rng(devices=[]):  # LoRA A is randomly initialised: make it a function of seed

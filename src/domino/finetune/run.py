@@ -128,7 +128,7 @@ def _finetune(cfg: DictConfig, out: Path) -> dict[str, Any]:
     import torch
     import transformers
     prov = {"data": data_info,
-            "base_model": {"id": module.backbone_id, "config_hash": module.backbone_hash,
+            "base_model": {"id": module.backbone_id, "model_hash": module.backbone_hash,
                            "backbone": OmegaConf.to_container(cfg.backbone, resolve=True)},
             "lora": OmegaConf.to_container(cfg.lora, resolve=True),
             "exported_from": exported_from, "best_checkpoint": best_path or None,

@@ -9,7 +9,6 @@ directory's lock (domino.locking) while it writes: a second writer is refused, n
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -18,16 +17,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from domino.provenance import json_hash
 from domino.records import JsonlStore, iter_jsonl
 
 log = logging.getLogger(__name__)
 SAMPLES = "samples.jsonl"
 META = "samples.meta.json"
 DATASET = "samples_dataset"
-
-
-def fingerprint(inputs: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def sample_id(method: str, index: int) -> str:
@@ -42,7 +38,7 @@ class SampleStore:
         self.dir = Path(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path, self.meta_path = self.dir / SAMPLES, self.dir / META
-        self.fingerprint = fingerprint(inputs)
+        self.fingerprint = json_hash(inputs)
         if overwrite:
             for p in (self.path, self.meta_path):
                 p.unlink(missing_ok=True)

@@ -50,7 +50,7 @@ def _build_engine(c: dict[str, Any], bcfg: dict[str, Any], params_cfg: dict, pla
     """(engine, tokenizer, backbone identity dict, plan, params): the model is loaded once."""
     import torch
 
-    from domino.backbone import config_hash, load_backbone, load_tokenizer, resolve_dtype
+    from domino.backbone import load_backbone, load_tokenizer, model_config_hash, resolve_dtype
     ecfg = c["engine"]
     if ecfg["name"] == "hf":
         if ecfg.get("num_threads"):
@@ -60,7 +60,7 @@ def _build_engine(c: dict[str, Any], bcfg: dict[str, Any], params_cfg: dict, pla
         device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         dtype = resolve_dtype(ecfg.get("dtype") or bcfg.get("dtype") or "float32")
         bb.model.to(device=device, dtype=dtype)
-        ident = {"backbone_id": bb.id, "backbone_hash": bb.config_hash, "hidden_size": bb.hidden_size,
+        ident = {"backbone_id": bb.id, "backbone_hash": bb.model_hash, "hidden_size": bb.hidden_size,
                  "vocab_size": bb.model.config.vocab_size}
         tok = bb.tokenizer
         model = bb.model
@@ -69,7 +69,7 @@ def _build_engine(c: dict[str, Any], bcfg: dict[str, Any], params_cfg: dict, pla
         model_dir = _model_dir(bcfg)
         tok = load_tokenizer(model_dir)
         conf = AutoConfig.from_pretrained(model_dir, trust_remote_code=bool(bcfg.get("trust_remote_code")))
-        ident = {"backbone_id": str(bcfg.get("path")), "backbone_hash": config_hash(conf),
+        ident = {"backbone_id": str(bcfg.get("path")), "backbone_hash": model_config_hash(conf),
                  "hidden_size": conf.get_text_config().hidden_size,
                  "vocab_size": conf.get_text_config().vocab_size}
         model = None

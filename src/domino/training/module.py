@@ -84,7 +84,7 @@ class DominoModule(L.LightningModule):
         bb = load_backbone(**backbone)
         self.backbone = bb.model
         self.tokenizer = bb.tokenizer
-        self.backbone_id, self.backbone_hash = bb.id, bb.config_hash
+        self.backbone_id, self.backbone_hash = bb.id, bb.model_hash
         init_text = prompt["init_text"]
         text_ids = bb.tokenizer(init_text, add_special_tokens=False)["input_ids"] if init_text else None
         self.prompts = SoftPrompts(bb.embed.weight, n_references=n_references if self.with_samples else 0,

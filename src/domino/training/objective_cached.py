@@ -197,8 +197,8 @@ def sample_pairs(B: int, negatives: int | None, device=None, generator: torch.Ge
 
 
 def cached_nll(model, domain: torch.Tensor, samples: torch.Tensor | None, input_ids: torch.Tensor,
-                  attention_mask: torch.Tensor, chunk_size: int | None = None, negatives: int | None = None,
-                  generator: torch.Generator | None = None) -> tuple[NLL, NLL | None]:
+               attention_mask: torch.Tensor, chunk_size: int | None = None, negatives: int | None = None,
+               generator: torch.Generator | None = None) -> tuple[NLL, NLL | None]:
     """(l(x|D) for each text, the matrix l_ij or None when there are no sample tokens).
 
     domain: (k, h); samples: (B, l, h) or None; input_ids/attention_mask: (B, T), right-padded.

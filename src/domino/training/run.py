@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from domino import lineage
 from domino.config import instantiate
-from domino.data.domains import fingerprint, load_domain
+from domino.data.domains import load_domain, reference_fingerprint
 from domino.locking import output_lock
 from domino.provenance import config_hash, git_commit
 from domino.records import write_jsonl
@@ -39,18 +39,18 @@ def _train(cfg: DictConfig, out: Path) -> dict[str, Any]:
     domain_cfg = OmegaConf.to_container(cfg.domain, resolve=True)
     refs, held = load_domain(**domain_cfg)
     ckpt_path = cfg.get("ckpt_path")
-    resumed = resume_point(ckpt_path, fingerprint(refs)) if ckpt_path else None
+    resumed = resume_point(ckpt_path, reference_fingerprint(refs)) if ckpt_path else None
     write_jsonl(out / "references.jsonl", refs)
     write_jsonl(out / "heldout.jsonl", held)
 
     module: DominoModule = instantiate(cfg.module, n_references=len(refs), _convert_="all")
-    module.reference_fingerprint = fingerprint(refs)
+    module.reference_fingerprint = reference_fingerprint(refs)
     # partial: the texts and the tokenizer go in as they are, not through OmegaConf
     dm: DomainDataModule = instantiate(cfg.data, _partial_=True)(
         tokenizer=module.tokenizer, references=[r["text"] for r in refs],
         heldout=[r["text"] for r in held], min_batch=2 if module.with_samples else 1, seed=cfg.seed)
     callbacks = []
-    meta_base = {"config_hash": config_hash(cfg), "reference_fingerprint": fingerprint(refs),
+    meta_base = {"config_hash": config_hash(cfg), "reference_fingerprint": reference_fingerprint(refs),
                  "n_references": len(refs), "domain": cfg.domain.name, "git_commit": git_commit(),
                  "references": str(out / "references.jsonl"), "heldout": str(out / "heldout.jsonl")}
     if cfg.get("export_epochs") or cfg.get("diagnostics"):
