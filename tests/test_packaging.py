@@ -151,3 +151,21 @@ def test_wheel_installs_and_the_cli_runs_outside_the_clone(tmp_path):
     help_ = subprocess.run([str(venv / "bin" / "domino"), "finetune", "--help"], cwd=work, capture_output=True,
                            text=True, env=env, timeout=120)
     assert help_.returncode == 0 and "lora" in help_.stdout
+
+
+@pytest.mark.slow
+def test_lora_adapter_names_its_base_model_by_hub_id(tmp_path):
+    """The embedded model's adapter says HuggingFaceTB/SmolLM2-135M-Instruct (what another machine
+    or the hub knows), not this machine's cache directory, which is recorded separately."""
+    from peft import PeftModel
+
+    from domino.backbone import EMBEDDED_ID, embedded_model_dir, load_backbone
+    from domino.finetune.module import LoRAModule
+    m = LoRAModule(backbone={"path": "embedded"}, r=2, alpha=4, dropout=0.0)
+    out = m.export_adapter(tmp_path / "adapter")
+    conf = json.loads((out / "adapter_config.json").read_text())
+    assert conf["base_model_name_or_path"] == EMBEDDED_ID
+    assert m.base_local == str(embedded_model_dir())
+    # it still loads onto the local copy of that base (no hub needed)
+    peft = PeftModel.from_pretrained(load_backbone(path="embedded").model, str(out))
+    assert peft.peft_config["default"].r == 2

@@ -107,3 +107,18 @@ def test_multirun_sweep_completes(tmp_path):
     lams = sorted(json.loads((tmp_path / str(i) / "domain_prompt.json").read_text())["objective"]["lambda"]
                   for i in (0, 1))
     assert lams == [0.0, 1.0]
+
+
+def test_epoch_means_are_torchmetrics_running_means_of_the_steps(compose, tmp_path):
+    """train/<term>_epoch (a torchmetrics MeanMetric, synced across ranks) is the batch-weighted
+    mean of the epoch's step values; the metrics never reach the checkpoint."""
+    cfg = compose("train", SMALL_TRAIN + ["trainer.max_steps=4", "checkpoint_every_n_steps=0"], tmp_path)
+    train(cfg)
+    with open(tmp_path / "csv" / "metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    steps = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    epochs = [float(r["train/loss_epoch"]) for r in rows if r.get("train/loss_epoch")]
+    assert len(steps) == 4 and len(epochs) == 2  # 8 references in batches of 4: two steps an epoch
+    assert epochs == pytest.approx([(steps[0] + steps[1]) / 2, (steps[2] + steps[3]) / 2], rel=1e-6)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert all(k.startswith("prompts.") for k in ckpt["state_dict"])

@@ -10,6 +10,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
+from torchmetrics import MeanMetric
 
 from domino.backbone import count_params, load_backbone
 from domino.finetune.data import IGNORE
@@ -34,6 +35,8 @@ class LoRAModule(L.LightningModule):
         self.backbone_id, self.backbone_hash = bb.id, bb.model_hash
         self.lora_config = LoraConfig(task_type="CAUSAL_LM", r=r, lora_alpha=alpha, lora_dropout=dropout,
                                       target_modules=list(target_modules), bias=bias)
+        # running means (torchmetrics: summed across DDP ranks before dividing), token-weighted
+        self.train_loss_epoch, self.val_loss = MeanMetric(), MeanMetric()
         with torch.random.fork_rng(devices=[]):  # LoRA A is randomly initialised: make it a function of seed
             torch.manual_seed(seed)
             self.model = get_peft_model(bb.model, self.lora_config)
@@ -97,23 +100,16 @@ class LoRAModule(L.LightningModule):
         B = batch["input_ids"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=B)
         self.log("train/tokens", count.float(), reduce_fx="sum", batch_size=B)
+        if count > 0:
+            self.train_loss_epoch.update(loss.detach(), count)
+            self.log("train/loss_epoch", self.train_loss_epoch, on_step=False, on_epoch=True)
         return loss
 
-    def on_validation_epoch_start(self) -> None:
-        self._val_sum = torch.zeros((), device=self.device)
-        self._val_cnt = torch.zeros((), device=self.device)
-
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        total, count = self.nll_sum(batch)  # token-weighted over the whole validation set
-        self._val_sum += total.detach()
-        self._val_cnt += count
-
-    def on_validation_epoch_end(self) -> None:
-        total, count = self._val_sum, self._val_cnt
-        if self.trainer.world_size > 1:
-            total, count = self.all_gather(total).sum(), self.all_gather(count).sum()
+        total, count = self.nll_sum(batch)  # token-weighted over the whole validation set, all ranks
         if count > 0:
-            self.log("val/loss", total / count, prog_bar=True)  # already summed over ranks
+            self.val_loss.update(total.detach() / count, count)
+            self.log("val/loss", self.val_loss, prog_bar=True, on_step=False, on_epoch=True)
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
@@ -166,9 +162,21 @@ class LoRAModule(L.LightningModule):
         self.load_state_dict(ckpt["state_dict"], strict=False)
 
     def export_adapter(self, out_dir: str | Path) -> Path:
-        """peft's own format: adapter_config.json + adapter_model.safetensors (LoRA tensors only)."""
+        """peft's own format: adapter_config.json + adapter_model.safetensors (LoRA tensors only).
+        The config names the base model by hub id (the embedded model's is
+        HuggingFaceTB/SmolLM2-135M-Instruct), so AutoPeftModelForCausalLM and a hub push work on
+        another machine; the local directory the weights came from is kept in `self.base_local`
+        (finetune.py records it in domino_finetune.json). The random tiny test model has no hub id."""
+        import json
+
+        from domino.backbone import hub_id
         out_dir = Path(out_dir)
         self.model.save_pretrained(str(out_dir))
+        path = out_dir / "adapter_config.json"
+        conf = json.loads(path.read_text())
+        self.base_local = conf.get("base_model_name_or_path")
+        conf["base_model_name_or_path"] = hub_id(self.hparams.backbone) or self.base_local
+        path.write_text(json.dumps(conf, indent=2, sort_keys=True))
         return out_dir
 
     def export_merged(self, out_dir: str | Path) -> Path:

@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from domino import lineage
+from domino.backbone import hub_id
 from domino.finetune.data import SFTDataModule, load_sft, sha256_file, split
 from domino.finetune.module import LoRAModule
 from domino.locking import output_lock
@@ -129,6 +130,8 @@ def _finetune(cfg: DictConfig, out: Path) -> dict[str, Any]:
     import transformers
     prov = {"data": data_info,
             "base_model": {"id": module.backbone_id, "model_hash": module.backbone_hash,
+                           "hub_id": hub_id(OmegaConf.to_container(cfg.backbone, resolve=True)),
+                           "local_source": getattr(module, "base_local", None),
                            "backbone": OmegaConf.to_container(cfg.backbone, resolve=True)},
             "lora": OmegaConf.to_container(cfg.lora, resolve=True),
             "exported_from": exported_from, "best_checkpoint": best_path or None,

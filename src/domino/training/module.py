@@ -9,6 +9,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+from torchmetrics import MeanMetric
 
 from domino.backbone import count_params, load_backbone
 from domino.training import objective as obj
@@ -16,6 +17,7 @@ from domino.training.prompts import SoftPrompts
 
 log = logging.getLogger(__name__)
 BACKBONE_PREFIX = "backbone."
+TERMS = ("loss", "loss_dom", "loss_con", "contrast_gap", "nll_pos")  # what objective.combine returns
 # what each config group of conf/train.yaml holds, with the defaults a bare DominoModule(...) gets
 OBJECTIVE = {"name": "domino", "lambda": 1.0, "w_dom": 1.0, "form": "paper", "impl": "efficient",
              "chunk_size": None, "negatives": None}
@@ -87,6 +89,10 @@ class DominoModule(L.LightningModule):
         self.backbone_id, self.backbone_hash = bb.id, bb.model_hash
         init_text = prompt["init_text"]
         text_ids = bb.tokenizer(init_text, add_special_tokens=False)["input_ids"] if init_text else None
+        # running means (torchmetrics: summed across DDP ranks before dividing): each loss term over
+        # an epoch (train/<term>_epoch, weighted by batch size) and val/nll_dom (token-weighted)
+        self.epoch_means = torch.nn.ModuleDict({t: MeanMetric() for t in TERMS})
+        self.val_nll = MeanMetric()
         self.prompts = SoftPrompts(bb.embed.weight, n_references=n_references if self.with_samples else 0,
                                    k=prompt["k"], l=prompt["l"] if self.with_samples else 0, init=prompt["init"],
                                    text_ids=text_ids, domain_head=prompt["domain_head"],
@@ -136,21 +142,18 @@ class DominoModule(L.LightningModule):
         B = batch["input_ids"].shape[0]
         for name, v in out.items():
             self.log(f"train/{name}", v, prog_bar=name in ("loss", "contrast_gap"), batch_size=B)
+            self.epoch_means[name].update(v.detach(), B)
+            self.log(f"train/{name}_epoch", self.epoch_means[name], on_step=False, on_epoch=True)
         return out["loss"]
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         dom, _ = self.nll(batch, with_samples=False)  # the efficient path never builds vocab-sized logits
-        # token-weighted over the whole held-out set: accumulate sums, divide at epoch end
-        self._val_sum += dom.total.sum()
-        self._val_cnt += dom.count.sum()
-
-    def on_validation_epoch_start(self) -> None:
-        self._val_sum = torch.zeros((), device=self.device)
-        self._val_cnt = torch.zeros((), device=self.device)
-
-    def on_validation_epoch_end(self) -> None:
-        if self._val_cnt > 0:
-            self.log("val/nll_dom", self._val_sum / self._val_cnt, prog_bar=True, sync_dist=True)
+        # token-weighted over the whole held-out set (all ranks): the batch's mean NLL per token,
+        # weighted by its token count, is sum(total) / sum(count) at the end
+        count = dom.count.sum()
+        if count > 0:
+            self.val_nll.update(dom.total.sum() / count, count)
+            self.log("val/nll_dom", self.val_nll, prog_bar=True, on_step=False, on_epoch=True)
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
