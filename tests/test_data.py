@@ -51,8 +51,15 @@ def test_missing_file_is_named():
 def test_malformed_line_names_file_and_line(tmp_path):
     f = tmp_path / "refs.jsonl"
     f.write_text('{"text": "a"}\n\n{"text": "b"\n')
-    with pytest.raises(RecordError, match=r"refs.jsonl:3: malformed JSON"):
+    with pytest.raises(RecordError, match=r"refs.jsonl:3: malformed JSON \(Expecting ',' delimiter at column 13\)"):
         load_records(path=str(f))
+    f.write_text('{"text": "a"}\n    {"text": "a", bad}\n')  # leading spaces count: the column is the file's
+    with pytest.raises(RecordError, match=r"refs.jsonl:2: malformed JSON \(.* at column 19\)"):
+        load_records(path=str(f))
+    j = tmp_path / "refs.json"
+    j.write_text('[{"text": "a"},\n {"text": "b",, }]')
+    with pytest.raises(RecordError, match=r"refs.json:2: malformed JSON \(.* at column 15\)"):
+        load_records(path=str(j))
 
 
 def test_missing_field_names_line_and_key(tmp_path):

@@ -43,9 +43,13 @@ def _decode(raw: bytes, path: Path, lineno: int, offset: int) -> str:
                                         f"{e.start + 1} (byte offset {offset + e.start} in the file)") from None
 
 
-def iter_jsonl(path: str | os.PathLike, required: Iterable[str] = ()) -> Iterator[tuple[int, dict]]:
+def iter_jsonl(path: str | os.PathLike, required: Iterable[str] = (),
+               skip_torn_tail: bool = False) -> Iterator[tuple[int, dict]]:
     """Yield (line number, record). Blank lines are skipped; anything else that is not a JSON
-    object (or not UTF-8), or lacks a required field, raises RecordError naming file and line."""
+    object (or not UTF-8), or lacks a required field, raises RecordError naming file, line and
+    column. `skip_torn_tail`: a last line without its newline that does not parse (a crashed
+    writer's) is skipped with a warning instead, leaving the file as it is (readers of another
+    run's file; a writer cuts it with recover_torn_tail)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such file: {path}")
@@ -60,9 +64,16 @@ def iter_jsonl(path: str | os.PathLike, required: Iterable[str] = ()) -> Iterato
             try:
                 rec = json.loads(raw)
             except json.JSONDecodeError as e:
+                if skip_torn_tail and not raw_bytes.endswith(b"\n"):
+                    log.warning("%s:%d: skipping a torn last line (%d bytes without a newline, left by an "
+                                "interrupted write)", path, lineno, len(raw_bytes))
+                    return
                 torn = "" if raw_bytes.endswith(b"\n") else (
                     "; it is the last line and has no newline: the writer was interrupted (rerun it to finish)")
-                raise RecordError(path, lineno, f"malformed JSON ({e.msg} at column {e.colno}){torn}") from None
+                # the column in this line: json counts a failure at the line's end (a missing
+                # brace) on the next line of its input, after the newline
+                col = min(e.pos, len(raw.rstrip("\r\n"))) + 1
+                raise RecordError(path, lineno, f"malformed JSON ({e.msg} at column {col}){torn}") from None
             if not isinstance(rec, dict):
                 raise RecordError(path, lineno, f"expected a JSON object, got {type(rec).__name__}")
             missing = [k for k in required if k not in rec]
@@ -95,7 +106,7 @@ def read_records(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise RecordError(path, e.lineno, f"malformed JSON ({e.msg})") from None
+            raise RecordError(path, e.lineno, f"malformed JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(data, list):
             raise RecordError(path, None, "a .json reference file must hold a list of objects")
         for i, rec in enumerate(data, start=1):

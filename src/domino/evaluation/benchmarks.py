@@ -12,7 +12,6 @@ A malformed record raises BenchmarkFormatError naming the file and line (or parq
 from __future__ import annotations
 
 import base64
-import gzip
 import hashlib
 import io
 import json
@@ -21,6 +20,8 @@ import re
 import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
+from domino.records import RecordError, iter_jsonl
 
 FORMATS = ("humaneval", "mbpp", "livecodebench", "codecontests")
 
@@ -47,19 +48,11 @@ def read_records(path: str | Path) -> Iterator[tuple[str, dict]]:
         for i, rec in enumerate(data):
             yield f"{path}:item {i}", rec
         return
-    opener = gzip.open if name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise BenchmarkFormatError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise BenchmarkFormatError(
-                    f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+    try:  # the project's one JSONL reader: file, line and column in every error
+        for lineno, rec in iter_jsonl(path):
             yield f"{path}:{lineno}", rec
+    except RecordError as e:
+        raise BenchmarkFormatError(str(e)) from None
 
 
 def _need(rec: dict, where: str, *keys: str) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from domino.generation.params import SamplingParams, sample_seed
-from domino.records import JsonlStore
+from domino.records import JsonlStore, iter_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -224,22 +224,11 @@ class _NoProgress:
 
 
 def read_completions(path: str | Path) -> list[dict]:
+    """Records of a completions.jsonl (or a run dir holding one), another run's: a torn last line
+    (crash mid-write) is skipped, and that completion generated again."""
     path = Path(path)
     if path.is_dir():
         path = path / "completions.jsonl"
     if not path.exists():
-        raise FileNotFoundError(f"no completions file at {path}")
-    recs = []
-    with open(path) as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                recs.append(json.loads(line))
-            except json.JSONDecodeError:
-                # only a torn *last* line (crash mid-write) is tolerated; it is regenerated
-                rest = fh.read()
-                if rest.strip():
-                    raise ValueError(f"{path}:{lineno}: invalid JSON in completions") from None
-                log.warning("%s:%d: dropping a torn last line (crash during write)", path, lineno)
-    return recs
+        raise FileNotFoundError(f"resume={path}: no completions file there")
+    return [rec for _, rec in iter_jsonl(path, skip_torn_tail=True)]
