@@ -48,8 +48,8 @@ stage evaluate-base "$OUT/eval_base/summary.json" \
   "$PY" evaluate.py experiment=demo_evaluate benchmark.path="$OUT/train/heldout.jsonl" \
   hydra.run.dir="$OUT/eval_base" "${ALL[@]}" "${EVAL[@]}"
 stage evaluate-finetuned "$OUT/eval_finetuned/summary.json" \
-  "$PY" evaluate.py experiment=demo_evaluate benchmark.path="$OUT/train/heldout.jsonl" \
-  adapter="$OUT/finetune/adapter" hydra.run.dir="$OUT/eval_finetuned" "${ALL[@]}" "${EVAL[@]}"
+  "$PY" evaluate.py experiment=demo_evaluate \
+  adapter="$OUT/finetune/adapter" hydra.run.dir="$OUT/eval_finetuned" "${ALL[@]}" "${EVAL[@]}"   # held-out split from lineage.json
 
 # the comparison that matters at this scale: the same config trained as a plain soft prompt, the
 # same sampling, then both sample sets side by side on alignment and memorisation

@@ -43,7 +43,12 @@ def test_demo_pipeline_end_to_end_on_tiny(tmp_path):
     for ev in ("eval_base", "eval_finetuned"):
         summary = json.loads((tmp_path / ev / "summary.json").read_text())
         assert summary["tasks"] == 3 and 0.0 <= summary["pass@1"] <= 1.0
-    assert json.loads((tmp_path / "eval_finetuned" / "summary.json").read_text())["adapter"]
+    fin = json.loads((tmp_path / "eval_finetuned" / "summary.json").read_text())
+    assert fin["adapter"]
+    # evaluated without benchmark.path: the adapter's lineage led back to the training run's split
+    held = str((tmp_path / "train" / "heldout.jsonl").resolve())
+    assert fin["benchmark"]["path"] == held and fin["lineage"]["heldout"] == held
+    assert fin["lineage"]["domain_prompt"] == str((tmp_path / "train" / "domain_prompt.safetensors").resolve())
     table = (tmp_path / "demo_report.md").read_text()
     assert "evaluate (fine-tuned)" in table and table in proc.stdout
     # it ends with DOMINO vs the plain soft prompt trained and sampled the same way
