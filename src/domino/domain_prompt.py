@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from domino.records import read_json_object
+
 DOMAIN_KEY = "domain_tokens"
 EXPORT = "domain_prompt.safetensors"
 META = "domain_prompt.json"
@@ -125,12 +127,7 @@ def _from_export(path: Path) -> DomainPrompt:
                          "export it again from the run's checkpoints/last.ckpt") from None
     if DOMAIN_KEY not in tensors:
         raise KeyError(f"{path}: no tensor {DOMAIN_KEY!r} (found {sorted(tensors)})")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{meta_path}: not valid JSON ({e}); the file is damaged or truncated") from None
-    if not isinstance(meta, dict):
-        raise ValueError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
+    meta = read_json_object(meta_path)
     D = _check_tensor(tensors[DOMAIN_KEY].float(), path)
     want = meta.get("digest")
     if want is not None and want != tensor_digest(D):

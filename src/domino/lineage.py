@@ -33,13 +33,8 @@ def read(artifact: str | os.PathLike | None) -> dict[str, Any]:
     path = lineage_path(artifact)
     if not path.exists():
         return {}
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); delete it or rerun the stage that wrote it") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+    from domino.records import read_json_object
+    return read_json_object(path, "delete it or rerun the stage that wrote it")
 
 
 def write(out_dir: str | os.PathLike, *parents: dict[str, Any], **fields: Any) -> Path:

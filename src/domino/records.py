@@ -117,6 +117,19 @@ def read_records(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
         yield from iter_jsonl(path)
 
 
+def read_json_object(path: str | os.PathLike, hint: str = "the file is damaged or truncated") -> dict:
+    """A JSON file holding one object (metadata, lineage); any other content is an error naming
+    the file and `hint` (what to do about it)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); {hint}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}; {hint}")
+    return data
+
+
 def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> int:
     """Write records atomically (temp file + rename); returns the count."""
     path = Path(path)
