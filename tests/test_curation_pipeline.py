@@ -248,3 +248,73 @@ def test_curation_configs_compose(compose):
     wired = any(isinstance(d, dict) and "curation" in d for d in OmegaConf.to_container(defaults))
     cfg = compose("synthesize", ["curation=text" if wired else "+curation=text"])
     assert cfg.curation.code_checks.enabled is False and cfg.curation.judge.enabled is True
+
+
+def test_without_responses_curated_is_written_and_sft_skipped(cfg, run_dir, caplog):
+    """responses.enabled=false (users bring their own teacher): curated.jsonl holds the filtered
+    problems with their checks; the code checks (nothing to check) and the SFT export are skipped
+    with a note, and an SFT set from an earlier run with responses does not survive as current."""
+    import logging
+
+    from domino import lineage
+    first = _run(cfg, run_dir, FakeModel())
+    assert first["n_sft"] == 3 and (run_dir / "sft.jsonl").exists() and (run_dir / "sft_dataset").exists()
+    cfg.responses.enabled = False
+    model = FakeModel()
+    with caplog.at_level(logging.INFO, logger="domino.curation"):
+        res = _run(cfg, run_dir, model)
+    assert res["sft"] is None and res["sft_dataset"] is None and res["n_sft"] == 0
+    assert not (run_dir / "sft.jsonl").exists() and not (run_dir / "sft_dataset").exists()
+    assert not any("unit tests" in u or "Solve the following" in u for u in model.seen)  # judge only
+    curated = read_jsonl(run_dir / "curated.jsonl")
+    # the five that the judge keeps (the code checks dropped two of them by their code)
+    assert [r["id"] for r in curated] == [r["id"] for r in read_jsonl(run_dir / "curation" / "06_judge.jsonl")]
+    assert len(curated) == 5 and {"s-00", "s-09", "s-12"} < {r["id"] for r in curated}
+    assert all("response" not in r and r["checks"]["judge"] == "good" for r in curated)
+    assert set(curated[0]["checks"]) == {"normalise", "exact_dedup", "near_dup", "memorisation", "decontaminate",
+                                         "judge"}
+    notes = [r.getMessage() for r in caplog.records if "SFT export skipped" in r.getMessage()]
+    assert len(notes) == 1 and "curated.jsonl" in notes[0] and "`text`" in notes[0]
+    funnel, rep = _funnel(run_dir)
+    assert funnel["responses"]["enabled"] is False and funnel["code_checks"]["enabled"] is False
+    assert "no responses" in funnel["code_checks"]["note"]
+    assert rep["n_sft"] == 0 and rep["outputs"]["sft"] is None and "skipped" in rep["sft_note"]
+    md = (run_dir / "curation_report.md").read_text()
+    assert "SFT export skipped" in md and "| code_checks | – | – | – | skipped: no responses" in md
+    assert lineage.read(run_dir)["sft"] is None and lineage.read(run_dir)["curated"] == str(
+        (run_dir / "curated.jsonl").resolve())
+    # up to date: the same again is a no-op; responses back on -> SFT again, judge verdicts reused
+    assert _run(cfg, run_dir, FakeModel())["n_sft"] == 0
+    cfg.responses.enabled = True
+    assert _run(cfg, run_dir, FakeModel())["n_sft"] == 3 and (run_dir / "sft.jsonl").exists()
+
+
+def test_sft_needs_a_response_on_every_record(cfg, run_dir, caplog):
+    """Responses disabled but code checks forced on samples that carry their own `response`:
+    the checks run on them; samples without one are not turned into assistant-less SFT pairs."""
+    recs = read_jsonl(run_dir / "samples.jsonl")
+    for r in recs:
+        r["response"] = "Own teacher.\n```python\ndef f(x):\n    return x\n```"
+    (run_dir / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    cfg.responses.enabled = False
+    cfg.judge.enabled = False
+    res = _run(cfg, run_dir, FakeModel())
+    funnel, _ = _funnel(run_dir)
+    assert funnel["code_checks"]["enabled"] is True and funnel["code_checks"]["n_out"] == res["n_sft"] > 0
+    assert read_jsonl(run_dir / "sft.jsonl")[0]["messages"][-1]["content"].startswith("Own teacher.")
+
+
+def test_synthesize_stage_curate_without_responses(compose, run_dir, caplog):
+    """synthesize.py stage=curate with no model stage: curated.jsonl, no SFT, and the entry point
+    reports it instead of failing on the missing SFT file."""
+    import logging
+
+    from domino.stages import synthesize
+    cfg = compose("synthesize", ["stage=curate", f"samples={run_dir / 'samples.jsonl'}", "progress=false",
+                                 "curation.memorisation.enabled=false", "curation.judge.enabled=false",
+                                 "curation.responses.enabled=false"], run_dir)
+    with caplog.at_level(logging.INFO, logger="domino"):
+        res = synthesize(cfg)
+    assert res["sft"] is None and res["n_sft"] == 0 and res["n_curated"] == len(read_jsonl(res["curated"])) > 0
+    assert not (run_dir / "sft.jsonl").exists()
+    assert any("no SFT export" in r.getMessage() for r in caplog.records if r.name == "domino.stages")

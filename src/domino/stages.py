@@ -37,8 +37,12 @@ def synthesize(cfg) -> dict[str, Any]:
         samples = result["samples"]
     from domino.curation.run import curate_from_config
     curated = curate_from_config(OmegaConf.to_container(cfg, resolve=True), samples)
-    log.info("curation done: %d SFT records in %s (report: %s)", curated["n_sft"], curated["sft"],
-             curated["report_md"])
+    if curated.get("sft"):
+        log.info("curation done: %d SFT records in %s (report: %s)", curated["n_sft"], curated["sft"],
+                 curated["report_md"])
+    else:  # no responses (curation.responses.enabled=false): curated.jsonl only, the note says why
+        log.info("curation done: %s curated records in %s, no SFT export (report: %s)", curated.get("n_curated"),
+                 curated["curated"], curated["report_md"])
     if stage == "curate":
         return curated
     return {**result, "curation": curated}

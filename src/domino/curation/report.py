@@ -45,7 +45,8 @@ def write_report(out_dir: Path, root: Path, funnel: list[dict], metas: dict[str,
     judge = metas.get("judge", {})
     decon = metas.get("decontaminate", {})
     outputs = {k: result.get(k) for k in ("curated", "sft", "sft_dataset")}
-    report = {"funnel": funnel, "n_sft": result.get("n_sft"), "outputs": outputs,
+    report = {"funnel": funnel, "n_curated": result.get("n_curated"), "n_sft": result.get("n_sft"),
+              "sft_note": result.get("sft_note"), "outputs": outputs,
               "judge_grades": judge.get("grades"), "decontamination": {
                   "eval_sets": decon.get("eval_sets"), "n_matches": len(matches), "matches": matches},
               "dropped_examples": examples}
@@ -60,12 +61,16 @@ def _markdown(rep: dict, max_matches: int) -> str:
          "| stage | in | out | dropped | reasons |", "|---|---:|---:|---:|---|"]
     for row in rep["funnel"]:
         if not row.get("enabled"):
-            L.append(f"| {row['stage']} | – | – | – | disabled |")
+            L.append(f"| {row['stage']} | – | – | – | {'skipped: ' + row['note'] if row.get('note') else 'disabled'} |")
             continue
         reasons = ", ".join(f"{k}: {v}" for k, v in row["reasons"].items()) or "–"
         L.append(f"| {row['stage']}{' (cached)' if row.get('skipped') else ''} | {row['n_in']} | {row['n_out']} | "
                  f"{row['n_dropped']} | {reasons} |")
-    L += ["", f"SFT records written: **{rep['n_sft']}** → `{rep['outputs']['sft']}`", ""]
+    if rep["outputs"].get("sft"):
+        L += ["", f"SFT records written: **{rep['n_sft']}** → `{rep['outputs']['sft']}`", ""]
+    else:
+        L += ["", f"Curated records: **{rep['n_curated']}** → `{rep['outputs']['curated']}`. "
+              f"{rep.get('sft_note') or 'No SFT export.'}", ""]
     if rep.get("judge_grades"):
         total = sum(rep["judge_grades"].values()) or 1
         L += ["## Judge grades", "", "| grade | count | share |", "|---|---:|---:|"]

@@ -134,6 +134,11 @@ class Curation:
             if not c.get("enabled", True):
                 funnel.append({"stage": name, "enabled": False})
                 continue
+            if name == "code_checks" and not self._responses_on() and not _any_response(current):
+                note = "no responses to check (responses.enabled=false)"
+                log.info("curation code_checks: skipped, %s", note)
+                funnel.append({"stage": name, "enabled": False, "note": note})
+                continue
             files = StageFiles(self.root, i, name)
             meta = getattr(self, "_" + name)(files, current, c)
             self.metas[name] = meta
@@ -143,7 +148,8 @@ class Curation:
         result = self._sft(current)
         lineage.write(self.out_dir, lineage.read(self.samples_path),
                       curation_input=str(Path(self.samples_path).resolve()),
-                      curated=str(Path(result["curated"]).resolve()), sft=str(Path(result["sft"]).resolve()))
+                      curated=str(Path(result["curated"]).resolve()),
+                      sft=str(Path(result["sft"]).resolve()) if result["sft"] else None)
         report = write_report(self.out_dir, self.root, funnel, self.metas, result, self.cfg.get("report") or {})
         result.update(report)
         return result
@@ -297,31 +303,77 @@ class Curation:
         bs = int((c.get("tests_generation") or {}).get("batch_size", 8)) if run_tests else 256
         return self._incremental(files, current, c, fn, bs, ident)
 
+    def _responses_on(self) -> bool:
+        return bool(self.stage_cfg("responses").get("enabled", True))
+
     def _sft(self, current: Path) -> dict[str, Any]:
+        """curated.jsonl always; sft.jsonl (+ the dataset) only when every curated record has a
+        response. Without responses (responses.enabled=false: the user brings a teacher) the SFT
+        export is skipped with a note, and the SFT files an earlier run wrote here are removed so
+        that none is taken for this run's."""
         from domino.curation.sft import save_dataset, to_sft
         c = self.stage_cfg("sft")
         files = StageFiles(self.root, SFT_INDEX, "sft")
         curated, sft_path = self.out_dir / "curated.jsonl", self.out_dir / "sft.jsonl"
         ds_path = self.out_dir / c.get("dataset_dir", "sft_dataset")
-        outputs = [curated, sft_path] + ([ds_path] if c.get("save_dataset", True) else [])
-        fp = self._fp(current, c)
-        result = {"curated": str(curated), "sft": str(sft_path),
-                  "sft_dataset": str(ds_path) if c.get("save_dataset", True) else None}
+        recs = [r for _, r in iter_jsonl(current)]
+        missing = [r["id"] for r in recs if not r.get("response")]
+        export = not missing and (bool(recs) or self._responses_on())
+        note = None if export else _no_sft_note(len(missing), len(recs), self._responses_on(), curated)
+        save_ds = export and bool(c.get("save_dataset", True))
+        outputs = [curated] + ([sft_path] if export else []) + ([ds_path] if save_ds else [])
+        fp = self._fp(current, c, export)
+        result = {"curated": str(curated), "n_curated": len(recs), "sft": str(sft_path) if export else None,
+                  "sft_dataset": str(ds_path) if save_ds else None, "sft_note": note}
         meta = files.meta() or {}
+        if not export:
+            _remove_stale_sft(meta, curated, sft_path)
+            log.info("curation: %s", note)
         if meta.get("fingerprint") == fp and meta.get("complete") and all(p.exists() for p in outputs):
             return {**result, "n_sft": meta["n_sft"]}
         files.reset()
-        recs = [r for _, r in iter_jsonl(current)]
         files.begin(fp, {"input": str(current), "n_in": len(recs)})
-        sft = [to_sft(r, c.get("format", "chat"), c.get("user_template", "{text}"), c.get("system")) for r in recs]
         write_jsonl(curated, recs)
-        write_jsonl(sft_path, sft)
-        if c.get("save_dataset", True):
-            save_dataset(sft, ds_path)
+        sft = []
+        if export:
+            sft = [to_sft(r, c.get("format", "chat"), c.get("user_template", "{text}"), c.get("system"))
+                   for r in recs]
+            write_jsonl(sft_path, sft)
+            if save_ds:
+                save_dataset(sft, ds_path)
         files.write_meta({"stage": "sft", "fingerprint": fp, "complete": True, "input": str(current),
-                          "n_in": len(recs), "n_sft": len(sft), "outputs": [str(p) for p in outputs]})
-        log.info("curation: %d curated records -> %s, %s", len(recs), curated, sft_path)
+                          "n_in": len(recs), "n_sft": len(sft), "note": note, "outputs": [str(p) for p in outputs]})
+        log.info("curation: %d curated records -> %s%s", len(recs), curated, f", {sft_path}" if export else "")
         return {**result, "n_sft": len(sft)}
+
+
+def _any_response(path: Path) -> bool:
+    return any(r.get("response") for _, r in iter_jsonl(path))
+
+
+def _no_sft_note(n_missing: int, n: int, responses_on: bool, curated: Path) -> str:
+    why = ("the responses stage is disabled (curation.responses.enabled=false)" if not responses_on
+           else f"{n_missing} of {n} curated records have no `response`")
+    return (f"SFT export skipped: {why}. {curated.name} holds the {n} filtered problems with their checks; "
+            "for SFT data bring your own teacher (each record's `text` field is the problem) or run the "
+            "responses stage (curation.responses.enabled=true, curation.responses.model=...).")
+
+
+def _remove_stale_sft(meta: dict, curated: Path, sft_path: Path) -> None:
+    """Remove the SFT files an earlier curation into this directory recorded as its outputs: they
+    belong to other curated records. A file of that name this curation did not write is left alone."""
+    import shutil
+    ours = {Path(p) for p in meta.get("outputs") or []} - {curated}
+    for p in sorted(ours):
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+        else:
+            continue
+        log.warning("curation: removed %s, the SFT output of an earlier curation here (this one has none)", p)
+    if sft_path.exists() and sft_path not in ours:
+        log.warning("curation: %s was not written by this curation and is not its SFT output", sft_path)
 
 
 def _reuse_key(rec: dict, stage: str) -> str:
