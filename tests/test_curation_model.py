@@ -1,10 +1,17 @@
 """The model stages on a real (tiny, random) backbone: chat template, batched left-padded greedy
-decoding through the shared engine (domino.generation.hf), and the judge/responses stages driven by it."""
+decoding through the shared engine (domino.generation.hf), and the judge/responses stages driven by it;
+a teacher model other than the samples' backbone; the vLLM engine choice (wired with a stand-in
+engine here, for real in the gpu-marked test)."""
+import importlib.util
 import json
+import sys
+import types
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
+from domino.curation import generation as G
 from domino.curation.generation import HFChatGenerator, release_models
 from domino.curation.run import run_curation
 from domino.records import read_jsonl
@@ -67,3 +74,191 @@ def test_logprob_judge_scores_match_a_naive_oracle(tiny_backbone):
         want = sum(float(logp[len(base) - 1 + j, t]) for j, t in enumerate(opt))
         assert got == pytest.approx(want, abs=1e-4)
     assert gen.choose([conv], list(LABELS), "Score:") == [LABELS[max(range(5), key=lambda i: scores[i])]]
+
+
+def _samples(tmp_path, n=2):
+    recs = [{"id": f"s-{i}", "text": f"Write a function that returns the {w} of a list of integers."}
+            for i, w in enumerate(("sum", "product", "maximum", "minimum")[:n])]
+    (tmp_path / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return tmp_path / "samples.jsonl"
+
+
+def _model_cfg(max_new_tokens=4):
+    cfg = OmegaConf.load(CONF / "curation" / "default.yaml")
+    for s in ("normalise", "exact_dedup", "near_dup", "memorisation", "decontaminate", "code_checks"):
+        cfg[s].enabled = False
+    cfg.judge.keep_unknown = True
+    for s in ("judge", "responses"):
+        cfg[s].generation.sampling.max_new_tokens = max_new_tokens
+        cfg[s].generation.batch_size = 2
+    return cfg
+
+
+def test_teacher_config():
+    bb = {"name": "smollm2", "path": "embedded", "dtype": "float32", "cache_dir": "/c"}
+    assert G.teacher_config(None, bb) == G.teacher_config({"path": None, "dtype": None}, bb) == bb
+    assert G.teacher_config({"path": None, "dtype": "bfloat16"}, bb) == {**bb, "dtype": "bfloat16"}
+    assert G.teacher_config({"path": "Qwen/Qwen2.5-Coder-7B-Instruct", "dtype": None}, bb) == {
+        "path": "Qwen/Qwen2.5-Coder-7B-Instruct", "cache_dir": "/c"}
+    assert G.teacher_config("/models/t", None) == {"path": "/models/t"}
+    assert G.teacher_config(None, None) == G.DEFAULT_BACKBONE
+
+
+def test_a_teacher_other_than_the_backbone_is_used(tmp_path, monkeypatch):
+    """judge.model names another (tiny) model than the samples' backbone: that config is loaded and
+    the judge's generator is built on it, the stage meta records it, and the responses stage (model
+    unset) runs on the backbone. Switching the judge back to the backbone redoes only the judge."""
+    import domino.backbone
+    loaded, real = [], domino.backbone.load_backbone
+
+    def spy(**kw):
+        loaded.append(kw)
+        return real(**kw)
+    monkeypatch.setattr(domino.backbone, "load_backbone", spy)
+    built, real_init = [], HFChatGenerator.__init__
+
+    def spy_init(self, backbone, *a, **kw):
+        built.append(backbone.id)
+        real_init(self, backbone, *a, **kw)
+    monkeypatch.setattr(HFChatGenerator, "__init__", spy_init)
+    teacher = {"path": "tiny", "tiny": {**TINY["tiny"], "hidden_size": 32, "seed": 1}}
+    cfg = _model_cfg()
+    cfg.judge.model = teacher
+    samples = _samples(tmp_path)
+    try:
+        run_curation(cfg, samples, tmp_path, backbone={**TINY, "cache_dir": None}, progress=False)
+        judge = json.loads((tmp_path / "curation" / "06_judge.meta.json").read_text())
+        responses = json.loads((tmp_path / "curation" / "07_responses.meta.json").read_text())
+        assert judge["model"] == teacher and judge["engine"] == "hf"
+        assert responses["model"] == {k: v for k, v in TINY.items()}
+        assert [kw["tiny"]["seed"] for kw in loaded] == [1, 0]  # the teacher for the judge, then the backbone
+        assert len(built) == 2 and '"seed": 1' in built[0] and '"seed": 0' in built[1]
+        cfg.judge.model = {"path": None, "dtype": None}
+        run_curation(cfg, samples, tmp_path, backbone={**TINY, "cache_dir": None}, progress=False)
+        again = json.loads((tmp_path / "curation" / "06_judge.meta.json").read_text())
+        assert again["model"] == responses["model"] and again["config_fingerprint"] != judge["config_fingerprint"]
+        # the judge ran again, on the backbone; the responses stage needed no model (skipped or reused)
+        assert len(built) == 3 and '"seed": 0' in built[2]
+    finally:
+        release_models()
+
+
+def test_model_settings_left_at_their_defaults_keep_the_stage_fingerprint():
+    """model {path: null}, engine hf and the vllm block fingerprint like the older `model: null`
+    config without an engine: upgrading does not redo a finished judge."""
+    from domino.curation.run import _model_stage_config
+    new = OmegaConf.to_container(OmegaConf.load(CONF / "curation" / "default.yaml"))["judge"]
+    old = {**new, "model": None, "generation": {k: v for k, v in new["generation"].items()
+                                                if k not in ("engine", "vllm")}}
+    assert _model_stage_config(new) == _model_stage_config(old)
+    vllm = {**new, "generation": {**new["generation"], "engine": "vllm"}}
+    assert _model_stage_config(vllm) != _model_stage_config(new)
+
+
+def test_vllm_choice_errors_are_clear(tmp_path, monkeypatch):
+    from domino.curation.run import run_curation as run
+    monkeypatch.setitem(sys.modules, "vllm", None)  # as if not installed, wherever this runs
+    cfg = _model_cfg()
+    samples = _samples(tmp_path)
+    cfg.responses.generation.engine = "vllm"
+    with pytest.raises(ImportError, match=r"curation\.responses\.generation\.engine=vllm needs vLLM"):
+        run(cfg, samples, tmp_path, backbone=TINY, progress=False)
+    assert not (tmp_path / "curation").exists()  # refused before any stage ran
+    cfg.responses.generation.engine = "hf"
+    cfg.judge.mode = "logprob"
+    cfg.judge.generation.engine = "vllm"
+    with pytest.raises(ValueError, match=r"curation\.judge\.mode=logprob .* curation\.judge\.generation\.engine=hf"):
+        run(cfg, samples, tmp_path, backbone=TINY, progress=False)
+    cfg.judge.generation.engine = "tgi"
+    with pytest.raises(ValueError, match=r"curation\.judge\.generation\.engine='tgi'"):
+        run(cfg, samples, tmp_path, backbone=TINY, progress=False)
+    cfg.code_checks.enabled, cfg.code_checks.run_tests = True, True
+    cfg.code_checks.tests_generation.engine = "vllm"
+    cfg.judge.generation.engine, cfg.judge.mode = "hf", "generate"
+    with pytest.raises(ImportError, match=r"curation\.code_checks\.tests_generation\.engine=vllm"):
+        run(cfg, samples, tmp_path, backbone=TINY, progress=False)
+    with pytest.raises(ValueError, match="tiny test backbone"):
+        G.vllm_model_dir(TINY)
+
+
+class StandInEngine:
+    """What VLLMEngine offers the chat generator: generate_prompts(token-id prompts, seeds)."""
+
+    def __init__(self, params):
+        self.params, self.calls = params, []
+
+    def generate_prompts(self, prompts, seeds):
+        from domino.generation.params import Generation
+        self.calls.append((self.params, prompts, seeds))
+        return [Generation([], "Fine.\nScore: good", "stop") for _ in prompts]
+
+
+@pytest.fixture()
+def tiny_dir(tmp_path_factory, tiny_backbone):
+    d = tmp_path_factory.mktemp("tiny_teacher")
+    tiny_backbone.model.save_pretrained(d)
+    tiny_backbone.tokenizer.save_pretrained(d)
+    return d
+
+
+def test_vllm_chat_generator_sends_chat_token_ids_and_row_seeds(tmp_path, monkeypatch, tiny_backbone, tiny_dir):
+    """engine=vllm without vLLM: a stand-in for the engine shows what reaches it. The prompts are
+    the chat-template token ids and the seeds the per-row seeds the HF generator uses; the judge
+    stage records the engine, and its fingerprint differs from the same judge on HF."""
+    monkeypatch.setitem(sys.modules, "vllm", types.ModuleType("vllm"))
+    engines = []
+
+    def fake_engine(model_dir, trust, vcfg, params, seed):
+        assert model_dir == str(tiny_dir) and vcfg["gpu_memory_utilization"] == 0.9
+        engines.append(StandInEngine(params))
+        return engines[-1]
+    monkeypatch.setattr(G, "_vllm_engine", fake_engine)
+    gen_cfg = {"engine": "vllm", "batch_size": 2, "seed": 3, "sampling": {"max_new_tokens": 5},
+               "vllm": {"gpu_memory_utilization": 0.9}}
+    gen = G.build_generator({"path": str(tiny_dir)}, TINY, gen_cfg, "curation.judge.generation")
+    hf = HFChatGenerator(tiny_backbone, sampling={"max_new_tokens": 5}, seed=3)
+    convs = [[{"role": "user", "content": t}] for t in ("a", "bb", "ccc")]
+    assert isinstance(gen, G.VLLMChatGenerator) and gen(convs) == ["Fine.\nScore: good"] * 3
+    calls = engines[0].calls
+    assert [len(p) for _, p, _ in calls] == [2, 1]  # batch_size rows per call
+    assert [x for _, p, _ in calls for x in p] == [hf.encode(c) for c in convs]
+    assert [x for _, _, s in calls for x in s] == [hf.row_seed(c) for c in convs]
+    assert calls[0][0].max_new_tokens == 5 and calls[0][0].temperature == 0.0
+    assert gen.fingerprint != hf.fingerprint
+    # the stage on it
+    cfg = _model_cfg()
+    cfg.responses.enabled = False
+    cfg.judge.model.path = str(tiny_dir)
+    cfg.judge.generation.engine = "vllm"
+    cfg.judge.generation.batch_size = 1
+    run_curation(cfg, _samples(tmp_path), tmp_path, backbone=TINY, progress=False)
+    meta = json.loads((tmp_path / "curation" / "06_judge.meta.json").read_text())
+    assert meta["engine"] == "vllm" and meta["model"]["path"] == str(tiny_dir) and meta["grades"]["good"] == 2
+    assert len(engines) == 2  # one generator for the stage, not one per batch
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_judge_and_responses_on_vllm(tmp_path, tiny_dir):
+    """The judge and responses stages on vLLM (a saved tiny model as the teacher): every record gets
+    a verdict and a response, and a second generator reproduces the outputs across batch sizes."""
+    cfg = _model_cfg(max_new_tokens=8)
+    for s in ("judge", "responses"):
+        cfg[s].model.path = str(tiny_dir)
+        cfg[s].generation.engine = "vllm"
+        cfg[s].generation.vllm.gpu_memory_utilization = 0.3
+        cfg[s].generation.vllm.enforce_eager = True
+    try:
+        run_curation(cfg, _samples(tmp_path, 4), tmp_path, backbone=TINY, progress=False)
+        cur = tmp_path / "curation"
+        assert json.loads((cur / "06_judge.meta.json").read_text())["engine"] == "vllm"
+        responses = read_jsonl(cur / "07_responses.jsonl") + read_jsonl(cur / "07_responses.dropped.jsonl")
+        assert sorted(r["id"] for r in responses) == ["s-0", "s-1", "s-2", "s-3"]
+        gen_cfg = OmegaConf.to_container(cfg.responses.generation)
+        convs = [[{"role": "user", "content": f"Problem {i}"}] for i in range(5)]
+        a = G.build_generator({"path": str(tiny_dir)}, TINY, {**gen_cfg, "batch_size": 5}, "g")(convs)
+        b = G.build_generator({"path": str(tiny_dir)}, TINY, {**gen_cfg, "batch_size": 2}, "g")(convs)
+        assert a == b and all(isinstance(t, str) for t in a)
+    finally:
+        release_models()

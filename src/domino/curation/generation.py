@@ -1,14 +1,19 @@
 """Chat generation for the LLM stages (judge, responses, test writing).
 
 A generator is any callable `conversations -> texts` (one conversation = a list of
-{"role", "content"} messages); tests inject deterministic fakes. The real one renders each
-conversation with the model's chat template and decodes in left-padded batches on
-domino.generation.hf.HFEngine (KV cache, finished rows dropped, per-row seeds) with
-domino.generation.params.SamplingParams, the engine and sampling config every stage uses.
-Models are loaded once per backbone config and shared by stages.
+{"role", "content"} messages); tests inject deterministic fakes. The real ones render each
+conversation with the model's chat template into token ids and decode them with one of the
+synthesis engines, with domino.generation.params.SamplingParams and a per-row seed taken from the
+row's content (a row's draw does not depend on its batch):
+- `hf` (default): left-padded batches on domino.generation.hf.HFEngine (KV cache, finished rows
+  dropped); also scores labels for the judge's logprob mode;
+- `vllm`: domino.generation.vllm.VLLMEngine (GPU only; vLLM is imported only when chosen).
+The model of a stage (`model`, `tests_model`: load_backbone kwargs or a path) defaults to the
+synthesis backbone (`teacher_config`). Models are loaded once per config and shared by stages.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -18,6 +23,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 log = logging.getLogger(__name__)
 Conversation = list[dict[str, str]]
+ENGINES = ("hf", "vllm")
+DEFAULT_BACKBONE = {"name": "smollm2", "path": "embedded"}
 
 
 class ChatGenerator(Protocol):
@@ -27,7 +34,86 @@ class ChatGenerator(Protocol):
     def __call__(self, conversations: list[Conversation]) -> list[str]: ...
 
 
-class HFChatGenerator:
+def teacher_config(model_cfg: dict[str, Any] | str | None, default_backbone: dict[str, Any] | None) -> dict:
+    """The load_backbone kwargs of a stage's model. `model_cfg` null, or without a `path`: the
+    synthesis backbone (its other non-null keys, e.g. dtype, override the backbone's); a string or
+    a `path` (hub id or local directory): that model, with the backbone's cache_dir unless given."""
+    default = dict(default_backbone or DEFAULT_BACKBONE)
+    if isinstance(model_cfg, str):
+        model_cfg = {"path": model_cfg}
+    m = {k: v for k, v in dict(model_cfg or {}).items() if v is not None}
+    if not m.get("path"):
+        m.pop("path", None)
+        return {**default, **m}
+    if default.get("cache_dir") is not None:
+        m.setdefault("cache_dir", default["cache_dir"])
+    return m
+
+
+def check_engine(gen_cfg: dict[str, Any], where: str, logprob: bool = False) -> str:
+    """The engine `gen_cfg` selects, after checking it can run here; `where` names the config
+    block in errors (e.g. curation.judge.generation)."""
+    engine = gen_cfg.get("engine") or "hf"
+    if engine not in ENGINES:
+        raise ValueError(f"{where}.engine={engine!r}: expected one of {ENGINES}")
+    if engine == "vllm":
+        if logprob:
+            stage = where.rsplit(".", 1)[0]
+            raise ValueError(f"{stage}.mode=logprob scores the labels with the HF engine: set {where}.engine=hf, "
+                             f"or {stage}.mode=generate to judge on vLLM")
+        try:
+            import vllm  # noqa: F401
+        except ImportError as e:
+            raise ImportError(f"{where}.engine=vllm needs vLLM on a CUDA machine: pip install 'vllm>=0.10.2' "
+                              f"(or pip install -e '.[gpu]'); or set {where}.engine=hf") from e
+    return engine
+
+
+class _ChatGenerator:
+    """Chat template -> token ids -> engine.generate_prompts, with per-row seeds."""
+    tok: Any
+    engine: Any
+    seed: int
+    batch_size: int
+
+    def encode(self, conv: Conversation) -> list[int]:
+        text = self.tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+        return list(self.tok(text, add_special_tokens=False)["input_ids"])
+
+    def row_seed(self, conv: Conversation) -> int:
+        return int(hashlib.sha256(f"{self.seed}:{json.dumps(conv)}".encode()).hexdigest()[:12], 16)
+
+    def __call__(self, conversations: list[Conversation]) -> list[str]:
+        out: list[str] = []
+        for s in range(0, len(conversations), self.batch_size):
+            chunk = conversations[s:s + self.batch_size]
+            prompts = [self.encode(c) for c in chunk]
+            seeds = [self.row_seed(c) for c in chunk]  # a row's draw depends on its content, not its batch
+            out += [g.text for g in self.engine.generate_prompts(prompts, seeds)]
+        return out
+
+
+def _params(tok, sampling: dict[str, Any] | None, stop_tokens: list[str] | None):
+    from domino.generation.params import SamplingParams
+    stop_ids = [i for t in (stop_tokens or []) if (i := tok.convert_tokens_to_ids(t)) is not None
+                and i != tok.unk_token_id]
+    return SamplingParams.from_config({"temperature": 0.0, "max_new_tokens": 512, **(sampling or {})},
+                                      stop_token_ids=tuple(stop_ids))
+
+
+def _need_chat_template(tok, model_id: str) -> None:
+    if getattr(tok, "chat_template", None) is None:
+        raise ValueError(f"backbone {model_id} has no chat template: the judge and responses "
+                         "stages need an instruction-tuned (chat) model")
+
+
+def _fingerprint(**parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class HFChatGenerator(_ChatGenerator):
+    engine_name = "hf"
+
     def __init__(self, backbone, sampling: dict[str, Any] | None = None, batch_size: int = 8,
                  device: str = "auto", seed: int = 0, stop_tokens: list[str] | None = None,
                  num_threads: int | None = None):
@@ -36,37 +122,17 @@ class HFChatGenerator:
             torch.set_num_threads(int(num_threads))
 
         from domino.generation.hf import HFEngine
-        from domino.generation.params import SamplingParams
         self.tok, self.seed = backbone.tokenizer, seed
-        if getattr(self.tok, "chat_template", None) is None:
-            raise ValueError(f"backbone {backbone.id} has no chat template: the judge and responses "
-                             "stages need an instruction-tuned (chat) model")
+        _need_chat_template(self.tok, backbone.id)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         backbone.model.to(device)
-        stop_ids = [i for t in (stop_tokens or []) if (i := self.tok.convert_tokens_to_ids(t)) is not None
-                    and i != self.tok.unk_token_id]
-        params = SamplingParams.from_config({"temperature": 0.0, "max_new_tokens": 512, **(sampling or {})},
-                                            stop_token_ids=tuple(stop_ids))
+        params = _params(self.tok, sampling, stop_tokens)
         self.engine = HFEngine(backbone.model, self.tok, params, batch_size=batch_size)
         self.batch_size = batch_size
-        self.fingerprint = hashlib.sha256(json.dumps(
-            {"backbone": backbone.id, "hash": backbone.model_hash, "params": params.to_dict(), "seed": seed},
-            sort_keys=True).encode()).hexdigest()[:16]
-
-    def encode(self, conv: Conversation) -> list[int]:
-        text = self.tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
-        return list(self.tok(text, add_special_tokens=False)["input_ids"])
-
-    def __call__(self, conversations: list[Conversation]) -> list[str]:
-        out: list[str] = []
-        for s in range(0, len(conversations), self.batch_size):
-            chunk = conversations[s:s + self.batch_size]
-            prompts = [self.encode(c) for c in chunk]
-            seeds = [int(hashlib.sha256(f"{self.seed}:{json.dumps(c)}".encode()).hexdigest()[:12], 16)
-                     for c in chunk]  # a row's draw depends on its content, not its batch
-            out += [g.text for g in self.engine.generate_prompts(prompts, seeds)]
-        return out
+        self.model_id = backbone.id
+        self.fingerprint = _fingerprint(backbone=backbone.id, hash=backbone.model_hash, params=params.to_dict(),
+                                        seed=seed)
 
     def choose(self, conversations: list[Conversation], options: list[str], prefix: str = "") -> list[str]:
         """For each conversation, the option the model finds most likely as the start of its reply
@@ -97,26 +163,96 @@ class HFChatGenerator:
         return [sum(float(logp[i, j, t]) for j, t in enumerate(opt_ids[i])) for i in range(len(seqs))]
 
 
+class VLLMChatGenerator(_ChatGenerator):
+    """The same chat generation on vLLM: token-id prompts, per-row seeds (SamplingParams.seed)."""
+    engine_name = "vllm"
+
+    def __init__(self, bcfg: dict[str, Any], sampling: dict[str, Any] | None = None, batch_size: int = 256,
+                 seed: int = 0, stop_tokens: list[str] | None = None, vllm_cfg: dict[str, Any] | None = None):
+        from transformers import AutoConfig
+
+        from domino.backbone import load_tokenizer, model_config_hash
+        model_dir = vllm_model_dir(bcfg)
+        trust = bool(bcfg.get("trust_remote_code"))
+        self.tok, self.seed, self.batch_size = load_tokenizer(model_dir), seed, batch_size
+        _need_chat_template(self.tok, str(bcfg.get("path")))
+        params = _params(self.tok, sampling, stop_tokens)
+        # one vLLM instance per model; each stage decodes with its own sampling parameters
+        self.engine = copy.copy(_vllm_engine(model_dir, trust, dict(vllm_cfg or {}), params, seed))
+        self.engine.params = params
+        self.model_id = str(bcfg.get("path"))
+        conf = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust)
+        self.fingerprint = _fingerprint(backbone=self.model_id, hash=model_config_hash(conf),
+                                        params=params.to_dict(), seed=seed, engine="vllm")
+
+
+def vllm_model_dir(bcfg: dict[str, Any]) -> str:
+    from domino.backbone import embedded_model_dir
+    path = bcfg.get("path") or "embedded"
+    if path == "tiny":
+        raise ValueError("generation.engine=vllm cannot load the random tiny test backbone (path=tiny): "
+                         "save it with save_pretrained and give its directory, or use engine=hf")
+    return str(embedded_model_dir(bcfg.get("cache_dir"))) if path == "embedded" else str(path)
+
+
 _MODELS: dict[str, Any] = {}
+_VLLM: dict[str, Any] = {}
 
 
-def build_generator(model_cfg: dict[str, Any] | None, default_backbone: dict[str, Any] | None,
-                    gen_cfg: dict[str, Any]) -> HFChatGenerator:
-    """A generator on `model_cfg` (load_backbone kwargs) or, when null, the run's backbone."""
+def _vllm_engine(model_dir: str, trust_remote_code: bool, vcfg: dict[str, Any], params, seed: int):
+    """One vLLM engine at a time: a different model (or engine settings) releases the previous one
+    first, so a judge and a responses model of different size need not both fit on the GPU."""
+    key = json.dumps([model_dir, trust_remote_code, vcfg], sort_keys=True, default=str)
+    if key not in _VLLM:
+        _release_vllm()
+        from domino.generation.vllm import VLLMEngine
+        _VLLM[key] = VLLMEngine(model_dir, model_dir, params,
+                                tensor_parallel_size=int(vcfg.get("tensor_parallel_size", 1)),
+                                dtype=str(vcfg.get("dtype") or "auto"),
+                                gpu_memory_utilization=float(vcfg.get("gpu_memory_utilization", 0.9)),
+                                max_model_len=vcfg.get("max_model_len"), enforce_eager=bool(vcfg.get("enforce_eager")),
+                                seed=seed, trust_remote_code=trust_remote_code,
+                                enable_prefix_caching=vcfg.get("enable_prefix_caching"), extra=vcfg.get("extra"),
+                                prompt_embeds=False)
+    return _VLLM[key]
+
+
+def _release_vllm() -> None:
+    if not _VLLM:
+        return
+    import gc
+
+    import torch
+    _VLLM.clear()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def build_generator(model_cfg: dict[str, Any] | str | None, default_backbone: dict[str, Any] | None,
+                    gen_cfg: dict[str, Any], where: str = "generation", logprob: bool = False) -> _ChatGenerator:
+    """A generator on `model_cfg` (see teacher_config; null = the run's backbone) with the engine
+    `gen_cfg.engine` selects (hf | vllm); `where` names the generation block in errors."""
+    engine = check_engine(gen_cfg, where, logprob)
+    bcfg = teacher_config(model_cfg, default_backbone)
+    kw = dict(sampling=gen_cfg.get("sampling"), seed=int(gen_cfg.get("seed", 0)),
+              stop_tokens=gen_cfg.get("stop_tokens"))
+    if engine == "vllm":
+        log.info("curation: %s on vLLM: %s", where, bcfg.get("path"))
+        return VLLMChatGenerator(bcfg, batch_size=int(gen_cfg.get("batch_size", 256)), vllm_cfg=gen_cfg.get("vllm"),
+                                 **kw)
     from domino.backbone import load_backbone
-    bcfg = dict(model_cfg or default_backbone or {"name": "smollm2", "path": "embedded"})
     key = json.dumps(bcfg, sort_keys=True, default=str)
     if key not in _MODELS:
         log.info("curation: loading %s", bcfg.get("path"))
         _MODELS[key] = load_backbone(**bcfg)
-    return HFChatGenerator(_MODELS[key], sampling=gen_cfg.get("sampling"),
-                           batch_size=int(gen_cfg.get("batch_size", 8)), device=gen_cfg.get("device") or "auto",
-                           seed=int(gen_cfg.get("seed", 0)), stop_tokens=gen_cfg.get("stop_tokens"),
-                           num_threads=gen_cfg.get("num_threads"))
+    return HFChatGenerator(_MODELS[key], batch_size=int(gen_cfg.get("batch_size", 8)),
+                           device=gen_cfg.get("device") or "auto", num_threads=gen_cfg.get("num_threads"), **kw)
 
 
 def release_models() -> None:
     _MODELS.clear()
+    _release_vllm()
 
 
 def fingerprint_of(gen: Callable) -> str:

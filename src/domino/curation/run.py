@@ -83,8 +83,27 @@ class Curation:
         if g is not None:
             return g
         from domino.curation.generation import build_generator
-        c = self.stage_cfg(role if role != "tests" else "code_checks")
-        return build_generator(c.get(model_key), self.backbone, c.get(gen_key) or {})
+        stage = role if role != "tests" else "code_checks"
+        c = self.stage_cfg(stage)
+        return build_generator(c.get(model_key), self.backbone, c.get(gen_key) or {}, f"curation.{stage}.{gen_key}",
+                               logprob=role == "judge" and c.get("mode") == "logprob")
+
+    def injected(self, role: str) -> bool:
+        g = self.generators
+        return (g.get(role) or g.get("default")) is not None if isinstance(g, dict) else g is not None
+
+    def check_engines(self) -> None:
+        """Before any stage runs: each model stage's engine exists and can run here (vLLM installed,
+        not with the judge's logprob mode), so a bad choice fails now, not after the filters."""
+        from domino.curation.generation import check_engine
+        for role, stage, gen_key in (("judge", "judge", "generation"), ("responses", "responses", "generation"),
+                                     ("tests", "code_checks", "tests_generation")):
+            c = self.stage_cfg(stage)
+            if not c.get("enabled", True) or (stage == "code_checks" and not c.get("run_tests")) \
+                    or self.injected(role):
+                continue
+            check_engine(c.get(gen_key) or {}, f"curation.{stage}.{gen_key}",
+                         logprob=stage == "judge" and c.get("mode") == "logprob")
 
     def model_identity(self, role: str, model_key: str = "model") -> Any:
         g = self.generators
@@ -93,8 +112,9 @@ class Curation:
         if g is not None:
             from domino.curation.generation import fingerprint_of
             return {"injected": fingerprint_of(g)}
+        from domino.curation.generation import teacher_config
         c = self.stage_cfg(role if role != "tests" else "code_checks")
-        return _backbone_key(c.get(model_key) or self.backbone)
+        return _backbone_key(teacher_config(c.get(model_key), self.backbone))
 
     def decontam_specs(self) -> list[dict]:
         c = self.stage_cfg("decontaminate")
@@ -127,6 +147,7 @@ class Curation:
     def _run(self) -> dict[str, Any]:
         from domino.curation.report import write_report
         _read_input(self.samples_path)  # validate up front: file:line for a bad record
+        self.check_engines()
         current = self.samples_path
         funnel = []
         for i, name in enumerate(STAGES, start=1):
@@ -172,17 +193,18 @@ class Curation:
         return {**meta, "skipped": False}
 
     def _incremental(self, files: StageFiles, current: Path, c: dict, fn: Callable, batch_size: int,
-                     extra: Any, summarise: Callable | None = None) -> dict:
+                     extra: Any, summarise: Callable | None = None, gen_key: str = "generation") -> dict:
         """A model stage: records are appended as they are decided, so a rerun after a crash does
         only the records without a verdict. When only the input changed (an upstream stage was
         re-tuned) verdicts of records whose text (and response) are unchanged are reused."""
         from domino.curation.generation import StageProgress
         from domino.records import JsonlStore
         files.recover()  # a crash mid-write left a torn last line: cut it (logged), redo that record
-        cfp = stage_fingerprint(c, extra)
+        cfp = stage_fingerprint(_model_stage_config(c), extra)
         fp = stage_fingerprint(S.file_hash(current), cfp)
         recs = [r for _, r in iter_jsonl(current)]
-        info = {"input": str(current), "n_in": len(recs), "model": extra, "config_fingerprint": cfp}
+        info = {"input": str(current), "n_in": len(recs), "model": extra, "config_fingerprint": cfp,
+                "engine": ((c.get(gen_key) or {}).get("engine") or "hf") if extra is not None else None}
         old = files.meta() or {}
         reuse = _load_reusable(files) if old.get("fingerprint") != fp and old.get("config_fingerprint") == cfp else {}
         status = files.status(fp)
@@ -267,8 +289,9 @@ class Curation:
         gen_holder: dict = {}
 
         def fn(batch):
-            gen = gen_holder.setdefault("g", self.generator("judge"))
-            return judge_batch(batch, gen, c)
+            if "g" not in gen_holder:  # built once, on the first batch that needs the model
+                gen_holder["g"] = self.generator("judge")
+            return judge_batch(batch, gen_holder["g"], c)
 
         def summarise(files):
             dist = {g: 0 for g in LABELS + (UNKNOWN,)}
@@ -284,7 +307,9 @@ class Curation:
         gen_holder: dict = {}
 
         def fn(batch):
-            return responses_batch(batch, gen_holder.setdefault("g", self.generator("responses")), c)
+            if "g" not in gen_holder:
+                gen_holder["g"] = self.generator("responses")
+            return responses_batch(batch, gen_holder["g"], c)
         bs = int((c.get("generation") or {}).get("batch_size", 8))
         return self._incremental(files, current, c, fn, bs, self.model_identity("responses"))
 
@@ -301,7 +326,7 @@ class Curation:
             return code_batch(batch, c, held.get("g"), held.get("sandbox"))
         ident = self.model_identity("tests", "tests_model") if run_tests else None
         bs = int((c.get("tests_generation") or {}).get("batch_size", 8)) if run_tests else 256
-        return self._incremental(files, current, c, fn, bs, ident)
+        return self._incremental(files, current, c, fn, bs, ident, gen_key="tests_generation")
 
     def _responses_on(self) -> bool:
         return bool(self.stage_cfg("responses").get("enabled", True))
@@ -374,6 +399,18 @@ def _remove_stale_sft(meta: dict, curated: Path, sft_path: Path) -> None:
         log.warning("curation: removed %s, the SFT output of an earlier curation here (this one has none)", p)
     if sft_path.exists() and sft_path not in ours:
         log.warning("curation: %s was not written by this curation and is not its SFT output", sft_path)
+
+
+def _model_stage_config(c: dict) -> dict:
+    """The part of a model stage's config its fingerprint hashes: the model settings are replaced
+    by the identity of the model they resolve to (hashed beside it), and the default engine's
+    settings are left out, so the defaults fingerprint as they did before engines were a choice."""
+    out = {**c, **{k: None for k in ("model", "tests_model") if k in c}}
+    for k in ("generation", "tests_generation"):
+        g = dict(out.get(k) or {})
+        if k in out and (g.get("engine") or "hf") == "hf":
+            out[k] = {x: v for x, v in g.items() if x not in ("engine", "vllm")}
+    return out
 
 
 def _reuse_key(rec: dict, stage: str) -> str:
