@@ -49,6 +49,25 @@ def domain_tokens(bb, k: int, ckpt: str | None) -> torch.Tensor:
     return bb.embed.weight[idx].detach().clone()
 
 
+class ForwardTimer:
+    """Wall time spent inside the model's forward calls (the rest of a decode loop is the loop's own
+    overhead: sampling, bookkeeping, cache handling between calls)."""
+
+    def __init__(self, model):
+        self.model, self.seconds, self._orig = model, 0.0, model.forward
+
+        def timed(*a, **k):
+            t = time.perf_counter()
+            try:
+                return self._orig(*a, **k)
+            finally:
+                self.seconds += time.perf_counter() - t
+        model.forward = timed
+
+    def close(self):
+        self.model.forward = self._orig
+
+
 def run_engine(bb, D, n, params, batch_size):
     e = HFEngine(bb.model, bb.tokenizer, params, batch_size=batch_size)
     t0 = time.perf_counter()
@@ -61,10 +80,11 @@ def run_engine(bb, D, n, params, batch_size):
 
 
 @torch.no_grad()
-def run_batched_generate(bb, D, n, p: SamplingParams, batch_size: int, do_sample: bool = True):
+def run_batched_generate(bb, D, n, p: SamplingParams, batch_size: int, do_sample: bool | None = None):
     """(seconds, kept tokens, token lists): `generate(inputs_embeds=D per row, use_cache=True)` in
     batches of batch_size; a row's tokens after its EOS are padding and are not counted."""
     torch.manual_seed(0)
+    do_sample = not p.greedy if do_sample is None else do_sample
     eos = bb.tokenizer.eos_token_id
     t0, toks, rows = time.perf_counter(), 0, []
     for start in range(0, n, batch_size):
@@ -136,11 +156,20 @@ def main():
     run_engine(bb, D, min(4, a.n), p, a.batch_size)  # warm-up (allocator, kernels)
     run_batched_generate(bb, D, min(4, a.n), p, a.batch_size)
     engine_runs, batched_runs, naive = [], [], None
+    in_forward = {"engine": [], "batched_generate": []}
     for r in range(a.repeats):  # interleaved: the machine is shared, drift hits both sides alike
+        timer = ForwardTimer(bb.model)
         engine_runs.append(run_engine(bb, D, a.n, p, a.batch_size))
-        print(f"engine run {r + 1}: {engine_runs[-1][1]} tokens in {engine_runs[-1][0]:.1f}s", flush=True)
+        timer.close()
+        in_forward["engine"].append(timer.seconds / engine_runs[-1][0])
+        print(f"engine run {r + 1}: {engine_runs[-1][1]} tokens in {engine_runs[-1][0]:.1f}s "
+              f"({100 * in_forward['engine'][-1]:.1f}% inside model.forward)", flush=True)
+        timer = ForwardTimer(bb.model)
         batched_runs.append(run_batched_generate(bb, D, a.n, p, a.batch_size)[:2])
-        print(f"batched generate run {r + 1}: {batched_runs[-1][1]} tokens in {batched_runs[-1][0]:.1f}s", flush=True)
+        timer.close()
+        in_forward["batched_generate"].append(timer.seconds / batched_runs[-1][0])
+        print(f"batched generate run {r + 1}: {batched_runs[-1][1]} tokens in {batched_runs[-1][0]:.1f}s "
+              f"({100 * in_forward['batched_generate'][-1]:.1f}% inside model.forward)", flush=True)
         if r == 0 and not a.skip_naive:
             naive = run_naive(bb, D, a.n, p, a.naive_budget_s)
             print(f"naive: {naive[2]} samples, {naive[1]} tokens in {naive[0]:.1f}s", flush=True)
@@ -151,7 +180,8 @@ def main():
     agree = greedy_agreement(bb, D, a.check_greedy, a.max_new_tokens, a.batch_size) if a.check_greedy else None
     res = {
         "command": "python bench/synthesize.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items() if v is not None and k != "out"),
+            (f"--{k.replace('_', '-')}" if v is True else f"--{k.replace('_', '-')} {v}")
+            for k, v in vars(a).items() if v not in (None, False) and k != "out"),
         "model": bb.id, "device": "cpu", "torch_threads": a.threads,
         "cpu": platform.processor() or platform.machine(),
         "n": a.n, "k": int(D.shape[0]), "max_new_tokens": a.max_new_tokens, "batch_size": a.batch_size,
@@ -163,6 +193,7 @@ def main():
         "batched_generate": {"seconds_runs": [round(s, 2) for s, _ in batched_runs], "seconds_median": round(g_s, 2),
                              "tokens": g_tok, "tokens_per_s": round(g_tok / g_s, 1),
                              "samples_per_s": round(a.n / g_s, 3)},
+        "share_of_time_in_model_forward": {k: round(statistics.median(v), 3) for k, v in in_forward.items()},
         "greedy_identical": None if agree is None else f"{agree}/{a.check_greedy}",
         "naive": None if naive is None else {
             "seconds": round(naive[0], 2), "tokens": naive[1],

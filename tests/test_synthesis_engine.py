@@ -248,3 +248,23 @@ def test_top_k_top_p_keep_exactly_transformers_candidates(tiny_backbone, top_k, 
     assert likely and likely <= set(draws)
     top = int(probs.argmax())
     assert abs(draws.count(top) / 4000 - float(probs[top])) < 0.03
+
+
+@pytest.mark.parametrize("start_k", [256, 1024, 4096, 16384])
+def test_top_p_sample_does_not_depend_on_where_the_nucleus_search_starts(tiny_backbone, start_k):
+    """The engine starts the top-p candidate search from the previous step's size; the nucleus,
+    its order and so the drawn token are the same from any start (flat and peaked rows mixed)."""
+    V = len(tiny_backbone.tokenizer)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(16, V, generator=g) * torch.tensor([0.1, 0.5, 2.0, 8.0]).repeat(4)[:, None]
+    seeds = [sample_seed(0, i) for i in range(16)]
+
+    def draw(k0):
+        e = HFEngine(tiny_backbone.model, tiny_backbone.tokenizer, SamplingParams(temperature=1.0, top_p=0.9))
+        e._nucleus_k = k0
+        return e._sample(logits.clone(), [torch.Generator().manual_seed(s) for s in seeds]), e._nucleus_k
+
+    want, _ = draw(256)
+    got, k_next = draw(start_k)
+    assert torch.equal(got, want)
+    assert 256 <= k_next <= V

@@ -52,6 +52,7 @@ class HFEngine:
         # a stop string of c characters spans at most c tokens (+ slack for partial UTF-8 tokens)
         self._stop_window = max((len(s) for s in params.stop), default=0) + 4
         self.n_forward = 0  # model calls, for tests and benchmarks
+        self._nucleus_k = 256  # top-p candidate count to try first (see _sample)
 
     # ------------------------------------------------------------------ prefixes
     def embed_ids(self, ids: list[int]) -> torch.Tensor:
@@ -201,17 +202,27 @@ class HFEngine:
         p, V = self.params, logits.shape[-1]
         idx = None
         if p.top_k or p.top_p < 1:
-            K = min(V, p.top_k) if p.top_k else min(V, 256)
+            # top-p alone: start from the candidate count the previous step needed (distributions
+            # change slowly, and a flat one needs thousands: escalating from 256 every step cost
+            # more than the forward pass). The nucleus and its order do not depend on K once the top
+            # K hold it, so the sample is the same whatever K the search starts from.
+            K = min(V, p.top_k) if p.top_k else min(V, self._nucleus_k)
+            lse = None
             while True:
                 vals, idx = logits.topk(K, dim=-1)  # descending
                 if p.top_k:  # top-k renormalises over the kept tokens; top-p then applies within them
                     probs = vals.softmax(-1)
                     break
-                probs = (vals - logits.logsumexp(-1, keepdim=True)).exp()
+                lse = logits.logsumexp(-1, keepdim=True) if lse is None else lse
+                probs = (vals - lse).exp()
                 # the nucleus lies inside the top K once their mass reaches top_p
                 if K == V or bool((probs.sum(-1) >= p.top_p).all()):
                     break
                 K = min(V, K * 4)
+            if not p.top_k:  # next step: a quarter of K if that would have held every row's nucleus
+                quarter = K // 4
+                fits = quarter >= 256 and bool((probs[:, :quarter].sum(-1) >= p.top_p).all())
+                self._nucleus_k = quarter if fits else K
             if p.top_p < 1:
                 # keep a token while the mass strictly above it is < top_p (always keeps the first)
                 probs = probs * ((probs.cumsum(-1) - probs) < p.top_p)
