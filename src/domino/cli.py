@@ -12,6 +12,7 @@ Overrides and Hydra flags (-m, --cfg job, hydra.run.dir=...) are those of `pytho
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -91,8 +92,15 @@ def stage_help(stage: str) -> str:
     return "\n".join(lines)
 
 
+STAGE_ENV = "DOMINO_CLI_STAGE"  # the stage of a run, for the ranks a DDP launcher starts again
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    relaunched = os.environ.get(STAGE_ENV)
+    if relaunched in STAGES and (not argv or argv[0] not in STAGES):
+        # a rank Lightning started again as `python -m domino.cli <overrides>` (see below)
+        argv = [relaunched, *argv]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
@@ -108,7 +116,15 @@ def main(argv: list[str] | None = None) -> int:
     import domino  # noqa: F401  (registers the config resolvers)
     from domino.config import conf_dir
     extra = ["stage=curate"] if stage == "curate" and not any(a.startswith("stage=") for a in rest) else []
-    sys.argv = [f"domino-{stage}", *extra, *rest]
+    sys.argv = [f"domino-{stage}", *extra, *rest]  # Hydra reads the overrides from sys.argv[1:]
+    # DDP/DeepSpeed start the other ranks by re-running the main module with sys.argv[1:]; make that
+    # `python -m domino.cli <overrides>` and tell it the stage (the console script `domino` itself
+    # is not a module, and its argv[0] is not a file Python could run with these arguments)
+    os.environ[STAGE_ENV] = stage
+    main_module = sys.modules.get("__main__")
+    if main_module is not None and getattr(main_module, "__spec__", None) is None:
+        import importlib.util
+        main_module.__spec__ = importlib.util.find_spec("domino.cli")
 
     def task(cfg) -> Any:
         return run_stage(stage, cfg)

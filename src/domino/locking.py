@@ -11,7 +11,9 @@ file itself stays (unlinking a flocked file races with a process that has it ope
         ...  # every write into out_dir
 
 The lock is re-entrant within a process (synthesize.py curate=true samples, then curates into the
-same directory while holding it). Local filesystems only: flock over NFS is not reliable.
+same directory while holding it). Under DDP/DeepSpeed only the launching process (rank 0 of node
+0) takes it: the ranks Lightning starts for the same run share its directory by design. Local
+filesystems only: flock over NFS is not reliable.
 """
 from __future__ import annotations
 
@@ -97,9 +99,17 @@ def release(directory: str | os.PathLike) -> None:
             os.close(fd)  # closing the last descriptor drops the flock
 
 
+def launched_rank() -> bool:
+    """True in a process a distributed launcher started for another rank of the same run."""
+    return any(int(os.environ.get(k, "0") or 0) > 0 for k in ("LOCAL_RANK", "NODE_RANK", "RANK"))
+
+
 @contextmanager
 def output_lock(directory: str | os.PathLike, stage: str) -> Iterator[Path]:
     """Hold the exclusive lock of `directory` for the duration of the block (see the module doc)."""
+    if launched_rank():
+        yield Path(directory) / LOCK_NAME
+        return
     path = acquire(directory, stage)
     try:
         yield path
