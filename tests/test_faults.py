@@ -142,17 +142,23 @@ def test_curation_takes_the_lock_and_the_lock_is_reentrant(holder, tmp_path):
 
 @pytest.mark.slow
 def test_two_concurrent_synthesize_runs_never_duplicate_a_sample(prompt_run, tmp_path):
+    """A second synthesize.py into a directory another one is writing is refused while the first
+    is mid-run (the overlap is checked, not assumed); the first finishes with every sample once."""
     out = tmp_path / "shared"
-    cmd = [sys.executable, str(ROOT / "synthesize.py"), f"ckpt={prompt_run / 'domain_prompt.safetensors'}", "n=12",
-           "engine.batch_size=2", "sampling.max_new_tokens=24", "progress=false", f"output_dir={out}",
-           f"paths.log_dir={tmp_path / 'logs'}"]
-    procs = [subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(2)]
-    results = [(p.wait(timeout=300), p.stderr.read().decode()) for p in procs]
-    for rc, err in results:  # refused with the reason, or (if they did not overlap) a clean resume
-        assert rc == 0 or "in use by pid" in err, err[-3000:]
-    assert any(rc == 0 for rc, _ in results)
-    ids = [r["id"] for r in read_jsonl(out / "samples.jsonl")]
-    assert ids == [f"domino-{i:07d}" for i in range(12)]
+    cmd = [sys.executable, str(ROOT / "synthesize.py"), f"ckpt={prompt_run / 'domain_prompt.safetensors'}", "n=160",
+           "engine.batch_size=2", "sampling.max_new_tokens=48", "sampling.min_new_tokens=48", "progress=false",
+           f"output_dir={out}", f"paths.log_dir={tmp_path / 'logs'}"]
+    first = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    samples, deadline = out / "samples.jsonl", time.time() + 240
+    while time.time() < deadline and first.poll() is None and not (samples.exists() and samples.read_text()):
+        time.sleep(0.05)
+    assert first.poll() is None, "the first run ended before a second could start: " + first.stderr.read().decode()
+    second = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert first.poll() is None, "the runs did not overlap: make the first one longer"
+    assert second.returncode != 0 and f"in use by pid {first.pid}" in second.stderr, second.stderr[-3000:]
+    assert first.wait(timeout=600) == 0, first.stderr.read().decode()[-3000:]
+    ids = [r["id"] for r in read_jsonl(samples)]
+    assert ids == [f"domino-{i:07d}" for i in range(160)]
 
 
 # ------------------------------------------------------------------------------ 3. torn last lines

@@ -48,6 +48,10 @@ def test_api_takes_a_config_or_overrides_not_both(api_run, tmp_path):
     assert res["n_present"] == 2 and Path(res["samples"]).parent == tmp_path / "s"
     with pytest.raises(ValueError, match="not both"):
         synthesize(["n=2"], config=cfg)
+    from domino.api import curate
+    cur = curate([f"samples={res['samples']}", "curation.judge.enabled=false", "curation.responses.enabled=false",
+                  "progress=false"], output_dir=tmp_path / "c")
+    assert Path(cur["curated"]).parent == tmp_path / "c" and cur["sft"] is None
     with pytest.raises(ValueError, match="unknown stage"):
         compose("nope")
 

@@ -152,6 +152,11 @@ def test_non_finite_or_truncated_domain_prompt_is_refused_naming_the_file(run_di
     (c / "last.ckpt").write_bytes(raw[: len(raw) // 2])
     with pytest.raises(ValueError, match=r"ckpt/last.ckpt: cannot read the checkpoint"):
         synth(tmp_path / "o", f"ckpt={c / 'last.ckpt'}")
+    ck = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ck["state_dict"]["prompts.domain"][0, 0] += 1.0  # changed after it was written
+    torch.save(ck, c / "tampered.ckpt")
+    with pytest.raises(RuntimeError, match=r"tampered.ckpt: its tensors do not match the digest"):
+        synth(tmp_path / "o", f"ckpt={c / 'tampered.ckpt'}")
 
 
 def test_domain_prompt_samples_are_named_after_the_objective(run_dir, tmp_path):

@@ -4,6 +4,7 @@ import csv
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -122,3 +123,13 @@ def test_epoch_means_are_torchmetrics_running_means_of_the_steps(compose, tmp_pa
     assert epochs == pytest.approx([(steps[0] + steps[1]) / 2, (steps[2] + steps[3]) / 2], rel=1e-6)
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert all(k.startswith("prompts.") for k in ckpt["state_dict"])
+
+
+def test_logger_none_trains_and_callbacks_none_writes_no_checkpoint(compose, tmp_path):
+    """The two one-override switches really run: no logger (the learning-rate monitor is dropped,
+    Lightning refuses it without one), and no callbacks (no checkpoints at all)."""
+    res = train(compose("train", SMALL_TRAIN + ["logger=none"], tmp_path / "a"))
+    assert Path(res["domain_prompt"]).exists() and not (tmp_path / "a" / "csv").exists()
+    assert (tmp_path / "a" / "checkpoints" / "last.ckpt").exists()
+    res = train(compose("train", SMALL_TRAIN + ["callbacks=none"], tmp_path / "b"))
+    assert Path(res["domain_prompt"]).exists() and not (tmp_path / "b" / "checkpoints").exists()

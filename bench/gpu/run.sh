@@ -84,10 +84,8 @@ ds_patched() {  # trainer=deepspeed (the module.py fix it once needed as a patch
   E2E_TRAINERS=deepspeed e2e
 }
 
-test_ds_patched() {
-  cp src/domino/module.py /tmp/module.orig.py && cp .whl/patches/module.py src/domino/module.py
-  step test_gpu_ds_patched 200 $PY -m pytest tests/test_gpu.py -q -rA -p no:cacheprovider -k deepspeed
-  cp /tmp/module.orig.py src/domino/module.py
+test_ds() {  # the deepspeed gpu tests (the DeepSpeed fix is in src/domino/training/module.py)
+  step test_gpu_ds 200 $PY -m pytest tests/test_gpu.py -q -rA -p no:cacheprovider -k deepspeed
 }
 
 synth_bench() {
@@ -110,16 +108,14 @@ finetune_eval() {
   cp "$E2E/finetune/csv/metrics.csv" "$LOGS/metrics_finetune.csv" 2>/dev/null
   step evaluate 240 $PY evaluate.py backbone=qwen backbone.name=random-0.5b "backbone.path=$MODEL" \
     backbone.dtype=bfloat16 "adapter=$E2E/finetune/adapter" benchmark=humaneval benchmark.limit=16 n_samples=1 \
-    "k=[1]" sampling.max_new_tokens=128 sampling.batch_size=16 "hydra.run.dir=$E2E/evaluate" \
+    "k=[1]" sampling.max_new_tokens=128 engine.batch_size=16 "hydra.run.dir=$E2E/evaluate" \
     "cache_path=$E2E/evaluate/cache.jsonl"
   cp "$E2E/evaluate/summary.json" "$LOGS/evaluate_summary.json" 2>/dev/null; save
 }
 
-tests_and_suite() {  # the gpu tests (module.py patched) and the CPU suite side by side; no timing here
-  cp src/domino/module.py /tmp/module.orig.py && cp .whl/patches/module.py src/domino/module.py
-  step test_gpu_patched ${TESTS_LIMIT:-240} $PY -m pytest tests/test_gpu.py -q -rA -p no:cacheprovider &
+tests_and_suite() {  # the gpu tests and the CPU suite side by side; no timing here
+  step test_gpu ${TESTS_LIMIT:-240} $PY -m pytest tests/test_gpu.py -q -rA -p no:cacheprovider &
   sleep 5; suite; wait
-  cp /tmp/module.orig.py src/domino/module.py
 }
 
 suite() {

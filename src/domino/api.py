@@ -52,6 +52,8 @@ def compose(stage: str, overrides: Sequence[str] = (), output_dir: str | os.Path
             Path(cfg.paths.log_dir) / cfg.task_name / "runs" / time.strftime("%Y-%m-%d_%H-%M-%S"))
         with open_dict(cfg):
             cfg.paths.output_dir = str(out)
+            if output_dir is not None and "output_dir" in cfg:  # synthesize/curate write where output_dir says
+                cfg.output_dir = str(output_dir)
     return cfg
 
 

@@ -146,6 +146,8 @@ def _from_lightning(path: Path) -> DomainPrompt:
                          "damaged or truncated") from None
     if not isinstance(ckpt, dict) or "domino" not in ckpt or "state_dict" not in ckpt:
         raise ValueError(f"{path} is not a domino training checkpoint (no 'domino' metadata)")
+    from domino.trainer import check_checkpoint
+    check_checkpoint(ckpt, path)  # the tensors' digest stored at save time, and finiteness
     hp, sd = ckpt.get("hyper_parameters", {}), ckpt["state_dict"]
     try:
         P = domain_from_state_dict(sd)

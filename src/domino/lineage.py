@@ -5,8 +5,8 @@ held-out split of the training run behind an adapter).
 
     train        -> <run>/lineage.json        train_run, domain_prompt, domain_prompt_digest,
                                               references, heldout, reference_fingerprint, backbone_id
-    synthesize   -> <out>/lineage.json        + samples, samples_fingerprint (or method for baselines)
-    curate       -> <out>/lineage.json        + curated, sft
+    synthesize   -> <out>/lineage.json        + samples, samples_method, samples_fingerprint
+    curate       -> <out>/lineage.json        + curation_input, curated, sft (null without responses)
     finetune     -> <adapter>/lineage.json    + sft_sha256, adapter
 
 Paths are absolute; a missing lineage (a file made by hand) reads as {}.
@@ -38,11 +38,12 @@ def read(artifact: str | os.PathLike | None) -> dict[str, Any]:
 
 
 def write(out_dir: str | os.PathLike, *parents: dict[str, Any], **fields: Any) -> Path:
-    """<out_dir>/lineage.json = what is there already, then each parent's lineage, then `fields`
-    (later wins). Written atomically."""
+    """<out_dir>/lineage.json = each parent's lineage, then `fields` (later wins), replacing what
+    was there: a stage that starts over (overwrite=true, another ckpt into the same output_dir)
+    leaves no key of its earlier inputs behind. Written atomically."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    record: dict[str, Any] = dict(read(out_dir))
+    record: dict[str, Any] = {}
     for p in parents:
         record.update(p)
     record.update({k: (str(Path(v).resolve()) if isinstance(v, Path) else v) for k, v in fields.items()})

@@ -130,6 +130,15 @@ def read_json_object(path: str | os.PathLike, hint: str = "the file is damaged o
     return data
 
 
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write a whole file so that a reader (or a rerun after a kill) sees the old or the new
+    content, never a truncated one: temp file beside it, then rename."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> int:
     """Write records atomically (temp file + rename); returns the count."""
     path = Path(path)
@@ -244,7 +253,9 @@ class JsonlStore:
                 if keep_records:
                     self.records[k] = rec
         self._keep = keep_records
-        self._appender = JsonlAppender(self.path, sync_every=sync_every)
+        self._sync_every = sync_every
+        self._appender: JsonlAppender | None = None  # opened on the first add: reading holds no handle
+        self.path.touch(exist_ok=True)  # the file exists from the start, empty if nothing is added
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self.keys
@@ -260,6 +271,8 @@ class JsonlStore:
         k = self._key(rec)
         if k in self.keys:
             return False
+        if self._appender is None:
+            self._appender = JsonlAppender(self.path, sync_every=self._sync_every)
         self._appender.write(rec)
         self.keys.add(k)
         if self._keep:
@@ -267,7 +280,8 @@ class JsonlStore:
         return True
 
     def close(self) -> None:
-        self._appender.close()
+        if self._appender is not None:
+            self._appender.close()
 
     def __enter__(self):
         return self

@@ -23,10 +23,19 @@ def train(cfg) -> dict[str, Any]:
 def synthesize(cfg) -> dict[str, Any]:
     """`stage=sample` samples, then curates the samples when `curate=true`; `stage=curate` curates
     an existing samples file (`samples=`)."""
-    from omegaconf import OmegaConf
     stage = cfg.get("stage") or "sample"
     if stage not in SYNTHESIZE_STAGES:
         raise ValueError(f"stage={stage!r} is not one of {list(SYNTHESIZE_STAGES)}")
+    if stage == "sample" and cfg.get("curate"):
+        # sample, then curate into the same directory under one lock: no other writer gets in between
+        from domino.locking import output_lock
+        with output_lock(cfg.get("output_dir") or cfg.paths.output_dir, "synthesize"):
+            return _synthesize(cfg, stage)
+    return _synthesize(cfg, stage)
+
+
+def _synthesize(cfg, stage: str) -> dict[str, Any]:
+    from omegaconf import OmegaConf
     result: dict[str, Any] = {}
     samples = None
     if stage == "sample":

@@ -19,7 +19,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger as _LightningCSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from omegaconf import DictConfig
@@ -41,6 +41,8 @@ def instantiate_group(node: DictConfig | None) -> list[Any]:
 def build_trainer(cfg: DictConfig, extra_callbacks: list | None = None) -> L.Trainer:
     loggers = instantiate_group(cfg.get("logger"))
     callbacks = instantiate_group(cfg.get("callbacks")) + list(extra_callbacks or [])
+    if not loggers:  # logger=none: a learning-rate monitor has nowhere to write (Lightning would refuse)
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     extra = {}
     if "enable_checkpointing" not in cfg.trainer:
         # no checkpoint callback configured (callbacks=none) means none: Lightning would add its own

@@ -3,11 +3,10 @@ dropped examples per reason, the judge's grade distribution and every decontamin
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-from domino.records import iter_jsonl
+from domino.records import iter_jsonl, write_text_atomic
 
 
 def _examples(dropped: Path, per_reason: int, chars: int) -> dict[str, list[dict]]:
@@ -102,6 +101,4 @@ def _markdown(rep: dict, max_matches: int) -> str:
 
 
 def _atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, text)

@@ -17,7 +17,7 @@ from domino.evaluation.benchmarks import benchmark_fingerprint, load_benchmark
 from domino.evaluation.passk import aggregate, check_ks, pass_at_k
 from domino.evaluation.prompting import program_from_sample
 from domino.evaluation.sandbox import ExecutionCache, Sandbox, SandboxConfig
-from domino.records import iter_jsonl
+from domino.records import iter_jsonl, write_jsonl, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -80,19 +80,19 @@ def score(problems: list[dict], completions: list[dict], sandbox: Sandbox) -> di
 
 def write_report(output_dir: Path, problems: list[dict], per_task: dict[str, list[dict]], ks: list[int],
                  provenance: dict) -> dict:
-    counts = {}
-    with open(output_dir / "results.jsonl", "w") as fh:
-        for p in problems:
-            samples = sorted(per_task.get(p["task_id"], []), key=lambda s: s["sample_idx"])
-            n, c = len(samples), sum(s["status"] == "passed" for s in samples)
-            counts[p["task_id"]] = (n, c)
-            fh.write(json.dumps({"task_id": p["task_id"], "n": n, "c": c,
-                                 **{f"pass@{k}": pass_at_k(n, c, k) for k in ks if k <= n},
-                                 "samples": samples}) + "\n")
+    # every file whole or not at all (temp + rename): summary.json is what says a run is done
+    counts, rows = {}, []
+    for p in problems:
+        samples = sorted(per_task.get(p["task_id"], []), key=lambda s: s["sample_idx"])
+        n, c = len(samples), sum(s["status"] == "passed" for s in samples)
+        counts[p["task_id"]] = (n, c)
+        rows.append({"task_id": p["task_id"], "n": n, "c": c,
+                     **{f"pass@{k}": pass_at_k(n, c, k) for k in ks if k <= n}, "samples": samples})
+    write_jsonl(output_dir / "results.jsonl", rows)
     statuses = Counter(s["status"] for ss in per_task.values() for s in ss)
     summary = {**aggregate(counts, ks), "tasks": len(problems), "samples": sum(statuses.values()),
                "outcomes": dict(sorted(statuses.items())), **provenance}
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    write_text_atomic(output_dir / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
     lines = ["| benchmark | tasks | samples | " + " | ".join(f"pass@{k}" for k in ks)
              + " | passed | failed | error | timeout |",
              "|---|---|---|" + "---|" * len(ks) + "---|---|---|---|",
@@ -103,7 +103,7 @@ def write_report(output_dir: Path, problems: list[dict], per_task: dict[str, lis
              f"benchmark fingerprint: {provenance['benchmark']['fingerprint']}",
              f"sampling: {json.dumps(provenance.get('sampling'))}  "
              f"sandbox: {provenance['sandbox']['isolation']}"]
-    (output_dir / "summary.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(output_dir / "summary.md", "\n".join(lines) + "\n")
     return summary
 
 
@@ -116,6 +116,9 @@ def benchmark_config(cfg: Any) -> dict:
     if not OmegaConf.is_missing(cfg.benchmark, "path"):
         return OmegaConf.to_container(cfg.benchmark, resolve=True)
     bench = OmegaConf.to_container(cfg.benchmark, resolve=True, throw_on_missing=False)
+    if not str(bench.get("name") or "").endswith("_heldout"):
+        # only a held-out benchmark is the training run's split; any other needs its own file
+        raise ValueError(f"benchmark={bench.get('name')} needs benchmark.path=<file>")
     bench["path"] = heldout_path(cfg.get("adapter"), bench.get("name"))
     return bench
 

@@ -39,6 +39,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
@@ -150,6 +151,7 @@ class ExecutionCache:
                 except (ValueError, KeyError):
                     continue  # a torn last line after a crash: that program simply runs again
         self._fh = None
+        self._lock = threading.Lock()  # put() is called from run_many's worker threads
 
     def get(self, key: str) -> ExecResult | None:
         rec = self._mem.get(key)
@@ -159,6 +161,10 @@ class ExecutionCache:
         if result.status in ("timeout", "sandbox_error"):
             return
         rec = {k: v for k, v in asdict(result).items() if k != "cached"}
+        with self._lock:
+            self._put(key, rec)
+
+    def _put(self, key: str, rec: dict) -> None:
         self._mem[key] = rec
         if self.path:
             if self._fh is None:
@@ -176,9 +182,10 @@ class ExecutionCache:
             self._fh.flush()
 
     def close(self):
-        if self._fh:
-            self._fh.close()
-            self._fh = None
+        with self._lock:
+            if self._fh:
+                self._fh.close()
+                self._fh = None
 
 
 class Sandbox:

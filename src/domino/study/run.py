@@ -27,7 +27,6 @@ from omegaconf import DictConfig, OmegaConf
 from domino.records import read_jsonl, write_jsonl
 
 log = logging.getLogger(__name__)
-CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
 
 
 @dataclass
@@ -46,7 +45,8 @@ def compose(config_name: str, overrides: list[str]) -> DictConfig:
     from hydra.core.global_hydra import GlobalHydra
     if GlobalHydra.instance().is_initialized():
         return hydra_compose(config_name=config_name, overrides=overrides)
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    from domino.config import conf_dir
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=overrides)
 
 

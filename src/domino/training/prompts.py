@@ -115,7 +115,7 @@ class SoftPrompts(nn.Module):
     def sample_tokens(self, index: torch.Tensor) -> torch.Tensor:
         """(B, l, h) sample tokens of the references at `index`."""
         if not self.has_samples:
-            raise RuntimeError("this prompt has no sample tokens (method=soft_prompt or prompt.l=0)")
+            raise RuntimeError("this prompt has no sample tokens (objective.lambda=0 or prompt.l=0)")
         if self.sample_rank:
             return self.sample_coef[index] @ self.sample_basis
         return self.samples[index]
