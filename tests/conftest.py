@@ -42,19 +42,23 @@ def _tiny_backbone_back_on_cpu(request):
         request.getfixturevalue("tiny_backbone").model.to("cpu")
 
 
-@pytest.fixture()
-def compose():
-    """compose(config_name, overrides, output_dir) -> DictConfig, as the entry point would see it."""
+def compose_config(name: str, overrides=(), output_dir: str | os.PathLike | None = None):
+    """The config `name` as its entry point would compose it, outside a Hydra app (module scope
+    fixtures use this; tests the `compose` fixture)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-
-    def _compose(name: str, overrides: list[str] = (), output_dir: str | os.PathLike | None = None):
-        GlobalHydra.instance().clear()
-        extra = [f"paths.output_dir={output_dir}"] if output_dir is not None else ["paths.output_dir=/tmp/x"]
-        extra += [f"paths.root_dir={ROOT}"]
+    GlobalHydra.instance().clear()
+    extra = [f"paths.output_dir={output_dir}"] if output_dir is not None else ["paths.output_dir=/tmp/x"]
+    extra += [f"paths.root_dir={ROOT}"]
+    try:
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
             return hydra_compose(config_name=name, overrides=list(overrides) + extra)
+    finally:
+        GlobalHydra.instance().clear()
 
-    yield _compose
-    GlobalHydra.instance().clear()
+
+@pytest.fixture()
+def compose():
+    """compose(config_name, overrides, output_dir) -> DictConfig, as the entry point would see it."""
+    yield compose_config

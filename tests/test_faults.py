@@ -27,7 +27,7 @@ from domino.records import JsonlStore, RecordError, read_jsonl
 from domino.trainer import DIGEST_KEY, CheckpointError, tensor_digest
 from domino.validate import ConfigError
 
-from .conftest import CONF, FIXTURES, ROOT, SMALL_TRAIN
+from .conftest import CONF, FIXTURES, ROOT, SMALL_TRAIN, compose_config
 from .test_curation_pipeline import HELDOUT, FakeModel
 
 SYNTH = ["engine.batch_size=2", "sampling.max_new_tokens=8", "progress=false", "engine.num_threads=1"]
@@ -40,24 +40,12 @@ SFT = ["backbone=tiny", f"data={FIXTURES / 'sft_small.jsonl'}", "sft.val_size=2"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
 
 
-def _compose(name, overrides, output_dir):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            extra = [f"paths.output_dir={output_dir}", f"paths.root_dir={ROOT}"]
-            return compose(config_name=name, overrides=list(overrides) + extra)
-    finally:
-        GlobalHydra.instance().clear()
-
-
 def train(overrides, out, callbacks=()):
     import domino.training.run as tr
     build = tr.build_trainer
     tr.build_trainer = lambda cfg, cbs: build(cfg, list(cbs) + list(callbacks))
     try:
-        return tr.train(_compose("train", overrides, out))
+        return tr.train(compose_config("train", overrides, out))
     finally:
         tr.build_trainer = build
 
@@ -66,7 +54,7 @@ def synthesize(out, *overrides):
     from domino.stages import synthesize as run
     n = torch.get_num_threads()
     try:
-        return run(_compose("synthesize", SYNTH + list(overrides), out))
+        return run(compose_config("synthesize", SYNTH + list(overrides), out))
     finally:
         torch.set_num_threads(n)
 
@@ -342,22 +330,22 @@ def test_train_killed_at_a_random_point_resumes_exactly(tmp_path):
 @pytest.mark.slow
 def test_finetune_resume_with_dropout_reproduces_the_losses(tmp_path):
     import domino.finetune.run as ft
-    ft.finetune(_compose("finetune", SFT, tmp_path / "full"))
+    ft.finetune(compose_config("finetune", SFT, tmp_path / "full"))
     run = tmp_path / "run"
     callbacks_for = ft.callbacks_for
     ft.callbacks_for = lambda *a: (lambda cb, best: (cb + [StopAt(4)], best))(*callbacks_for(*a))
     try:
-        ft.finetune(_compose("finetune", SFT, run))
+        ft.finetune(compose_config("finetune", SFT, run))
     finally:
         ft.callbacks_for = callbacks_for
-    ft.finetune(_compose("finetune", SFT + [f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}"], run))
+    ft.finetune(compose_config("finetune", SFT + [f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}"], run))
     want, got = metric(tmp_path / "full", "train/loss"), metric(run, "train/loss")
     assert [s for s, _ in got] == list(range(7))
     assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-6, abs=1e-6)
 
 
 def test_finetune_default_run_writes_intermediate_checkpoints():
-    cfg = _compose("finetune", ["data=x.jsonl"], "/tmp/x")
+    cfg = compose_config("finetune", ["data=x.jsonl"], "/tmp/x")
     assert 0 < cfg.checkpoint_every_n_steps < cfg.trainer.max_steps
 
 
@@ -434,7 +422,7 @@ def test_bad_values_are_refused_up_front_naming_the_key(tmp_path, stage, overrid
     base = {"train": SMALL_TRAIN, "synthesize": SYNTH + ["method=zero_shot", "backbone=tiny"],
             "finetune": ["backbone=tiny", "data=nowhere.jsonl"]}[stage]
     with pytest.raises(ConfigError, match=match):
-        run(_compose(stage, base + [override], tmp_path))
+        run(compose_config(stage, base + [override], tmp_path))
     assert not any(tmp_path.iterdir())  # refused before anything was written
 
 

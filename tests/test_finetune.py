@@ -21,7 +21,7 @@ from domino.finetune.module import LoRAModule
 from domino.finetune.run import PROVENANCE, finetune
 from domino.records import RecordError
 
-from .conftest import CONF, FIXTURES, ROOT, TINY
+from .conftest import CONF, FIXTURES, ROOT, TINY, compose_config
 
 SMALL = FIXTURES / "sft_small.jsonl"
 MULTI = FIXTURES / "sft_multiturn.jsonl"
@@ -192,20 +192,8 @@ def read_metric(out_dir, name):
 def run(tmp_path_factory):
     """One 8-step run (merge=true) shared by the end-to-end tests."""
     out = tmp_path_factory.mktemp("finetune")
-    cfg = _compose("finetune", RUN + ["trainer.max_steps=8", "merge=true", "export=last"], out)
+    cfg = compose_config("finetune", RUN + ["trainer.max_steps=8", "merge=true", "export=last"], out)
     return out, finetune(cfg)
-
-
-def _compose(name, overrides, output_dir):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            extra = [f"paths.output_dir={output_dir}", f"paths.root_dir={ROOT}"]
-            return compose(config_name=name, overrides=list(overrides) + extra)
-    finally:
-        GlobalHydra.instance().clear()
 
 
 @pytest.mark.slow
@@ -276,11 +264,12 @@ def test_resume_continues_exactly(run, tmp_path, monkeypatch):
     callbacks_for = ft_run.callbacks_for
     monkeypatch.setattr(ft_run, "callbacks_for", lambda *a: (lambda cb, best: (cb + [StopAt(2)], best))(
         *callbacks_for(*a)))
-    finetune(_compose("finetune", RUN + ["trainer.max_steps=8", "export=last"], tmp_path / "a"))
+    finetune(compose_config("finetune", RUN + ["trainer.max_steps=8", "export=last"], tmp_path / "a"))
     monkeypatch.setattr(ft_run, "callbacks_for", callbacks_for)
     last = tmp_path / "a" / "checkpoints" / "last.ckpt"
     assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 2
-    finetune(_compose("finetune", RUN + ["trainer.max_steps=8", "export=last", f"ckpt_path={last}"], tmp_path / "b"))
+    finetune(compose_config("finetune", RUN + ["trainer.max_steps=8", "export=last", f"ckpt_path={last}"],
+                            tmp_path / "b"))
     got = load_file(tmp_path / "b" / "adapter" / "adapter_model.safetensors")
     want = load_file(out / "adapter" / "adapter_model.safetensors")
     assert set(got) == set(want)

@@ -16,18 +16,9 @@ from omegaconf import OmegaConf
 
 from domino.stages import synthesize as run
 
-from .conftest import CONF, ROOT, SMALL_TRAIN
+from .conftest import ROOT, SMALL_TRAIN, compose_config
 
 FAST = ["n=4", "engine.batch_size=2", "sampling.max_new_tokens=8", "progress=false", "engine.num_threads=1"]
-
-
-def _compose(name, overrides, output_dir):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        extra = [f"paths.output_dir={output_dir}", f"paths.root_dir={ROOT}"]
-        return compose(config_name=name, overrides=list(overrides) + extra)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +29,7 @@ def run_dir(tmp_path_factory):
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        train(_compose("train", SMALL_TRAIN, out))
+        train(compose_config("train", SMALL_TRAIN, out))
     finally:
         torch.set_num_threads(n)
     assert (out / "domain_prompt.safetensors").exists() and (out / "checkpoints" / "last.ckpt").exists()
@@ -48,7 +39,7 @@ def run_dir(tmp_path_factory):
 def synth(out, *overrides):
     n = torch.get_num_threads()
     try:
-        return run(_compose("synthesize", FAST + list(overrides), out))
+        return run(compose_config("synthesize", FAST + list(overrides), out))
     finally:
         torch.set_num_threads(n)
 
@@ -60,7 +51,7 @@ def records(out):
 def test_every_method_and_engine_composes(tmp_path):
     for method in ("domain_prompt", "few_shot", "zero_shot", "magpie"):
         for engine in ("hf", "vllm"):
-            cfg = _compose("synthesize", [f"method={method}", f"engine={engine}"], tmp_path)
+            cfg = compose_config("synthesize", [f"method={method}", f"engine={engine}"], tmp_path)
             c = OmegaConf.to_container(cfg, resolve=True)
             assert c["method"]["name"] == method and c["engine"]["name"] == engine
             assert c["stage"] == "sample" and c["curate"] is False and c["sampling"]["temperature"] == 1.0
