@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from domino.records import read_json_object
+from domino.records import read_json_object, write_text_atomic
 
 DOMAIN_KEY = "domain_tokens"
 EXPORT = "domain_prompt.safetensors"
@@ -58,10 +58,7 @@ def save_domain_prompt(out_dir: str | Path, tokens: torch.Tensor, meta: dict[str
               "backbone_hash": str(meta.get("backbone_hash"))}
     save_file({DOMAIN_KEY: D}, str(tmp), metadata=header)
     tmp.replace(path)
-    meta_path = out_dir / META
-    meta_tmp = meta_path.with_name(meta_path.name + ".tmp")
-    meta_tmp.write_text(json.dumps(meta, indent=2, default=str))
-    meta_tmp.replace(meta_path)
+    write_text_atomic(out_dir / META, json.dumps(meta, indent=2, default=str))
     save_peft_prompt(out_dir / PEFT_DIR, D, meta)
     return path
 

@@ -18,6 +18,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from domino.records import read_json_object, write_text_atomic
+
 FILE = "lineage.json"
 
 
@@ -33,7 +35,6 @@ def read(artifact: str | os.PathLike | None) -> dict[str, Any]:
     path = lineage_path(artifact)
     if not path.exists():
         return {}
-    from domino.records import read_json_object
     return read_json_object(path, "delete it or rerun the stage that wrote it")
 
 
@@ -48,9 +49,7 @@ def write(out_dir: str | os.PathLike, *parents: dict[str, Any], **fields: Any) -
         record.update(p)
     record.update({k: (str(Path(v).resolve()) if isinstance(v, Path) else v) for k, v in fields.items()})
     path = out_dir / FILE
-    tmp = path.with_name(FILE + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(record, indent=2, sort_keys=True, default=str))
     return path
 
 

@@ -50,8 +50,8 @@ def write_report(out_dir: Path, root: Path, funnel: list[dict], metas: dict[str,
                   "eval_sets": decon.get("eval_sets"), "n_matches": len(matches), "matches": matches},
               "dropped_examples": examples}
     jpath, mpath = out_dir / "curation_report.json", out_dir / "curation_report.md"
-    _atomic(jpath, json.dumps(report, indent=2, ensure_ascii=False, default=str))
-    _atomic(mpath, _markdown(report, int(cfg.get("max_matches_md", 50))))
+    write_text_atomic(jpath, json.dumps(report, indent=2, ensure_ascii=False, default=str))
+    write_text_atomic(mpath, _markdown(report, int(cfg.get("max_matches_md", 50))))
     return {"report_md": str(mpath), "report_json": str(jpath)}
 
 
@@ -98,7 +98,3 @@ def _markdown(rep: dict, max_matches: int) -> str:
                 L.append(f"- `{e['id']}` {_md_escape(e['text'])}" + (f"  \n  _{_md_escape(detail)}_" if detail else ""))
             L.append("")
     return "\n".join(L) + "\n"
-
-
-def _atomic(path: Path, text: str) -> None:
-    write_text_atomic(path, text)

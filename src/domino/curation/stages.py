@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from domino.provenance import json_hash
-from domino.records import iter_jsonl, recover_torn_tail, write_jsonl
+from domino.records import iter_jsonl, recover_torn_tail, write_jsonl, write_text_atomic
 
 log = logging.getLogger(__name__)
 VERSION = 1  # bump when a stage's semantics change: invalidates every stage output
@@ -105,6 +104,4 @@ class StageFiles:
 
     def write_meta(self, meta: dict) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.meta_path.with_name(self.meta_path.name + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=2, default=str))
-        os.replace(tmp, self.meta_path)
+        write_text_atomic(self.meta_path, json.dumps(meta, indent=2, default=str))

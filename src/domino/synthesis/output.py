@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from domino.provenance import json_hash
-from domino.records import JsonlStore, iter_jsonl
+from domino.records import JsonlStore, iter_jsonl, write_text_atomic
 
 log = logging.getLogger(__name__)
 SAMPLES = "samples.jsonl"
@@ -55,10 +54,9 @@ class SampleStore:
             raise FileExistsError(f"{self.path} exists without {META}: cannot tell which configuration "
                                   "produced it. Use another output_dir, or overwrite=true.")
         if not self.meta_path.exists():
-            tmp = self.meta_path.with_name(META + ".tmp")
-            tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "inputs": inputs, **meta,
-                                       "created": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2, default=str))
-            os.replace(tmp, self.meta_path)
+            write_text_atomic(self.meta_path, json.dumps(
+                {"fingerprint": self.fingerprint, "inputs": inputs, **meta,
+                 "created": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2, default=str))
         self._store = JsonlStore(self.path, key="id")  # cuts a line torn by a crash; unique ids
         self.done: set[str] = self._store.keys
 
@@ -72,9 +70,7 @@ class SampleStore:
     def update_meta(self, **fields: Any) -> None:
         meta = json.loads(self.meta_path.read_text())
         meta.update(fields)
-        tmp = self.meta_path.with_name(META + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=2, default=str))
-        os.replace(tmp, self.meta_path)
+        write_text_atomic(self.meta_path, json.dumps(meta, indent=2, default=str))
 
     def save_dataset(self) -> Path:
         """The samples as a `datasets` dataset on disk (`datasets.load_from_disk`)."""
