@@ -64,7 +64,7 @@ def test_normal_init_is_the_released_codes_unit_gaussian():
 
 # ------------------------------------------------------------------ the smoke study
 def _study_cfg(tmp_path, extra=()):
-    from domino.study.run import compose
+    from domino.config import compose
     return compose("study", ["experiment=study_smoke", f"study.work_dir={tmp_path / 'work'}",
                              f"study.dir={tmp_path / 'results'}", f"paths.root_dir={ROOT}",
                              "paths.output_dir=" + str(tmp_path / "hydra"), "progress=false", *extra])

@@ -28,11 +28,7 @@ CONFIG_NAMES = {"train": "train", "synthesize": "synthesize", "curate": "synthes
 
 def compose(stage: str, overrides: Sequence[str] = (), output_dir: str | os.PathLike | None = None) -> DictConfig:
     """The stage's config as its entry point composes it, with the run directory filled in."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from domino.config import conf_dir
+    from domino.config import compose as compose_config
     if stage not in CONFIG_NAMES:
         raise ValueError(f"unknown stage {stage!r}: one of {sorted(CONFIG_NAMES)}")
     overrides = list(overrides)
@@ -41,12 +37,7 @@ def compose(stage: str, overrides: Sequence[str] = (), output_dir: str | os.Path
     keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o}
     if "paths.root_dir" not in keys and not os.environ.get("DOMINO_ROOT"):
         overrides.append(f"paths.root_dir={Path.cwd()}")
-    hydra_ready = GlobalHydra.instance().is_initialized()
-    if hydra_ready:  # inside a running Hydra app (e.g. the study): use its config search path
-        cfg = hydra_compose(config_name=CONFIG_NAMES[stage], overrides=overrides)
-    else:
-        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-            cfg = hydra_compose(config_name=CONFIG_NAMES[stage], overrides=overrides)
+    cfg = compose_config(CONFIG_NAMES[stage], overrides)
     if "paths.output_dir" not in keys:
         out = output_dir or cfg.get("output_dir") or (
             Path(cfg.paths.log_dir) / cfg.task_name / "runs" / time.strftime("%Y-%m-%d_%H-%M-%S"))

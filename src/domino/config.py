@@ -15,6 +15,12 @@ def first_set(*values):
     return next((v for v in values if v not in _UNSET), None)
 
 
+def plain(x):
+    """An OmegaConf node as plain Python (resolved); anything else as it is."""
+    from omegaconf import DictConfig, ListConfig
+    return OmegaConf.to_container(x, resolve=True) if isinstance(x, (DictConfig, ListConfig)) else x
+
+
 def register_resolvers() -> None:
     OmegaConf.register_new_resolver("domino_first", first_set, replace=True)
 
@@ -30,6 +36,18 @@ def instantiate(node, *args, **kwargs):
         if e.__cause__ is not None:
             raise e.__cause__ from None
         raise
+
+
+def compose(config_name: str, overrides: list[str] | tuple = ()):
+    """A stage's config as its entry point would compose it: inside a running Hydra app (the
+    study) with that app's search path, else from conf_dir()."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    if GlobalHydra.instance().is_initialized():
+        return hydra_compose(config_name=config_name, overrides=list(overrides))
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=list(overrides))
 
 
 def conf_dir() -> Path:

@@ -16,13 +16,14 @@ from rich.progress import (
 
 
 class Bar:
-    def __init__(self, description: str, total: int, unit: str = "items", enabled: bool = True):
+    def __init__(self, description: str, total: int, unit: str = "items", enabled: bool = True,
+                 completed: int = 0):
         self.enabled = enabled and os.environ.get("DOMINO_PROGRESS", "1") != "0"
         self._p = Progress(TextColumn(f"[bold]{description}"), BarColumn(), MofNCompleteColumn(),
                            TaskProgressColumn(), TextColumn(f"{{task.fields[rate]}} {unit}/s"),
                            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
                            disable=not self.enabled)
-        self._t = self._p.add_task(description, total=total, rate="-")
+        self._t = self._p.add_task(description, total=total, completed=completed, rate="-")
 
     def advance(self, n: int = 1) -> None:
         self._p.advance(self._t, n)

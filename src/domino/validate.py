@@ -15,7 +15,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
+
+from domino.config import plain
 
 
 class ConfigError(ValueError):
@@ -111,7 +113,7 @@ def _get(cfg: Any, key: str) -> tuple[bool, Any]:
         v = OmegaConf.select(cfg, key, default=missing)
         if v is missing:
             return False, None
-        return True, OmegaConf.to_container(v, resolve=True) if isinstance(v, (DictConfig, ListConfig)) else v
+        return True, plain(v)
     node = cfg
     for part in key.split("."):
         if not isinstance(node, dict) or part not in node:

@@ -19,8 +19,6 @@ import json
 import logging
 from typing import Any, Callable, Protocol
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
 log = logging.getLogger(__name__)
 Conversation = list[dict[str, str]]
 ENGINES = ("hf", "vllm")
@@ -257,22 +255,3 @@ def release_models() -> None:
 
 def fingerprint_of(gen: Callable) -> str:
     return str(getattr(gen, "fingerprint", None) or getattr(gen, "__qualname__", type(gen).__name__))
-
-
-class StageProgress:
-    """Records done / total with ETA for one LLM stage."""
-
-    def __init__(self, stage: str, total: int, completed: int = 0, enabled: bool = True):
-        self._p = Progress(TextColumn(f"[bold]curation:{stage}"), BarColumn(), MofNCompleteColumn(),
-                           TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), disable=not enabled)
-        self._t = self._p.add_task(stage, total=total, completed=completed)
-
-    def advance(self, n: int) -> None:
-        self._p.advance(self._t, n)
-
-    def __enter__(self):
-        self._p.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._p.stop()

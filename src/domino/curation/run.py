@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from domino import lineage
+from domino.config import plain
 from domino.curation import sources as S
 from domino.curation.stages import StageFiles, stage_fingerprint
 from domino.locking import output_lock
@@ -25,16 +26,6 @@ STAGES = ("normalise", "exact_dedup", "near_dup", "memorisation", "decontaminate
 LLM_STAGES = ("judge", "responses", "code_checks")
 SFT_INDEX = len(STAGES) + 1
 MATCHES = "decontamination_matches.jsonl"
-
-
-def _plain(cfg: Any) -> dict:
-    try:
-        from omegaconf import DictConfig, OmegaConf
-        if isinstance(cfg, DictConfig):
-            return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    except ImportError:  # pragma: no cover
-        pass
-    return dict(cfg or {})
 
 
 def _read_input(path: Path) -> list[dict]:
@@ -58,7 +49,7 @@ class Curation:
     def __init__(self, cfg: Any, samples_path: str | Path, out_dir: str | Path, references=None,
                  eval_sets: list | None = None, backbone: dict | None = None,
                  generators: Callable | dict[str, Callable] | None = None, progress: bool = True):
-        self.cfg = _plain(cfg)
+        self.cfg = dict(plain(cfg) or {})
         self.samples_path, self.out_dir = Path(samples_path), Path(out_dir)
         if not self.samples_path.exists():
             raise FileNotFoundError(f"samples={self.samples_path}: no such file")
@@ -67,7 +58,7 @@ class Curation:
         self.references = references if references is not None else (
             self.cfg.get("memorisation", {}).get("references") or self.found["references"])
         self.eval_sets = list(eval_sets or [])
-        self.backbone = _plain(backbone) if backbone else self.found["backbone"]
+        self.backbone = dict(plain(backbone)) if backbone else self.found["backbone"]
         self.generators = generators
         self.progress = progress
         self.metas: dict[str, dict] = {}
@@ -197,7 +188,7 @@ class Curation:
         """A model stage: records are appended as they are decided, so a rerun after a crash does
         only the records without a verdict. When only the input changed (an upstream stage was
         re-tuned) verdicts of records whose text (and response) are unchanged are reused."""
-        from domino.curation.generation import StageProgress
+        from domino.progress import Bar
         from domino.records import JsonlStore
         files.recover()  # a crash mid-write left a torn last line: cut it (logged), redo that record
         cfp = stage_fingerprint(_model_stage_config(c), extra)
@@ -219,7 +210,7 @@ class Curation:
         log.info("curation %s: %d records to do (%d already done, %d reusable)", files.name, len(todo),
                  len(done), len(reuse))
         with JsonlStore(files.kept) as ka, JsonlStore(files.dropped) as da, \
-                StageProgress(files.name, len(recs), len(done), self.progress) as bar:
+                Bar(f"curation:{files.name}", len(recs), "records", self.progress, completed=len(done)) as bar:
             for s in range(0, len(todo), max(1, batch_size)):
                 batch = todo[s:s + batch_size]
                 fresh = [r for r in batch if _reuse_key(r, files.name) not in reuse]

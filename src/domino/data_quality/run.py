@@ -29,6 +29,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from domino.config import plain
 from domino.data_quality import metrics as Q
 from domino.data_quality.embed import build_embedder, texts_fingerprint
 from domino.provenance import file_sha256
@@ -56,19 +57,9 @@ def defaults() -> dict[str, Any]:
     return d
 
 
-def _plain(x: Any) -> Any:
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-        if isinstance(x, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(x, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return x
-
-
 def options(dq: Mapping | None) -> dict:
     out = defaults()
-    for k, v in (_plain(dq) or {}).items():
+    for k, v in (plain(dq) or {}).items():
         if k not in out:
             raise ValueError(f"data_quality.{k}: unknown option; known: {sorted(out)}")
         out[k] = {**out[k], **v} if isinstance(out[k], dict) and isinstance(v, dict) else v
@@ -77,7 +68,7 @@ def options(dq: Mapping | None) -> dict:
 
 def sample_paths(samples: Any) -> dict[str, str]:
     """name -> path from a mapping, a list of paths (named by file stem) or one path."""
-    samples = _plain(samples)
+    samples = plain(samples)
     if not samples:
         raise ValueError("task=data_quality needs samples='{name: path.jsonl, ...}'")
     if isinstance(samples, str):
@@ -248,7 +239,7 @@ def run_data_quality(cfg: Any) -> dict:
         texts[name], ids[name] = [t[i] for i in idx], [i_[i] for i in idx]
         log.info("%s: %d samples from %s (%d used)", name, len(t), p, len(idx))
     t0 = time.perf_counter()
-    embedder = build_embedder(opt["embed"], _plain(cfg.get("backbone")))
+    embedder = build_embedder(opt["embed"], plain(cfg.get("backbone")))
     emb = {k: _embed_cached(embedder, v, opt["cache_dir"], k)
            for k, v in [("_train", train_texts), ("_heldout", held_texts), *texts.items()]}
     embed_s = time.perf_counter() - t0

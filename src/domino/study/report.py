@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
+from domino.config import plain
 from domino.data_quality import metrics as Q
-from domino.data_quality.run import _embed_cached, _jsonable, _plain, compute_report, options
+from domino.data_quality.run import _embed_cached, _jsonable, compute_report, options
 from domino.records import read_jsonl
 from domino.study import stats as S
 
@@ -83,7 +84,7 @@ def _groups(sets: dict[str, list[dict]], n_curve: int):
 
 def write_report(study_dir: str | Path, s: Any) -> dict:
     t_start = time.perf_counter()
-    study_dir, s = Path(study_dir), _plain(s)
+    study_dir, s = Path(study_dir), plain(s)
     st = load_study(study_dir)
     opt = options({**(s.get("data_quality") or {}), "match_size": False, "plots": False})
     final, curve = _groups(st["sets"], int(s["samples"]["curve"]))
@@ -96,8 +97,9 @@ def write_report(study_dir: str | Path, s: Any) -> dict:
     texts = {"_train": st["refs"], "_heldout": st["held"]}
     texts.update({k: [r["text"] for r in v] for k, v in st["sets"].items()})
     spaces: dict[str, dict[str, np.ndarray]] = {}
+    from domino.config import compose
     from domino.data_quality.embed import build_embedder
-    from domino.study.run import compose, config_method
+    from domino.study.run import config_method
     bcfg = compose("train", [*s["backbone_embed"], "paths.output_dir=.", "paths.root_dir=."]).backbone
     embedder = build_embedder(opt["embed"], OmegaConf.to_container(bcfg, resolve=True))
     cache = str(Path(s["work_dir"]) / "embed_cache")

@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
+from domino.config import compose
 from domino.records import read_jsonl, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -36,18 +37,6 @@ class Task:
     cost: float                 # relative cost (token passes), for the ETA
     run: Callable[[], Any] = field(repr=False)
     done: Callable[[], bool] = field(repr=False)
-
-
-def compose(config_name: str, overrides: list[str]) -> DictConfig:
-    """A stage's config, as its entry point would compose it (inside a running Hydra app or not)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    if GlobalHydra.instance().is_initialized():
-        return hydra_compose(config_name=config_name, overrides=overrides)
-    from domino.config import conf_dir
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=overrides)
 
 
 def config_method(overrides: list[str]) -> tuple[str, bool]:
