@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -62,3 +63,15 @@ def compose_config(name: str, overrides=(), output_dir: str | os.PathLike | None
 def compose():
     """compose(config_name, overrides, output_dir) -> DictConfig, as the entry point would see it."""
     yield compose_config
+
+
+class StopAt(Callback):
+    """A Lightning callback that ends a run after `step` optimizer steps, as a crash (or a
+    pre-emption) right after that step's checkpoint would."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True

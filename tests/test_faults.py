@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
 
 from domino.curation.run import run_curation
 from domino.locking import LOCK_NAME, OutputLocked, output_lock
@@ -27,7 +26,7 @@ from domino.records import JsonlStore, RecordError, read_jsonl
 from domino.trainer import DIGEST_KEY, CheckpointError, tensor_digest
 from domino.validate import ConfigError
 
-from .conftest import CONF, FIXTURES, ROOT, SMALL_TRAIN, compose_config
+from .conftest import CONF, FIXTURES, ROOT, SMALL_TRAIN, StopAt, compose_config
 from .test_curation_pipeline import HELDOUT, FakeModel
 
 SYNTH = ["engine.batch_size=2", "sampling.max_new_tokens=8", "progress=false", "engine.num_threads=1"]
@@ -63,17 +62,6 @@ def metric(out, name):
     """(step, value) of every row of <out>/csv/metrics.csv that has `name`."""
     with open(Path(out) / "csv" / "metrics.csv") as fh:
         return [(int(r["step"]), float(r[name])) for r in csv.DictReader(fh) if r.get(name)]
-
-
-class StopAt(Callback):
-    """Ends the run after `step` optimizer steps, as a crash right after a checkpoint would."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, *args):
-        if trainer.global_step >= self.step:
-            trainer.should_stop = True
 
 
 @pytest.fixture(scope="module")

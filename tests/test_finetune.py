@@ -10,7 +10,6 @@ import sys
 
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
 from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 from safetensors.torch import load_file
@@ -21,7 +20,7 @@ from domino.finetune.module import LoRAModule
 from domino.finetune.run import PROVENANCE, finetune
 from domino.records import RecordError
 
-from .conftest import CONF, FIXTURES, ROOT, TINY, compose_config
+from .conftest import CONF, FIXTURES, ROOT, TINY, StopAt, compose_config
 
 SMALL = FIXTURES / "sft_small.jsonl"
 MULTI = FIXTURES / "sft_multiturn.jsonl"
@@ -242,17 +241,6 @@ def test_run_adapter_equals_checkpoint_and_merged_weights(run, tok):
     merged = AutoModelForCausalLM.from_pretrained(str(out / "merged")).eval()
     torch.testing.assert_close(logits(merged, ids), logits(adapted, ids), rtol=1e-4, atol=1e-4)
     assert (out / "merged" / "tokenizer_config.json").exists()
-
-
-class StopAt(Callback):
-    """Interrupts a run after `step` optimizer steps, as a crash or a pre-emption would."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, *args):
-        if trainer.global_step >= self.step:
-            trainer.should_stop = True
 
 
 @pytest.mark.slow

@@ -94,6 +94,12 @@ def count_params(module: nn.Module) -> tuple[int, int]:
     return trainable, frozen
 
 
+def params_line(stage: str, trainable: int, frozen: int, what: str, backbone_id: str) -> str:
+    """The line a run prints at the start: trainable vs frozen parameters and the trainable share."""
+    return (f"{stage}: trainable {trainable:,} params ({what}) | frozen {frozen:,} params (backbone {backbone_id}) | "
+            f"{100 * trainable / max(1, trainable + frozen):.4f}% trainable")
+
+
 @contextmanager
 def _file_lock(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)

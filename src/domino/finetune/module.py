@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
-from domino.backbone import count_params, load_backbone
+from domino.backbone import count_params, load_backbone, params_line
 from domino.finetune.data import IGNORE
 
 log = logging.getLogger(__name__)
@@ -53,9 +53,8 @@ class LoRAModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         c = self.param_counts()
-        rank_zero_info(f"finetune: trainable {c['trainable']:,} params (LoRA r={self.hparams.r}) | frozen "
-                       f"{c['frozen']:,} params (backbone {self.backbone_id}) | "
-                       f"{100 * c['trainable'] / max(1, c['trainable'] + c['frozen']):.4f}% trainable")
+        rank_zero_info(params_line("finetune", c["trainable"], c["frozen"], f"LoRA r={self.hparams.r}",
+                                   self.backbone_id))
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
-from domino.backbone import count_params, load_backbone
+from domino.backbone import count_params, load_backbone, params_line
 from domino.training import objective as obj
 from domino.training.prompts import SoftPrompts
 
@@ -107,9 +107,7 @@ class DominoModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         c = self.param_counts()
-        rank_zero_info(f"domino: trainable {c['trainable']:,} params (soft prompts) | frozen {c['frozen']:,} "
-                       f"params (backbone {self.backbone_id}) | "
-                       f"{100 * c['trainable'] / max(1, c['trainable'] + c['frozen']):.4f}% trainable")
+        rank_zero_info(params_line("domino", c["trainable"], c["frozen"], "soft prompts", self.backbone_id))
 
     def train(self, mode: bool = True):
         super().train(mode)
