@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make demo`: the whole pipeline on the embedded default (SmolLM2-135M-Instruct, HumanEval split),
+# `make demo`: the whole pipeline on the embedded default (Qwen2.5-Coder-0.5B-Instruct, HumanEval split),
 # as the four entry points with their demo* experiment configs, then DOMINO vs a plain soft prompt
 # (same config, same sampling) on alignment and memorisation, then a summary table.
 #

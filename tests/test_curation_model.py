@@ -177,8 +177,9 @@ def test_vllm_choice_errors_are_clear(tmp_path, monkeypatch):
     cfg.judge.generation.engine, cfg.judge.mode = "hf", "generate"
     with pytest.raises(ImportError, match=r"curation\.code_checks\.tests_generation\.engine=vllm"):
         run(cfg, samples, tmp_path, backbone=TINY, progress=False)
+    from domino.backbone import model_dir
     with pytest.raises(ValueError, match="tiny test backbone"):
-        G.vllm_model_dir(TINY)
+        model_dir(TINY)  # the one path rule every vLLM factory uses
 
 
 class StandInEngine:

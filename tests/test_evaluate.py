@@ -138,7 +138,9 @@ def test_sampled_completions_depend_on_their_seed_not_their_batch(tmp_path):
     assert any(a[(t, 0)]["output"] != a[(t, 1)]["output"] for t in {t for t, _ in a})  # samples differ
     assert [r["output"] for r in a.values()] != [r["output"] for r in c.values()]  # another seed
     assert all(r["finish_reason"] in ("stop", "length") and r["n_tokens"] <= 6 for r in a.values())
-    assert prov["sampling"] == params.to_dict() and prov["seed"] == 0 and prov["engine"]["name"] == "hf"
+    # the chat answer opens a ```python fence (prompt.style=evalplus): its closing fence stops decoding
+    assert prov["sampling"] == {**params.to_dict(), "stop": ["```"]} and prov["prompt_style"] == "evalplus"
+    assert prov["seed"] == 0 and prov["engine"]["name"] == "hf" and prov["generation"]["new_tokens"] > 0
 
 
 @pytest.mark.parametrize("chat", [False, True])

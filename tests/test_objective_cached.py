@@ -20,8 +20,8 @@ LENGTHS = [12, 8, 5, 1]    # right padding of different lengths, one text of a s
 def models():
     """fp32 without / with gradient checkpointing, bf16 (own instances: enabling checkpointing
     mutates a model, so the session's shared tiny backbone is left alone)."""
-    plain = load_backbone(path="tiny", tiny=TINY)
-    gc = load_backbone(path="tiny", tiny=TINY, gradient_checkpointing=True)
+    plain = load_backbone(path="tiny", tiny=TINY, dtype="float32")
+    gc = load_backbone(path="tiny", tiny=TINY, dtype="float32", gradient_checkpointing=True)
     bf16 = load_backbone(path="tiny", tiny=TINY, dtype="bfloat16")
     return {"plain": plain.model, "gc": gc.model, "bf16": bf16.model, "pad": plain.tokenizer.pad_token_id}
 

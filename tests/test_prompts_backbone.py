@@ -1,10 +1,9 @@
 """Soft-token initialisation and heads; backbone loading, freezing and the one-time conversion."""
-import json
 
 import pytest
 import torch
 
-from domino.backbone import _convert_once, count_params, freeze, load_backbone
+from domino.backbone import count_params, freeze, load_backbone
 from domino.training.prompts import SoftPrompts
 
 from .conftest import TINY
@@ -56,7 +55,7 @@ def test_local_directory_backbone_matches(tiny_backbone, tmp_path):
     """The hub-id code path, exercised with a local directory (no network here)."""
     tiny_backbone.model.save_pretrained(tmp_path / "m")
     tiny_backbone.tokenizer.save_pretrained(tmp_path / "m")
-    bb = load_backbone(path=str(tmp_path / "m"))
+    bb = load_backbone(path=str(tmp_path / "m"), dtype="float32")
     ids = torch.tensor([[1, 2, 3, 4]])
     torch.testing.assert_close(bb.model(ids).logits, tiny_backbone.model(ids).logits)
     assert bb.model_hash == tiny_backbone.model_hash and bb.id == str(tmp_path / "m")
@@ -70,24 +69,9 @@ def test_tiny_is_deterministic():
         assert torch.equal(p, q)
 
 
-def test_conversion_runs_once(tmp_path):
-    calls = []
-
-    def build(d):
-        calls.append(d)
-        (d / "weights").write_text("w")
-
-    out = tmp_path / "model"
-    _convert_once(out, "model", build)
-    _convert_once(out, "model", build)
-    assert len(calls) == 1 and (out / "weights").exists()
-    assert json.loads((out / "domino_source.json").read_text())["what"] == "model"
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith("model.") and p.is_dir()]  # no temp left
-
-
 @pytest.mark.slow
 def test_embedded_smollm2_loads_and_speaks():
-    bb = load_backbone(path="embedded")
+    bb = load_backbone(path="embedded", dtype="float32")
     assert bb.hidden_size == 576 and "SmolLM2" in bb.id
     tok = bb.tokenizer
     ids = tok("def add(a, b):\n    return", return_tensors="pt").input_ids

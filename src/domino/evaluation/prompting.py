@@ -1,6 +1,7 @@
 """From a problem record to a model prompt, and from a model output to a runnable program.
 
-Two modes, picked by whether the tokenizer has a chat template (override: `prompt.chat`):
+Two modes, picked by whether the tokenizer has a chat template (override: `prompt.chat`), and for
+chat models two prompt styles (`prompt.style`):
 - chat (instruct models): the problem becomes one user message asking for a single ```python
   block; the program is the answer's code as domino.generation.code.extract_code reads it (the
   last python or untagged fenced block; an unterminated final block counts), the same code
@@ -9,6 +10,12 @@ Two modes, picked by whether the tokenizer has a chat template (override: `promp
   redefines the function this keeps the prompt's imports and helper functions (the redefinition
   wins), and when it wrote only the body the body continues the prompt's signature. This is what
   evalplus' sanitiser achieves for chat models.
+  `prompt.style=evalplus` (the default; what EvalPlus, and so the Qwen2.5-Coder report's HumanEval
+  figures, give an instruct model) asks for "a self-contained Python script" with the problem in a
+  bare fence and opens the assistant's answer with EvalPlus' response prefix and a ```python
+  fence: the model writes the program directly, decoding stops at the closing fence, and the
+  program is what precedes it (for completion-style problems again `prompt + "\n" + code`). Other
+  problems (stdin, starter code) keep the domino instruction under either style.
 - base (plain completion): completion-style prompts are fed raw and the continuation is cut at
   the Codex stop sequences (a new top-level def/class/if/print/comment); other problems get the
   instruction followed by an opened ```python fence, and the program is what precedes the
@@ -20,6 +27,21 @@ from domino.generation.code import extract_code as answer_code
 
 # Codex / human-eval stop sequences for completion-style generation of a function body
 COMPLETION_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ")
+STYLES = ("evalplus", "domino")
+# evalplus/provider/utility.py (instruction_prefix, response_prefix of `evalplus.codegen`)
+EVALPLUS_INSTRUCTION = ("Please provide a self-contained Python script that solves the following problem in a "
+                        "markdown code block:")
+EVALPLUS_RESPONSE = ("Below is a Python script with a self-contained function that solves the problem and passes "
+                     "corresponding tests:")
+OPEN_FENCE = "```python\n"
+CLOSE_FENCE = "```"
+
+
+def opens_fence(problem: dict, chat: bool, style: str) -> bool:
+    """Whether the prompt ends inside an opened ```python fence (the answer is the code itself)."""
+    if style not in STYLES:
+        raise ValueError(f"prompt.style={style!r} is not one of {STYLES}")
+    return chat and style == "evalplus" and bool(problem.get("completion_style"))
 
 
 def instruction(problem: dict) -> str:
@@ -38,9 +60,13 @@ def instruction(problem: dict) -> str:
     return text + "\n\nReturn the Python solution in a single ```python code block."
 
 
-def build_prompt(problem: dict, tokenizer, chat: bool | None = None) -> str:
+def build_prompt(problem: dict, tokenizer, chat: bool | None = None, style: str = "evalplus") -> str:
     """The exact text given to the model. `chat=None` means: chat iff the tokenizer has a template."""
     chat = use_chat(tokenizer, chat)
+    if opens_fence(problem, chat, style):
+        user = f"{EVALPLUS_INSTRUCTION}\n```\n{problem['prompt'].strip()}\n```\n"
+        return (tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                              add_generation_prompt=True) + f"{EVALPLUS_RESPONSE}\n{OPEN_FENCE}")
     if chat:
         return tokenizer.apply_chat_template([{"role": "user", "content": instruction(problem)}],
                                              tokenize=False, add_generation_prompt=True)
@@ -68,8 +94,10 @@ def truncate_at_stops(text: str, stops=COMPLETION_STOPS) -> str:
     return text[:cut]
 
 
-def to_program(problem: dict, output: str, chat: bool) -> str:
-    """The program that is executed for one model output."""
+def to_program(problem: dict, output: str, chat: bool, style: str = "domino") -> str:
+    """The program that is executed for one model output (`style`: the prompt's, see build_prompt)."""
+    if opens_fence(problem, chat, style):  # the output is the code, up to the closing fence if any
+        return problem["prompt"] + "\n" + output.split(CLOSE_FENCE)[0]
     if chat:
         code = extract_code(output)
         return problem["prompt"] + "\n" + code if problem.get("completion_style") else code

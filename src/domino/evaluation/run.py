@@ -103,6 +103,11 @@ def write_report(output_dir: Path, problems: list[dict], per_task: dict[str, lis
              f"benchmark fingerprint: {provenance['benchmark']['fingerprint']}",
              f"sampling: {json.dumps(provenance.get('sampling'))}  "
              f"sandbox: {provenance['sandbox']['isolation']}"]
+    gen = provenance.get("generation")
+    if gen:
+        lines.append(f"dtype: {provenance.get('dtype')}  prompt style: {provenance.get('prompt_style')}  generated: "
+                     f"{gen['new_completions']} completions, {gen['new_tokens']} tokens in {gen['seconds']} s "
+                     f"({gen['tokens_per_s']} tokens/s)")
     write_text_atomic(output_dir / "summary.md", "\n".join(lines) + "\n")
     return summary
 
@@ -173,7 +178,8 @@ def _run_passk(cfg: Any, output_dir: Path) -> dict:
         completions, provenance = generate_completions(
             problems, OmegaConf.to_container(cfg.backbone, resolve=True), params, int(cfg.n_samples),
             int(cfg.seed), output_dir / "completions.jsonl", engine=engine, adapter=cfg.adapter,
-            chat=cfg.prompt.chat, resume=cfg.resume, batch_size=scfg.get("batch_size"), progress=_progress)
+            chat=cfg.prompt.chat, resume=cfg.resume, batch_size=scfg.get("batch_size"), progress=_progress,
+            style=str(cfg.prompt.get("style") or "evalplus"))
     provenance["lineage"] = lineage.read(cfg.get("adapter"))  # {} without an adapter or its lineage.json
     sb_cfg = SandboxConfig(**OmegaConf.to_container(cfg.sandbox, resolve=True))
     cache = ExecutionCache(cfg.cache_path)

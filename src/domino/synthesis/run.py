@@ -12,6 +12,7 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf
 
 from domino import lineage
+from domino.embedded import DEFAULT_BACKBONE
 from domino.domain_prompt import DomainPrompt, check_backbone, load_domain_prompt
 from domino.generation.params import Generation, SamplingParams, sample_seed
 from domino.locking import output_lock
@@ -27,22 +28,14 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------------- backbone
 def backbone_config(c: dict[str, Any], prompt: DomainPrompt | None) -> dict[str, Any]:
     """The backbone to load: an explicit backbone= group wins (and is checked against the
-    checkpoint), else the checkpoint's own, else the embedded default (baselines)."""
+    checkpoint), else the checkpoint's own, else the code domains' default (baselines)."""
     cache_dir = c.get("paths", {}).get("cache_dir")
     if c.get("backbone"):
         return dict(c["backbone"])
     if prompt is not None and prompt.meta.get("backbone"):
         # the checkpoint's cache_dir names the training machine's cache; use this machine's
         return {**prompt.meta["backbone"], "cache_dir": cache_dir}
-    return {"name": "smollm2", "path": "embedded", "dtype": "float32", "cache_dir": cache_dir}
-
-
-def _model_dir(bcfg: dict[str, Any]) -> str:
-    from domino.backbone import embedded_model_dir
-    path = bcfg.get("path") or "embedded"
-    if path == "tiny":
-        raise ValueError("engine=vllm cannot load the random tiny test backbone; use engine=hf")
-    return str(embedded_model_dir(bcfg.get("cache_dir"))) if path == "embedded" else str(path)
+    return {**DEFAULT_BACKBONE, "cache_dir": cache_dir}
 
 
 # ---------------------------------------------------------------------------------- the sample stage
@@ -50,28 +43,27 @@ def _build_engine(c: dict[str, Any], bcfg: dict[str, Any], params_cfg: dict, pla
     """(engine, tokenizer, backbone identity dict, plan, params): the model is loaded once."""
     import torch
 
-    from domino.backbone import load_backbone, load_tokenizer, model_config_hash, resolve_dtype
+    from domino.backbone import choose_device, load_backbone, load_tokenizer, model_config_hash, model_dir
     ecfg = c["engine"]
     if ecfg["name"] == "hf":
         if ecfg.get("num_threads"):
             torch.set_num_threads(int(ecfg["num_threads"]))
-        bb = load_backbone(**bcfg)
-        device = ecfg.get("device") or "auto"
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-        dtype = resolve_dtype(ecfg.get("dtype") or bcfg.get("dtype") or "float32")
-        bb.model.to(device=device, dtype=dtype)
+        device = choose_device(ecfg.get("device"))
+        # engine.dtype (null = the backbone's) goes through the one dtype rule in load_backbone
+        bb = load_backbone(**{**bcfg, "dtype": ecfg.get("dtype") or bcfg.get("dtype"), "device": device})
+        bb.model.to(device)
         ident = {"backbone_id": bb.id, "backbone_hash": bb.model_hash, "hidden_size": bb.hidden_size,
-                 "vocab_size": bb.model.config.vocab_size}
+                 "vocab_size": bb.model.config.vocab_size, "dtype": bb.dtype}
         tok = bb.tokenizer
         model = bb.model
     elif ecfg["name"] == "vllm":
         from transformers import AutoConfig
-        model_dir = _model_dir(bcfg)
-        tok = load_tokenizer(model_dir)
-        conf = AutoConfig.from_pretrained(model_dir, trust_remote_code=bool(bcfg.get("trust_remote_code")))
+        local = model_dir(bcfg)
+        tok = load_tokenizer(local)
+        conf = AutoConfig.from_pretrained(local, trust_remote_code=bool(bcfg.get("trust_remote_code")))
         ident = {"backbone_id": str(bcfg.get("path")), "backbone_hash": model_config_hash(conf),
                  "hidden_size": conf.get_text_config().hidden_size,
-                 "vocab_size": conf.get_text_config().vocab_size}
+                 "vocab_size": conf.get_text_config().vocab_size, "dtype": str(ecfg.get("dtype") or "auto")}
         model = None
     else:
         raise ValueError(f"engine.name={ecfg['name']!r} is not one of ('hf', 'vllm')")
@@ -83,7 +75,7 @@ def _build_engine(c: dict[str, Any], bcfg: dict[str, Any], params_cfg: dict, pla
         engine = HFEngine(model, tok, params, batch_size=int(ecfg.get("batch_size", 32)))
     else:
         from domino.generation.vllm import VLLMEngine
-        engine = VLLMEngine(_model_dir(bcfg), _model_dir(bcfg), params,
+        engine = VLLMEngine(model_dir(bcfg), model_dir(bcfg), params,
                             batch_size=int(ecfg.get("batch_size", 1024)),
                             tensor_parallel_size=int(ecfg.get("tensor_parallel_size", 1)),
                             dtype=str(ecfg.get("dtype") or "auto"),
@@ -132,7 +124,7 @@ def _sample(c: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     engine, tok, ident, plan, params = _build_engine(c, bcfg, dict(c["sampling"]), plan_fn)
     ecfg = dict(c["engine"])
     inputs = {"method": method, "plan": plan.describe, "backbone_hash": ident["backbone_hash"],
-              "sampling": params.to_dict(), "seed": seed,
+              "dtype": ident["dtype"], "sampling": params.to_dict(), "seed": seed,
               "engine": {k: v for k, v in ecfg.items() if k not in ("device", "num_threads")},
               "domain": ({k: domain.get(k) for k in ("name", "path", "n_references", "split_seed", "description")}
                          if name in ("few_shot", "zero_shot") else None)}
