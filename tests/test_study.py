@@ -117,3 +117,83 @@ def test_smoke_study_produces_every_field_and_plot_and_resumes(tmp_path):
     recomputed = run(_study_cfg(tmp_path, ["stage=report", f"study.dir={copy}"]))["report"]
     for key in ("summary", "comparisons", "claims", "curves", "diagnostics", "sets"):
         assert recomputed[key] == report[key], key
+
+
+# ------------------------------------------------------------------ the Qwen study's structure (Part A + B)
+@pytest.mark.slow
+def test_qwen_smoke_study_runs_both_parts_and_resumes(tmp_path):
+    """study_qwen's task kinds on the tiny backbone: pilot and its verdict, the base model's Pass@1,
+    a separate-seed sweep, a fixed-rate config, a borrower, baselines at two seeds, curation, LoRA
+    SFT and Pass@1 per arm and replicate, both reports; the first replicate of every arm runs before
+    the rest of Part A; a rerun skips everything; the committed files recompute the loop report."""
+    from domino.study.loop_report import write_loop_report
+    from domino.config import compose
+    from domino.study.run import Study
+    cfg = compose("study", ["experiment=study_qwen_smoke", f"study.work_dir={tmp_path / 'work'}",
+                            f"study.dir={tmp_path / 'results'}", f"paths.root_dir={ROOT}",
+                            "paths.output_dir=" + str(tmp_path / "hydra"), "progress=false"])
+    first = Study(cfg).run(progress=False)
+    out = tmp_path / "results"
+    ex = first["executed"]
+    assert ex[:4] == ["pilot released", "pilot tuned", "pilot verdict", "evaluate base"]
+    assert not any(t.startswith("train") and t.endswith("seed 100") for t in ex)  # sweeps are named sweep
+    assert sum(t.startswith("sweep ") for t in ex) == 2 + 2  # soft prompt x 2 rates, DOMINO x 2 rates
+    # every arm's replicate 0 is evaluated before any replicate-1 work and before the tuned configs train
+    last_r0 = max(ex.index(f"evaluate {a}_r0") for a in ("domino", "soft_prompt", "few_shot", "zero_shot"))
+    assert last_r0 < ex.index("curate domino_r1") and last_r0 < ex.index("train tuned_bounded seed 0")
+
+    pilot = json.loads((out / "pilot.json").read_text())
+    assert set(pilot["regimes"]) == {"released", "tuned"} and pilot["chosen"] in ("released", "tuned")
+    for d in pilot["regimes"].values():
+        assert {"s_drift", "s_move_max_std", "nll_pos", "nll_dom_train", "works"} <= set(d)
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert sweep["picked"]["released_domino"] == 1e-3 and sweep["values"]["released_domino"] == {"0.001": None}
+    assert len(sweep["values"]["tuned_domino"]) == 2 and sweep["epochs"] == 1
+    assert "tuned_bounded" not in sweep["picked"] and sweep["borrow"] == {"tuned_bounded": "tuned_domino"}
+
+    loop = json.loads((out / "loop_report.json").read_text())
+    assert loop["test_problems"] == 10 and loop["val_problems_excluded"] == 4
+    split = json.loads((out / "loop" / "split.json").read_text())
+    assert not set(split["test"]) & set(split["val"]) and not set(split["test"]) & set(split["references"])
+    for arm in ("domino", "soft_prompt", "few_shot", "zero_shot"):
+        a = loop["arms"][arm]
+        assert set(a["replicates"]) == {"0", "1"} and a["spread"] is not None
+        assert {"diff", "ci", "detectable", "floor", "verdict"} <= set(a["vs_base"])
+        assert a["self_check"]["fires"] in (True, False)
+        assert all(v["n_records"] == 4 for v in a["sft"].values())
+        assert (out / "loop" / "adapters" / f"{arm}_r0" / "adapter_config.json").exists()
+        assert (out / "loop" / "eval" / f"{arm}_r1" / "completions.jsonl").exists()
+    assert loop["missing_arms"] == {"references": "no SFT records"}  # the tiny model's answers never pass
+    assert {(c["a"], c["b"]) for c in loop["comparisons"]} == {("domino", "base"), ("domino", "zero_shot"),
+                                                               ("domino", "soft_prompt")}
+    md = (out / "loop_report.md").read_text()
+    for section in ("## Pilot", "## Pass@1", "## Between arms", "## SFT data", "## Decision rule"):
+        assert section in md
+    assert (out / "report.md").exists() and (out / "final_bars.png").exists()
+
+    again = Study(cfg).run(progress=False)
+    assert again["executed"] == []
+    copy = tmp_path / "committed"
+    shutil.copytree(out, copy)
+    assert write_loop_report(copy, cfg.study) == loop
+
+
+def test_study_commits_its_results_dir_only(tmp_path):
+    import subprocess
+
+    from domino.config import compose
+    from domino.study.run import Study
+    repo = tmp_path / "repo"
+    (repo / "results" / "s").mkdir(parents=True)
+    run = lambda *a: subprocess.run(["git", *a], cwd=repo, check=True, capture_output=True, text=True)  # noqa: E731
+    run("init", "-q")
+    run("config", "user.email", "t@t")
+    run("config", "user.name", "t")
+    (repo / "other.txt").write_text("not the study's")
+    (repo / "results" / "s" / "a.json").write_text("{}")
+    cfg = compose("study", ["experiment=study_smoke", "study.commit=true", f"study.dir={repo / 'results' / 's'}",
+                            f"paths.root_dir={repo}", f"paths.output_dir={tmp_path / 'h'}"])
+    Study(cfg).commit("pilot released")
+    assert run("log", "--format=%s").stdout.strip() == "results/study_smoke: pilot released"
+    assert run("show", "--name-only", "--format=").stdout.split() == ["results/s/a.json"]
+    Study(cfg).commit("nothing new")  # nothing to commit: logged, not raised

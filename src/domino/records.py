@@ -134,6 +134,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write a whole file so that a reader (or a rerun after a kill) sees the old or the new
     content, never a truncated one: temp file beside it, then rename."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)

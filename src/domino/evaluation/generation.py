@@ -175,6 +175,8 @@ def generate_completions(problems: list[dict], backbone_cfg: dict, params: Sampl
                 done.setdefault((rec["task_id"], rec["sample_idx"]), rec)
         log.info("resume: reusing %d completions from %s", len(done) - n_before, resume)
     by_id = {p["task_id"]: p for p in problems}
+    for (t, _), rec in done.items():  # the program follows today's rule, whatever built the stored one
+        rec["program"] = rec["solution"] = to_program(by_id[t], rec["output"], chat, style)
     reused = len(done)
     ids = {t: list(tok(pr, add_special_tokens=not chat)["input_ids"]) for t, pr in prompts.items()}
     todo = [(t, i) for t in prompts for i in range(n_samples) if (t, i) not in done]

@@ -24,6 +24,7 @@ chat models two prompt styles (`prompt.style`):
 from __future__ import annotations
 
 from domino.generation.code import extract_code as answer_code
+from domino.generation.code import sanitize
 
 # Codex / human-eval stop sequences for completion-style generation of a function body
 COMPLETION_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ")
@@ -95,12 +96,17 @@ def truncate_at_stops(text: str, stops=COMPLETION_STOPS) -> str:
 
 
 def to_program(problem: dict, output: str, chat: bool, style: str = "domino") -> str:
-    """The program that is executed for one model output (`style`: the prompt's, see build_prompt)."""
+    """The program that is executed for one model output (`style`: the prompt's, see build_prompt).
+    A chat answer to a completion-style problem is sanitised to the entry point and what it uses
+    (generation.code.sanitize): the model's own example calls and asserts are never run."""
     if opens_fence(problem, chat, style):  # the output is the code, up to the closing fence if any
-        return problem["prompt"] + "\n" + output.split(CLOSE_FENCE)[0]
+        code = output.split(CLOSE_FENCE)[0]
+        return problem["prompt"] + "\n" + sanitize(code, problem.get("entry_point"))
     if chat:
         code = extract_code(output)
-        return problem["prompt"] + "\n" + code if problem.get("completion_style") else code
+        if problem.get("completion_style"):
+            return problem["prompt"] + "\n" + sanitize(code, problem.get("entry_point"))
+        return code
     if problem.get("completion_style"):
         if "```" in output:  # a base model that answered in a fenced block anyway
             return problem["prompt"] + "\n" + extract_code(output)

@@ -42,3 +42,48 @@ def extract_code(text: str | None, language: str | None = None) -> str | None:
         if body.strip():
             return body
     return None
+
+
+def sanitize(code: str, entry_point: str | None) -> str:
+    """The part of `code` a function-level test can see: every import, and the top-level
+    functions, classes and assignments that `entry_point` reaches through the names it uses; the
+    rest (example calls, prints, the model's own asserts, `if __name__` blocks) is dropped, as
+    EvalPlus' sanitiser does for chat answers. Code that does not parse is cut to its longest
+    parsing prefix of lines first; without `entry_point` (or when it is not defined) the parsed
+    code is returned whole."""
+    import ast
+    lines = code.splitlines()
+    tree = None
+    for end in range(len(lines), 0, -1):
+        try:
+            tree = ast.parse("\n".join(lines[:end]))
+            lines = lines[:end]
+            break
+        except SyntaxError:
+            continue
+    if tree is None:
+        return code
+    src = "\n".join(lines)
+    defs: dict[str, ast.stmt] = {}
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            defs[node.name] = node
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for t in targets:
+                for n in ast.walk(t):
+                    if isinstance(n, ast.Name):
+                        defs.setdefault(n.id, node)
+    if not entry_point or entry_point not in defs:
+        return src
+    keep: set[int] = set()
+    todo = [entry_point]
+    while todo:
+        node = defs.get(todo.pop())
+        if node is None or id(node) in keep:
+            continue
+        keep.add(id(node))
+        todo += [n.id for n in ast.walk(node) if isinstance(n, ast.Name)]
+    out = [ast.get_source_segment(src, node, padded=True) for node in tree.body
+           if isinstance(node, (ast.Import, ast.ImportFrom)) or id(node) in keep]
+    return "\n\n".join(s for s in out if s) + "\n"

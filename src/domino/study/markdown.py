@@ -56,12 +56,14 @@ def render(report: dict, figures: list[str]) -> str:
             "tokens the model trained on (`data.max_len`)."]
     sw = report.get("sweep") or {}
     if sw:
-        out += ["", f"Learning-rate sweep (seed {sw.get('seed')}, full length, lowest final `{sw.get('pick_by')}`; "
-                f"`lr_sample` = {sw.get('lr_sample_ratio')} × `lr_domain`):", "",
-                "| config | " + " | ".join(f"lr {v}" for v in next(iter(sw["values"].values()))) + " | picked |",
-                "|---|" + "---|" * (len(next(iter(sw["values"].values()))) + 1)]
+        ps = sw.get("picked_sample") or {}
+        out += ["", f"Learning-rate sweep (seed {sw.get('seed')}, lowest final `{sw.get('pick_by')}`; a point is "
+                f"`lr_domain`, or `lr_domain|lr_sample` where `lr_sample` is not {sw.get('lr_sample_ratio')} × "
+                "`lr_domain`; a config with one point needs no run):", "",
+                "| config | points | picked (lr_domain, lr_sample) |", "|---|---|---|"]
         for c, vals in sw["values"].items():
-            out.append(f"| {c} | " + " | ".join(_f(v, 5) for v in vals.values()) + f" | {sw['picked'][c]} |")
+            pts = ", ".join(f"{k}: {_f(v, 5)}" for k, v in vals.items())
+            out.append(f"| {c} | {pts} | {sw['picked'][c]}, {ps.get(c, '-')} |")
         if sw.get("borrow"):
             out.append("")
             uses = ", ".join(f"`{a}` uses `{b}`'s" for a, b in sw["borrow"].items())

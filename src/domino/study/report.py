@@ -27,7 +27,8 @@ from domino.study import stats as S
 log = logging.getLogger(__name__)
 CURVE_METRICS = [("mem_ngram_mean", None), ("mem_cos_mean", "backbone"), ("mem_cos_mean", "tfidf"),
                  ("mmd2", "backbone"), ("mmd2", "tfidf"), ("coverage", "backbone"), ("coverage", "tfidf")]
-DIAG_KEYS = ["nll_dom_train", "nll_dom_heldout", "nll_pos", "nll_neg", "contrast_gap", "d_drift"]
+DIAG_KEYS = ["nll_dom_train", "nll_dom_heldout", "nll_pos", "nll_neg", "contrast_gap", "d_drift", "s_drift",
+             "s_move_max_std"]
 
 
 class TfidfEmbedder:
@@ -145,7 +146,8 @@ def write_report(study_dir: str | Path, s: Any) -> dict:
     headline = [(S.metric_id(k, sp), lab, arrow, fam) for k, sp, lab, arrow, fam in S.HEADLINE]
     by_config: dict[str, dict[int, str]] = defaultdict(dict)
     for name, recs in final.items():
-        seed = recs[0].get("train_seed")  # baselines have no training seed: one set each
+        seed = recs[0].get("train_seed")  # baselines have no training seed: their sampling seed
+        seed = recs[0].get("sample_seed", 0) if seed is None else seed
         by_config[recs[0]["config"]][int(seed) if seed is not None else 0] = name
     # table order: trained configs as configured, then the baselines, then the real-data ceiling
     order = [*s["configs"], *s.get("baselines", [])]
@@ -163,16 +165,18 @@ def write_report(study_dir: str | Path, s: Any) -> dict:
             summary[config][mid] = S.summarise(per_seed, {sd: reps[name][mid] for sd, name in seeds.items()}, level)
     comparisons = {}
     pairs = [tuple(p) for p in s.get("compare") or []]
-    against = s.get("claims_against")
+    # claims_against: one config for every contrastive config, or a mapping {config: its reference}
+    spec = s.get("claims_against")
     contrastive = [c for c in s["configs"] if config_method(s["configs"][c])[1]]
-    pairs += [(c, against) for c in contrastive if against and (c, against) not in pairs]
+    against_of = {c: (spec.get(c) if isinstance(spec, dict) else spec) for c in contrastive}
+    pairs += [(c, b) for c, b in against_of.items() if b and (c, b) not in pairs]
     for a, b in pairs:
         if a not in summary or b not in summary:
             continue
         comparisons[f"{a} vs {b}"] = {mid: S.compare(summary[a][mid], summary[b][mid], arrow, level)
                                       for mid, _, arrow, _ in headline if mid in summary[a] and mid in summary[b]}
-    claims = {c: S.claims(comparisons[f"{c} vs {against}"], c, against)
-              for c in contrastive if f"{c} vs {against}" in comparisons}
+    claims = {c: S.claims(comparisons[f"{c} vs {b}"], c, b)
+              for c, b in against_of.items() if f"{c} vs {b}" in comparisons}
 
     # ---- curves and diagnostics over epochs
     curves = _curves(curve, rows["curve"])
@@ -237,12 +241,14 @@ def _band(per_seed: dict[str, float]) -> dict:
 
 def _diagnostics(diags: list[dict], sweep: dict) -> dict:
     """config -> key -> epoch -> band over seeds, for the runs at the picked learning rate."""
-    picked = sweep.get("picked", {})
+    picked, picked_s = sweep.get("picked", {}), sweep.get("picked_sample", {})
     borrow = sweep.get("borrow", {})
     acc: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(dict)))
     for d in diags:
-        lr = picked.get(borrow.get(d["config"], d["config"]))
-        if lr is None or abs(float(d["lr_domain"]) - float(lr)) > 1e-12:
+        owner = borrow.get(d["config"], d["config"])
+        lr, lr_s = picked.get(owner), picked_s.get(owner)
+        if lr is None or abs(float(d["lr_domain"]) - float(lr)) > 1e-12 or (
+                lr_s is not None and abs(float(d["lr_sample"]) - float(lr_s)) > 1e-12):
             continue  # a sweep run at the rate that was not picked
         for p in d["points"]:
             for k in DIAG_KEYS:

@@ -18,25 +18,16 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
 from domino.config import compose
-from domino.records import read_jsonl, write_jsonl
+from domino.records import read_jsonl, write_jsonl, write_text_atomic
+from domino.study.tasks import Task, _nothing, schedule
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Task:
-    name: str
-    kind: str                   # train | sample | report
-    cost: float                 # relative cost (token passes), for the ETA
-    run: Callable[[], Any] = field(repr=False)
-    done: Callable[[], bool] = field(repr=False)
 
 
 def config_method(overrides: list[str]) -> tuple[str, bool]:
@@ -67,10 +58,38 @@ class Study:
         self.timings_path = self.dir / "timings.json"
 
     # ------------------------------------------------------------------ paths
-    def run_dir(self, config: str, seed: int, lr: float) -> Path:
-        return self.work / "runs" / config / f"seed{seed}_lr{fmt_lr(lr)}"
+    def run_dir(self, config: str, seed: int, lr: float | tuple[float, float]) -> Path:
+        return self.work / "runs" / config / f"seed{seed}_{self.lr_tag(lr)}"
 
-    def prompt_path(self, config: str, seed: int, lr: float, epoch: int) -> Path:
+    def lr_tag(self, lr: float | tuple[float, float]) -> str:
+        """lr<lr_domain>, plus _ls<lr_sample> where lr_sample is not the default ratio x lr_domain."""
+        lr_d, lr_s = lr if isinstance(lr, tuple) else (lr, lr * self.default_ratio)
+        tag = f"lr{fmt_lr(lr_d)}"
+        return tag if abs(lr_s - lr_d * self.default_ratio) <= 1e-12 * max(1.0, lr_s) else f"{tag}_ls{fmt_lr(lr_s)}"
+
+    @property
+    def default_ratio(self) -> float:
+        return float(self.s.lr_sweep.lr_sample_ratio)
+
+    @property
+    def sweep_separate(self) -> bool:
+        """Sweep runs apart from the result runs (`lr_sweep.seed` or `lr_sweep.epochs` set): no
+        result seed is one the sweep picked on. Otherwise the winning seed-0 run is reused."""
+        sw = self.s.lr_sweep
+        return sw.get("seed") is not None or sw.get("epochs") is not None
+
+    @property
+    def sweep_epochs(self) -> int:
+        return int(self.s.lr_sweep.get("epochs") or self.epochs)
+
+    def sweep_seed(self, config: str) -> int:
+        sw = self.s.lr_sweep
+        return int(sw.seed) if sw.get("seed") is not None else self.seeds_of(config)[0]
+
+    def sweep_dir(self, config: str, seed: int, lr: tuple[float, float]) -> Path:
+        return self.work / "sweep" / config / f"seed{seed}_{self.lr_tag(lr)}"
+
+    def prompt_path(self, config: str, seed: int, lr: float | tuple[float, float], epoch: int) -> Path:
         run = self.run_dir(config, seed, lr)
         if epoch == self.epochs:
             return run / "domain_prompt.safetensors"
@@ -88,55 +107,84 @@ class Study:
         t = self._timings()
         t[name] = round(seconds, 1)
         self.timings_path.parent.mkdir(parents=True, exist_ok=True)
-        self.timings_path.write_text(json.dumps(t, indent=1))
+        write_text_atomic(self.timings_path, json.dumps(t, indent=1))
 
     # ------------------------------------------------------------------ training
-    def lr_of(self, config: str) -> float:
-        """The picked learning rate of `config` (its own sweep, or the one it borrows)."""
+    def lr_of(self, config: str) -> tuple[float, float]:
+        """The picked (lr_domain, lr_sample) of `config` (its own sweep, or the one it borrows)."""
         sweep = json.loads((self.dir / "sweep.json").read_text()) if (self.dir / "sweep.json").exists() else {}
         owner = self.sweep_owner(config)
         if owner not in sweep.get("picked", {}):
             raise RuntimeError(f"the learning-rate sweep of {owner} has not finished")
-        return float(sweep["picked"][owner])
+        lr = float(sweep["picked"][owner])
+        return lr, float((sweep.get("picked_sample") or {}).get(owner, lr * self.default_ratio))
+
+    def grid(self, config: str) -> list[tuple[float, float]]:
+        """(lr_domain, lr_sample) points of `config`'s sweep: `lr_sweep.values` x `sample_ratios`
+        (default [lr_sample_ratio]), or the config's own entry of `lr_sweep.grid`. A config without
+        sample tokens has one point per value (its ratio is irrelevant)."""
+        sw = self.s.lr_sweep
+        own = dict((sw.get("grid") or {}).get(config) or {})
+        values = [float(v) for v in own.get("values", sw["values"])]
+        ratios = [float(r) for r in own.get("sample_ratios", sw.get("sample_ratios") or [self.default_ratio])]
+        if not self.is_contrastive(config):
+            ratios = ratios[:1]
+        return [(v, v * r) for v in values for r in ratios]
+
+    def seeds_of(self, config: str) -> list[int]:
+        """`study.seeds`, or the config's own list in `study.config_seeds`."""
+        own = (self.s.get("config_seeds") or {}).get(config)
+        return [int(x) for x in own] if own is not None else self.seeds
 
     def sweep_owner(self, config: str) -> str:
         borrow = dict(self.s.lr_sweep.get("borrow") or {})
         return borrow.get(config, config)
 
-    def train_overrides(self, config: str, seed: int, lr: float) -> list[str]:
-        ratio = float(self.s.lr_sweep.lr_sample_ratio)
-        run = self.run_dir(config, seed, lr)
+    def train_overrides(self, config: str, seed: int, lr: tuple[float, float], run: Path | None = None,
+                        epochs: int | None = None, points: list[int] | None = None) -> list[str]:
+        run = run or self.run_dir(config, seed, lr)
+        epochs, points = epochs or self.epochs, points or self.points
         return [*self.s.common, *self.s.train, *self.s.configs[config], f"seed={seed}",
-                f"optim.lr_domain={lr}", f"optim.lr_sample={lr * ratio}", "trainer.max_steps=-1",
-                f"trainer.max_epochs={self.epochs}", f"export_epochs=[{','.join(map(str, self.points))}]",
+                f"optim.lr_domain={lr[0]}", f"optim.lr_sample={lr[1]}", "trainer.max_steps=-1",
+                f"trainer.max_epochs={epochs}", f"export_epochs=[{','.join(map(str, points))}]",
                 "diagnostics=true", f"paths.output_dir={run}", f"paths.root_dir={self.root}"]
 
-    def train_task(self, config: str, seed: int, lr_fn: Callable[[], float], n_refs: int, seq: int) -> Task:
+    def train_task(self, config: str, seed: int, lr_fn: Callable[[], tuple[float, float]], n_refs: int,
+                   seq: int, sweep_point: bool = False, needs: Callable[[], list[str]] = _nothing) -> Task:
         domino = self.is_contrastive(config)
         batch = int(self._train_value("data.batch_size", 4))
-        cost = self.epochs * n_refs * seq * 3 * ((batch + 1) if domino else 1)
-        name = f"train {config} seed {seed}"
+        separate = sweep_point and self.sweep_separate
+        epochs = self.sweep_epochs if separate else self.epochs
+        cost = epochs * n_refs * seq * 3 * ((batch + 1) if domino else 1)
+        name = f"{'sweep' if separate else 'train'} {config} seed {seed}" + (
+            f" {self.lr_tag(lr_fn())}" if sweep_point else "")
+
+        def where(lr) -> Path:
+            return self.sweep_dir(config, seed, lr) if separate else self.run_dir(config, seed, lr)
 
         def done() -> bool:
             try:
-                return (self.run_dir(config, seed, lr_fn()) / "study_done.json").exists()
+                return (where(lr_fn()) / "study_done.json").exists()
             except RuntimeError:  # its learning rate is not picked yet
                 return False
 
         def run() -> None:
             lr = lr_fn()
-            out = self.run_dir(config, seed, lr)
+            out = where(lr)
             if out.exists():  # an unfinished run: start over (a seeded run is reproduced exactly)
                 shutil.rmtree(out)
             from domino.training.run import train
             t0 = time.perf_counter()
-            result = train(compose("train", self.train_overrides(config, seed, lr)))
+            ov = self.train_overrides(config, seed, lr, run=out, epochs=epochs,
+                                      points=[epochs] if separate else None)
+            result = train(compose("train", ov))
             dt = time.perf_counter() - t0
-            self._collect_diagnostics(config, seed, lr, out)
-            (out / "study_done.json").write_text(json.dumps({"metrics": result["metrics"], "seconds": dt}))
-            self._record_time(f"{name} lr {fmt_lr(lr)}", dt)
+            self._collect_diagnostics(config, seed, lr, out, (self.dir / "sweep" / f"{config}_s{seed}_{self.lr_tag(lr)}"
+                                                              ".json") if separate else None)
+            write_text_atomic(out / "study_done.json", json.dumps({"metrics": result["metrics"], "seconds": dt}))
+            self._record_time(f"{name} {self.lr_tag(lr).replace('_', ' ')}", dt)
 
-        return Task(name, "train", cost, run, done)
+        return Task(name, "train", cost, run, done, needs)
 
     def _train_value(self, key: str, default: Any) -> Any:
         for o in [*self.s.train, *self.s.common]:
@@ -147,7 +195,8 @@ class Study:
     def is_contrastive(self, config: str) -> bool:
         return config_method(list(self.s.configs[config]))[1]
 
-    def _collect_diagnostics(self, config: str, seed: int, lr: float, run: Path) -> None:
+    def _collect_diagnostics(self, config: str, seed: int, lr: tuple[float, float], run: Path,
+                             out: Path | None = None) -> None:
         """<dir>/diagnostics/<config>_s<seed>_lr<lr>.json: the diagnostics at every point plus the
         per-epoch validation NLL and the per-step training terms from the CSV log."""
         diag = read_jsonl(run / "diagnostics.jsonl") if (run / "diagnostics.jsonl").exists() else []
@@ -161,26 +210,39 @@ class Study:
                     if kept:
                         kept["epoch"] = int(float(row["epoch"])) if row.get("epoch") else None
                         steps.append(kept)
-        out = self.dir / "diagnostics" / f"{config}_s{seed}_lr{fmt_lr(lr)}.json"
+        out = out or self.dir / "diagnostics" / f"{config}_s{seed}_{self.lr_tag(lr)}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"config": config, "seed": seed, "lr_domain": lr,
-                                   "lr_sample": lr * float(self.s.lr_sweep.lr_sample_ratio),
-                                   "points": diag, "log": steps}, indent=0))
+        write_text_atomic(out, json.dumps({"config": config, "seed": seed, "lr_domain": lr[0], "lr_sample": lr[1],
+                                           "points": diag, "log": steps}, indent=0))
 
     def pick_lrs(self) -> dict:
-        """Lowest final val/nll_dom of the seed-0 sweep runs, per sweep owner; written to sweep.json."""
+        """Lowest final val/nll_dom of the seed-0 sweep runs, per sweep owner; written to sweep.json
+        (`values`: config -> point -> metric, a point named by its lr_domain, or "lr_domain|lr_sample"
+        where lr_sample is not the default ratio; `picked`: lr_domain, `picked_sample`: lr_sample)."""
         table: dict[str, dict[str, float]] = {}
+        points: dict[str, dict[str, tuple[float, float]]] = {}
         for config in self.sweep_configs():
-            table[config] = {}
-            for lr in self.s.lr_sweep["values"]:
-                f = self.run_dir(config, self.seeds[0], float(lr)) / "study_done.json"
-                table[config][str(float(lr))] = json.loads(f.read_text())["metrics"][self.s.lr_sweep.pick_by]
-        picked = {c: float(min(v, key=v.get)) for c, v in table.items()}
-        data = {"pick_by": self.s.lr_sweep.pick_by, "seed": self.seeds[0], "values": table, "picked": picked,
+            table[config], points[config] = {}, {}
+            grid = self.grid(config)
+            for lr in grid:
+                key = str(lr[0]) if self.lr_tag(lr) == self.lr_tag(lr[0]) else f"{lr[0]}|{lr[1]}"
+                points[config][key] = lr
+                if len(grid) == 1:  # nothing to choose: no sweep run
+                    table[config][key] = None
+                    continue
+                seed = self.sweep_seed(config)
+                run = self.sweep_dir(config, seed, lr) if self.sweep_separate else self.run_dir(config, seed, lr)
+                table[config][key] = json.loads((run / "study_done.json").read_text())["metrics"][
+                    self.s.lr_sweep.pick_by]
+        best = {c: min(v, key=lambda k: float("inf") if v[k] is None else v[k]) for c, v in table.items()}
+        data = {"pick_by": self.s.lr_sweep.pick_by, "seed": self.sweep_seed(self.sweep_configs()[0]) if
+                self.sweep_configs() else None, "epochs": self.sweep_epochs, "values": table,
+                "picked": {c: points[c][k][0] for c, k in best.items()},
+                "picked_sample": {c: points[c][k][1] for c, k in best.items()},
                 "borrow": dict(self.s.lr_sweep.get("borrow") or {}),
-                "lr_sample_ratio": float(self.s.lr_sweep.lr_sample_ratio)}
-        (self.dir / "sweep.json").write_text(json.dumps(data, indent=1))
-        log.info("learning rates picked by %s: %s", self.s.lr_sweep.pick_by, picked)
+                "lr_sample_ratio": self.default_ratio}
+        write_text_atomic(self.dir / "sweep.json", json.dumps(data, indent=1))
+        log.info("learning rates picked by %s: %s", self.s.lr_sweep.pick_by, {c: points[c][k] for c, k in best.items()})
         return data
 
     def sweep_configs(self) -> list[str]:
@@ -189,7 +251,7 @@ class Study:
 
     # ------------------------------------------------------------------ sampling
     def sample_task(self, set_name: str, n: int, overrides: Callable[[], list[str]], seq: int,
-                    meta: dict) -> Task:
+                    meta: dict, needs: Callable[[], list[str]] = _nothing) -> Task:
         out = self.work / "synth" / set_name
         compact = self.dir / "samples" / f"{set_name}.jsonl"
 
@@ -214,7 +276,11 @@ class Study:
             self._record_time(f"sample {set_name}", time.perf_counter() - t0)
 
         # decoding a token costs about what 3 training token passes do here (measured on the CPU)
-        return Task(f"sample {set_name} (n={n})", "sample", 3 * n * seq, run, done)
+        return Task(self.sample_task_name(set_name), "sample", 3 * n * seq, run, done, needs)
+
+    @staticmethod
+    def sample_task_name(set_name: str) -> str:
+        return f"sample {set_name}"
 
     # ------------------------------------------------------------------ the plan
     def write_data(self, run: Path) -> None:
@@ -235,19 +301,37 @@ class Study:
                    for r, i in zip(recs, ids)]
             write_jsonl(data / f"{name}.jsonl", out)
 
+    def baseline_seeds(self) -> list[int]:
+        s = self.s
+        return [int(x) for x in s.baseline_seeds] if s.get("baseline_seeds") is not None else [int(s.baseline_seed)]
+
+    def baseline_set(self, method: str, seed: int) -> str:
+        # the first baseline seed keeps the name earlier studies used (no seed suffix)
+        return method if seed == self.baseline_seeds()[0] else f"{method}_s{seed}"
+
     def tasks(self) -> list[Task]:
         s = self.s
         n_refs = int(self._train_value("domain.n_references", 40))
         seq = int(self._train_value("data.max_len", 256))
         new = int(next((o.split("=", 1)[1] for o in s.synthesize if o.startswith("sampling.max_new_tokens=")), 64))
         tasks: list[Task] = []
-        seed0 = self.seeds[0]
         sweep_cfgs = self.sweep_configs()
+        if s.get("pilot"):
+            from domino.study.pilot import pilot_tasks
+            tasks += pilot_tasks(self, n_refs, seq)
+        if s.get("sft"):
+            from domino.study.loop import base_tasks
+            tasks += base_tasks(self)  # the base model's Pass@1: cheap, and it checks the harness first
+        sweep_names = []
         for config in sweep_cfgs:
-            for lr in s.lr_sweep["values"]:
-                tasks.append(self.train_task(config, seed0, lambda lr=float(lr): lr, n_refs, seq))
+            grid = self.grid(config)
+            for lr in (grid if len(grid) > 1 else []):
+                tasks.append(self.train_task(config, self.sweep_seed(config), lambda lr=lr: lr, n_refs, seq,
+                                             sweep_point=True))
+                sweep_names.append(tasks[-1].name)
         tasks.append(Task("pick learning rates", "pick", 0.0, self.pick_lrs,
-                          lambda: (self.dir / "sweep.json").exists()))
+                          lambda: (self.dir / "sweep.json").exists(), lambda: list(sweep_names)))
+        picked = lambda: ["pick learning rates"]  # noqa: E731
         borrowers = [c for c in s.configs if c not in sweep_cfgs]
         n_final, n_curve = int(s.samples.final), int(s.samples.curve)
 
@@ -257,31 +341,51 @@ class Study:
                         f"ckpt={self.prompt_path(config, seed, self.lr_of(config), epoch)}"]
             return ov
 
+        def reused(config: str, seed: int) -> bool:
+            """Whether the sweep's run at this seed is also the result run (the old design)."""
+            return (config in sweep_cfgs and len(self.grid(config)) > 1 and not self.sweep_separate
+                    and seed == self.sweep_seed(config))
+
+        def after_training(config: str, seed: int):
+            own = not reused(config, seed)
+            return lambda: ["pick learning rates"] + ([f"train {config} seed {seed}"] if own else [])
+
         # per group (the configs with their own sweep, then those that borrow a rate): train, sample
         # the final point, (after the first group: the baselines,) then the curve points; so the main
         # comparison, curves included, is complete as early as possible
         for group in (sweep_cfgs, borrowers):
             for config in group:
-                for seed in (self.seeds[1:] if config in sweep_cfgs else self.seeds):
-                    tasks.append(self.train_task(config, seed, lambda c=config: self.lr_of(c), n_refs, seq))
+                for seed in [x for x in self.seeds_of(config) if not reused(config, x)]:
+                    tasks.append(self.train_task(config, seed, lambda c=config: self.lr_of(c), n_refs, seq,
+                                                 needs=picked))
             for config in group:
-                for seed in self.seeds:
+                for seed in self.seeds_of(config):
                     tasks.append(self.sample_task(self.set_name(config, seed, self.epochs), n_final,
                                                   trained(config, seed, self.epochs), new,
-                                                  {"config": config, "epoch": self.epochs, "train_seed": seed}))
+                                                  {"config": config, "epoch": self.epochs, "train_seed": seed},
+                                                  after_training(config, seed)))
             if group is sweep_cfgs:
+                extra_for = s.get("baseline_extra_seeds_for")
                 for b in s.baselines:
-                    tasks.append(self.sample_task(self.set_name(b, int(s.baseline_seed)), n_final,
-                                                  lambda b=b: [f"method={b}", f"seed={int(s.baseline_seed)}"], new,
-                                                  {"config": b, "epoch": None, "train_seed": None}))
+                    for bs in self.baseline_seeds():
+                        if bs != self.baseline_seeds()[0] and extra_for is not None and b not in extra_for:
+                            continue  # later seeds only for the baselines that need them
+                        tasks.append(self.sample_task(self.baseline_set(b, bs), n_final,
+                                                      lambda b=b, bs=bs: [f"method={b}", f"seed={bs}"], new,
+                                                      {"config": b, "epoch": None, "train_seed": None,
+                                                       "sample_seed": bs}))
             for config in group:
                 for epoch in self.points:
                     if epoch == self.epochs:
                         continue  # the curve's last point is the first n_curve of the final samples
-                    for seed in self.seeds:
+                    for seed in self.seeds_of(config):
                         tasks.append(self.sample_task(self.set_name(config, seed, epoch), n_curve,
                                                       trained(config, seed, epoch), new,
-                                                      {"config": config, "epoch": epoch, "train_seed": seed}))
+                                                      {"config": config, "epoch": epoch, "train_seed": seed},
+                                                      after_training(config, seed)))
+        if s.get("sft"):
+            from domino.study.loop import loop_tasks
+            tasks += loop_tasks(self)
         return tasks
 
     def run(self, progress: bool = True) -> dict[str, Any]:
@@ -290,27 +394,60 @@ class Study:
         self.work.mkdir(parents=True, exist_ok=True)
         (self.dir / "study_config.yaml").write_text(OmegaConf.to_yaml(self.s, resolve=True))
         tasks = self.tasks()
-        done_before = [t.done() for t in tasks]
+        if len({t.name for t in tasks}) != len(tasks):
+            raise RuntimeError("study: two tasks share a name")
+        done = {t.name for t in tasks if t.done()}
+        done_before = len(done)
         executed: list[str] = []
         t_start = time.perf_counter()
         with StudyProgress(sum(t.cost for t in tasks), enabled=progress) as bar:
-            for t, was_done in zip(tasks, done_before):
-                if was_done or t.done():
+            for t in tasks:
+                if t.name in done:
+                    bar.skip(t.cost, t.name)
+            while (t := schedule(tasks, done)) is not None:
+                if t.done():  # finished by another task meanwhile (a sweep run is also seed 0)
+                    done.add(t.name)
                     bar.skip(t.cost, t.name)
                     continue
                 bar.start(t.name)
                 t.run()
+                done.add(t.name)
                 executed.append(t.name)
                 bar.advance(t.cost)
-                if t.kind == "train" and not (self.dir / "data" / "heldout.jsonl").exists():
-                    self.write_data(next(p.parent for p in (self.work / "runs").rglob("study_done.json")))
+                if t.kind in ("train", "pilot") and not (self.dir / "data" / "heldout.jsonl").exists():
+                    self.write_data(next(p.parent for sub in ("pilot", "sweep", "runs")
+                                         for p in (self.work / sub).rglob("heldout.jsonl")))
+                self.commit(t.name)
         from domino.study.report import write_report
         t0 = time.perf_counter()
         report = write_report(self.dir, self.s)
         self._record_time("report", time.perf_counter() - t0)
+        if self.s.get("sft"):
+            from domino.study.loop_report import write_loop_report
+            t0 = time.perf_counter()
+            report["loop"] = write_loop_report(self.dir, self.s)
+            self._record_time("loop report", time.perf_counter() - t0)
+        self.commit("report")
         log.info("study: %d tasks run, %d already done, %.0f s; report: %s", len(executed),
-                 sum(done_before), time.perf_counter() - t_start, self.dir / "report.md")
-        return {"executed": executed, "skipped": sum(done_before), "report": report, "dir": str(self.dir)}
+                 done_before, time.perf_counter() - t_start, self.dir / "report.md")
+        return {"executed": executed, "skipped": done_before, "report": report, "dir": str(self.dir)}
+
+    def commit(self, what: str) -> None:
+        """With `study.commit: true`, commit study.dir after each task (only that path), so a
+        session that stops, or another machine, continues from the repository. A failed commit
+        (another git process holds the index, nothing changed) is logged, never fatal."""
+        if not self.s.get("commit"):
+            return
+        import subprocess
+        cwd = self.root
+        try:
+            subprocess.run(["git", "add", "--", str(self.dir)], cwd=cwd, check=True, capture_output=True, timeout=120)
+            r = subprocess.run(["git", "commit", "-q", "-m", f"results/study_{self.s.name}: {what}", "--",
+                                str(self.dir)], cwd=cwd, capture_output=True, text=True, timeout=120)
+            if r.returncode:
+                log.info("study: nothing committed after %s (%s)", what, (r.stdout + r.stderr).strip()[-200:])
+        except (subprocess.SubprocessError, OSError) as e:
+            log.warning("study: could not commit %s after %s: %s", self.dir, what, e)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:

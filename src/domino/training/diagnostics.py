@@ -7,7 +7,9 @@ epochs, on the *whole* training set in a fixed order (not the shuffled batches o
   (the gap between the two is D memorising its references);
 - `nll_pos`: l(x_i|D,S_i), a reference under its own sample tokens; `nll_neg`: l(x_j|D,S_i), j != i,
   within the same fixed batches; `contrast_gap` = nll_neg - nll_pos (large = S_i are private);
-- `d_drift`: ||D - D_0||_F / ||D_0||_F, how far the domain tokens moved from their init.
+- `d_drift`: ||D - D_0||_F / ||D_0||_F, how far the domain tokens moved from their init; `s_drift`
+  the same for the table of every S_i, and `s_move_max_std`, the largest move of one S coordinate
+  in units of the init's std (does an S_i move at all, and how far from its init distribution).
 All NLLs are token-weighted means, like `val/nll_dom`. One JSON line per point in
 <run>/diagnostics.jsonl; exports of D per epoch in <run>/points/epoch_NNN/.
 """
@@ -27,8 +29,17 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
+def all_sample_tokens(module) -> torch.Tensor | None:
+    """Every S_i as one fp32 (n, l, h) tensor, or None without sample tokens."""
+    p = module.prompts
+    if not p.has_samples:
+        return None
+    n = p.samples.shape[0] if hasattr(p, "samples") else p.sample_coef.shape[0]
+    return p.sample_tokens(torch.arange(n, device=p.domain.device)).detach().float().cpu().clone()
+
+
 def measure(module, train_ids: list[list[int]], heldout_ids: list[list[int]], batch_size: int,
-            d0: torch.Tensor) -> dict[str, float]:
+            d0: torch.Tensor, s0: torch.Tensor | None = None) -> dict[str, float]:
     """The diagnostics above for `module` (a DominoModule) on tokenised texts."""
     collate = Collate(module.tokenizer.pad_token_id)
     has_samples = module.prompts.has_samples
@@ -65,6 +76,10 @@ def measure(module, train_ids: list[list[int]], heldout_ids: list[list[int]], ba
            "nll_pos": ratio("pos_t", "pos_c"), "nll_neg": ratio("neg_t", "neg_c"),
            "d_drift": float((D - d0).norm() / d0.norm().clamp_min(1e-12)), "d_norm_mean": float(D.norm(dim=1).mean())}
     out["contrast_gap"] = (out["nll_neg"] - out["nll_pos"]) if out["nll_pos"] is not None else None
+    S = all_sample_tokens(module)
+    if S is not None and s0 is not None:
+        out["s_drift"] = float((S - s0).norm() / s0.norm().clamp_min(1e-12))
+        out["s_move_max_std"] = float((S - s0).abs().max() / s0.std().clamp_min(1e-12))
     return out
 
 
@@ -81,6 +96,7 @@ class EpochPoints(L.Callback):
         self.diagnostics, self.train_ids, self.heldout_ids = diagnostics, train_ids, heldout_ids
         self.batch_size, self.metadata = batch_size, metadata
         self.d0: torch.Tensor | None = None
+        self.s0: torch.Tensor | None = None
 
     @property
     def path(self) -> Path:
@@ -93,7 +109,7 @@ class EpochPoints(L.Callback):
         module.eval()
         try:
             row = {"epoch": epoch, "step": step, **measure(module, self.train_ids, self.heldout_ids,
-                                                           self.batch_size, self.d0)}
+                                                           self.batch_size, self.d0, self.s0)}
         finally:
             module.train(was_training)
         with open(self.path, "a") as fh:
@@ -103,6 +119,7 @@ class EpochPoints(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, module) -> None:
         self.d0 = module.prompts.export_domain().clone()  # export_domain may share the parameter's storage
+        self.s0 = all_sample_tokens(module)
         if trainer.is_global_zero and trainer.current_epoch == 0 and trainer.global_step == 0:
             self.path.unlink(missing_ok=True)  # a fresh run; a resumed one appends
             self._record(module, 0, 0)

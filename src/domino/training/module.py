@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 BACKBONE_PREFIX = "backbone."
 TERMS = ("loss", "loss_dom", "loss_con", "contrast_gap", "nll_pos")  # what objective.combine returns
 # what each config group of conf/train.yaml holds, with the defaults a bare DominoModule(...) gets
-OBJECTIVE = {"name": "domino", "lambda": 1.0, "w_dom": 1.0, "form": "paper", "impl": "efficient",
+OBJECTIVE = {"name": "domino", "lambda": 1.0, "w_dom": 1.0, "form": "paper", "beta": 1.0, "impl": "efficient",
              "chunk_size": None, "negatives": None}
 PROMPT = {"k": 8, "l": 8, "init": "sample_vocab", "init_text": None, "domain_head": False,
           "domain_head_hidden": 256, "sample_rank": None}
@@ -133,7 +133,8 @@ class DominoModule(L.LightningModule):
     def losses(self, batch: dict) -> dict[str, torch.Tensor]:
         o = self.obj
         dom, mat = self.nll(batch, with_samples=self.with_samples)
-        return obj.combine(dom, mat, form=o["form"], w_dom=o["w_dom"], lam=o["lambda"] if mat is not None else 0.0)
+        return obj.combine(dom, mat, form=o["form"], w_dom=o["w_dom"], lam=o["lambda"] if mat is not None else 0.0,
+                           beta=o["beta"])
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         out = self.losses(batch)

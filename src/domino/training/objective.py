@@ -10,6 +10,11 @@ l_ij = l(x_j | D, S_i) (row i: the sample tokens of reference i, column j: the t
   where lbar is the token-weighted batch mean (sum of token NLLs over sum of tokens). With
   w_dom = lam = 1 this is the released code's loss; the weights let lam=0 reduce either form to
   plain prompt tuning.
+- bounded form (a variant, docs/study.md): L = w_dom * mean_i l(x_i|D) + lam * ( mean_i l_ii
+  + beta * mean_{i!=j} relu(sg(l(x_j|D)) - l_ij) ). The paper form's contrastive term is unchanged
+  by adding a constant to a row of l_ij and unbounded below, so S_i can lower it by making every
+  text, its own included, less likely; here l_ii is an absolute target and a negative is pushed up
+  only while S_i makes x_j more likely than D alone does (what S_i shares with x_j belongs in D).
 - soft_prompt:   L = w_dom * mean_i l(x_i|D).
 
 `straightforward_nll` runs one full forward per row of the B x B matrix plus the D-only and
@@ -24,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-FORMS = ("paper", "official")
+FORMS = ("paper", "official", "bounded")
 
 
 @dataclass
@@ -67,6 +72,16 @@ def contrastive_official(l_mat: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(neg, dim=0) - math.log(n)
 
 
+def contrastive_bounded(l_mat: torch.Tensor, l_dom: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
+    """mean_i l_ii + beta * mean_{i != j} relu(sg(l(x_j|D)) - l_ij); `l_dom` (B,) is l(x_j|D)."""
+    B = l_mat.shape[0]
+    if B < 2:
+        raise ValueError("the contrastive term needs a batch of at least 2 references")
+    off = offdiag_mask(B, l_mat.device) & torch.isfinite(l_mat)  # +inf: a negative not sampled
+    hinge = torch.relu(l_dom.detach()[None, :] - l_mat)[off]
+    return l_mat.diagonal().mean() + beta * hinge.mean()
+
+
 def contrast_gap(l_mat: torch.Tensor) -> torch.Tensor:
     """Mean off-diagonal l_ij minus mean l_ii: how much better a text is explained by its own
     sample tokens than by another reference's."""
@@ -76,14 +91,14 @@ def contrast_gap(l_mat: torch.Tensor) -> torch.Tensor:
 
 
 def combine(dom: NLL, mat: NLL | None, form: str = "paper", w_dom: float = 1.0,
-            lam: float = 1.0) -> dict[str, torch.Tensor]:
+            lam: float = 1.0, beta: float = 1.0) -> dict[str, torch.Tensor]:
     """Total loss and its parts from l(x|D) (B,) and, for DOMINO, the (B, B) matrix l_ij."""
     if form not in FORMS:
         raise ValueError(f"objective.form={form!r} is not one of {FORMS}")
-    if form == "paper":
-        loss_dom = dom.mean.mean()
-    else:
+    if form == "official":
         loss_dom = dom.total.sum() / dom.count.sum().clamp_min(1)
+    else:
+        loss_dom = dom.mean.mean()
     out = {"loss_dom": loss_dom}
     if mat is None:
         out["loss"] = w_dom * loss_dom
@@ -91,6 +106,8 @@ def combine(dom: NLL, mat: NLL | None, form: str = "paper", w_dom: float = 1.0,
     l_mat = mat.mean
     if form == "paper":
         loss_con = contrastive_paper(l_mat)
+    elif form == "bounded":
+        loss_con = contrastive_bounded(l_mat, dom.mean, beta)
     else:
         loss_con = (mat.total.diagonal().sum() / mat.count.diagonal().sum().clamp_min(1)
                     + contrastive_official(l_mat))

@@ -1,0 +1,185 @@
+"""Part B's report: Pass@1 per arm with the noise floor beside every difference, computed only from
+study.dir/loop/ (so it recomputes from committed files: `python study.py experiment=<study>
+stage=report study.dir=<results dir>`).
+
+Decision rule (fixed before the run; docs/study.md):
+- An arm's Pass@1 is the mean over its replicates of the mean over test problems (greedy, one
+  completion per problem). Its replicate spread is max - min over replicates.
+- A difference A - B is the mean over problems of (A's replicate-averaged verdict - B's). Its 95%
+  interval is a paired bootstrap over problems (`bootstrap.n` resamples of the problem set).
+- A difference counts only where the interval excludes 0 AND |A - B| exceeds the larger of the two
+  arms' replicate spreads (the base model, greedy and untrained, has spread 0). An arm with one
+  replicate has no spread: its differences are reported, never counted.
+- Sanity check: the same rule applied to replicate 0 against replicate 1 of one arm must not fire;
+  where the interval alone would fire, replicate noise exceeds what the problem sample shows.
+- Detectable effect: 2.8 standard errors of the paired difference (80% power, two-sided 5%), from the
+  observed per-problem discordance; a null reads "no effect above that".
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from domino.records import read_jsonl, write_text_atomic
+
+
+def _verdicts(run_dir: Path, test: list[str]) -> np.ndarray | None:
+    path = run_dir / "results.jsonl"
+    if not (run_dir / "summary.json").exists() or not path.exists():
+        return None
+    by_task = {r["task_id"]: float(r["c"]) / max(1, int(r["n"])) for r in read_jsonl(path)}
+    missing = [t for t in test if t not in by_task]
+    if missing:
+        raise ValueError(f"{path}: no verdict for {len(missing)} test problems (e.g. {missing[0]})")
+    return np.array([by_task[t] for t in test], np.float64)
+
+
+def paired(a: np.ndarray, b: np.ndarray, n: int, seed: int, level: float = 0.95) -> dict[str, Any]:
+    """Mean of a - b over problems, its bootstrap interval over problems, and the detectable effect."""
+    d = a - b
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(d), size=(n, len(d)))
+    reps = d[idx].mean(1)
+    lo, hi = np.quantile(reps, [(1 - level) / 2, 1 - (1 - level) / 2])
+    se = d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
+    return {"diff": float(d.mean()), "ci": [float(lo), float(hi)], "ci_excludes_zero": bool(lo > 0 or hi < 0),
+            "se": float(se), "detectable": float(2.8 * se), "n_problems": int(len(d)),
+            "a_only": int(((a > b)).sum()), "b_only": int(((b > a)).sum())}
+
+
+def decide(p: dict, floor: float | None) -> str:
+    if floor is None:
+        return "not counted (one replicate: no spread)"
+    if p["ci_excludes_zero"] and abs(p["diff"]) > floor:
+        return "A better" if p["diff"] > 0 else "B better"
+    return "no detectable difference"
+
+
+def compute(study_dir: Path, s: Any) -> dict[str, Any]:
+    loop = study_dir / "loop"
+    sp = json.loads((loop / "split.json").read_text())
+    test = sp["test"]
+    boot = dict(s.get("bootstrap") or {})
+    n_boot, seed, level = int(boot.get("n", 2000)), int(boot.get("seed", 0)), float(boot.get("level", 0.95))
+    arms: dict[str, dict] = {}
+    base = _verdicts(loop / "eval" / "base", test)
+    if base is not None:
+        arms["base"] = {"replicates": {"-": float(base.mean())}, "pass@1": float(base.mean()), "spread": 0.0,
+                        "_vec": base}
+    for arm in s.sft.arms:
+        reps = {}
+        for r in range(int(s.sft.replicates)):
+            v = _verdicts(loop / "eval" / f"{arm}_r{r}", test)
+            if v is not None:
+                reps[r] = v
+        if not reps:
+            continue
+        means = {str(r): float(v.mean()) for r, v in reps.items()}
+        vec = np.mean(list(reps.values()), axis=0)
+        arms[arm] = {"replicates": means, "pass@1": float(vec.mean()),
+                     "spread": float(max(means.values()) - min(means.values())) if len(reps) > 1 else None,
+                     "_vec": vec, "_reps": reps}
+    for name, a in arms.items():
+        sft = {}
+        for r in a["replicates"]:
+            meta = loop / "adapters" / f"{name}_r{r}" / "study_sft.json"
+            if meta.exists():
+                sft[r] = json.loads(meta.read_text())
+        a["sft"] = {r: {k: m.get(k) for k in ("n_records", "n_available", "seconds")} for r, m in sft.items()}
+        if name != "base" and "base" in arms:
+            pr = paired(a["_vec"], arms["base"]["_vec"], n_boot, seed, level)
+            a["vs_base"] = {**pr, "floor": a["spread"], "verdict": decide(pr, a["spread"])}
+        if len(a.get("_reps", {})) >= 2:
+            r0, r1 = sorted(a["_reps"])[:2]
+            pr = paired(a["_reps"][r0], a["_reps"][r1], n_boot, seed, level)
+            a["self_check"] = {**pr, "fires": bool(pr["ci_excludes_zero"])}
+    comparisons = []
+    for pair in s.sft.get("compare") or []:
+        x, y = str(pair[0]), str(pair[1])
+        if x in arms and y in arms:
+            pr = paired(arms[x]["_vec"], arms[y]["_vec"], n_boot, seed, level)
+            fa, fb = arms[x]["spread"], arms[y]["spread"]
+            floor = None if fa is None or fb is None else max(fa, fb)
+            comparisons.append({"a": x, "b": y, **pr, "floor": floor, "verdict": decide(pr, floor)})
+    funnels = {}
+    for f in sorted((loop / "curation").glob("*.json")) if (loop / "curation").exists() else []:
+        d = json.loads(f.read_text())
+        funnels[f.stem] = {k: d.get(k) for k in ("set", "n_samples", "n_sft", "n_problems", "answers", "passed")}
+    pilot = json.loads((study_dir / "pilot.json").read_text()) if (study_dir / "pilot.json").exists() else None
+    clean = {n: {k: v for k, v in a.items() if not k.startswith("_")} for n, a in arms.items()}
+    missing = {}
+    for arm in ["base", *s.sft.arms]:
+        if arm not in arms:
+            files = sorted((loop / "eval").glob(f"{arm}_r*/summary.json")) if (loop / "eval").exists() else []
+            skipped = [json.loads(f.read_text()).get("skipped") for f in files]
+            missing[arm] = skipped[0] if any(skipped) else "not evaluated yet"
+    return {"rule": __doc__.split("Decision rule", 1)[1].strip(), "test_problems": len(test),
+            "val_problems_excluded": len(sp.get("val", [])), "arms": clean, "missing_arms": missing,
+            "comparisons": comparisons,
+            "curation": funnels, "n_records": int(s.sft.n_records),
+            "pilot": None if pilot is None else {k: pilot[k] for k in ("chosen", "why", "rule")} | {
+                "regimes": {r: {k: v for k, v in d.items() if k != "points"} for r, d in pilot["regimes"].items()}}}
+
+
+def _pct(x: float | None, sign: bool = False) -> str:
+    if x is None:
+        return "-"
+    return f"{100 * x:+.1f}" if sign else f"{100 * x:.1f}"
+
+
+def render(rep: dict) -> str:
+    out = ["# Part B: does SFT on each arm's data raise Pass@1?", "",
+           f"Greedy Pass@1 on {rep['test_problems']} held-out HumanEval problems ({rep['val_problems_excluded']} "
+           f"held-out problems that picked learning rates are excluded); every SFT arm trains on "
+           f"{rep['n_records']} records.", ""]
+    if rep.get("pilot"):
+        p = rep["pilot"]
+        out += ["## Pilot", "", "| regime | S moved (s_drift) | max S move (init std) | l(x_i|D,S_i) | l(x_i|D) | "
+                "own text more likely | works |", "|---|---|---|---|---|---|---|"]
+        for r, d in p["regimes"].items():
+            out.append(f"| {r} | {d['s_drift']:.4g} | {d['s_move_max_std']:.3g} | {d['nll_pos']:.4f} | "
+                       f"{d['nll_dom_train']:.4f} | {d['own_text_more_likely']} | {d['works']} |"
+                       if d.get("nll_pos") is not None else f"| {r} | - | - | - | - | - | {d['works']} |")
+        out += ["", f"Chosen: {p['why']}.", ""]
+    out += ["## Pass@1", "", "| arm | Pass@1 | replicates | spread | vs base [95% CI] | detectable | verdict |",
+            "|---|---|---|---|---|---|---|"]
+    for name, a in rep["arms"].items():
+        vb = a.get("vs_base")
+        reps = ", ".join(_pct(v) for v in a["replicates"].values())
+        out.append(f"| {name} | {_pct(a['pass@1'])} | {reps} | {_pct(a['spread'])} | "
+                   + (f"{_pct(vb['diff'], True)} [{_pct(vb['ci'][0], True)}, {_pct(vb['ci'][1], True)}] | "
+                      f"{_pct(vb['detectable'])} | {vb['verdict']} |" if vb else "- | - | - |"))
+    for name, why in rep.get("missing_arms", {}).items():
+        out.append(f"| {name} | - | - | - | - | - | {why} |")
+    if rep["comparisons"]:
+        out += ["", "## Between arms", "", "| A | B | A - B [95% CI] | floor | detectable | verdict |",
+                "|---|---|---|---|---|---|"]
+        for c in rep["comparisons"]:
+            out.append(f"| {c['a']} | {c['b']} | {_pct(c['diff'], True)} [{_pct(c['ci'][0], True)}, "
+                       f"{_pct(c['ci'][1], True)}] | {_pct(c['floor'])} | {_pct(c['detectable'])} | {c['verdict']} |")
+    checks = {n: a["self_check"] for n, a in rep["arms"].items() if a.get("self_check")}
+    if checks:
+        out += ["", "Sanity check, replicate 0 vs replicate 1 of the same arm (must not count): "
+                + "; ".join(f"{n} {_pct(c['diff'], True)} [{_pct(c['ci'][0], True)}, {_pct(c['ci'][1], True)}]"
+                            f"{' (interval alone fires)' if c['fires'] else ''}" for n, c in checks.items()) + "."]
+    if rep["curation"]:
+        out += ["", "## SFT data", "", "| run | source | in | SFT records |", "|---|---|---|---|"]
+        for n, f in rep["curation"].items():
+            src = f.get("set")
+            inn = f.get("n_samples") if f.get("n_samples") is not None else f"{f.get('answers')} answers"
+            out.append(f"| {n} | {src} | {inn} | {f.get('n_sft')} |")
+    out += ["", "## Decision rule", "", "```", rep["rule"], "```", ""]
+    return "\n".join(out)
+
+
+def write_loop_report(study_dir: str | Path, s: Any) -> dict:
+    study_dir = Path(study_dir)
+    if not (study_dir / "loop" / "split.json").exists():
+        return {}
+    rep = compute(study_dir, s)
+    write_text_atomic(study_dir / "loop_report.json", json.dumps(rep, indent=1, default=float))
+    write_text_atomic(study_dir / "loop_report.md", render(rep))
+    return rep
