@@ -133,3 +133,23 @@ def test_logger_none_trains_and_callbacks_none_writes_no_checkpoint(compose, tmp
     assert (tmp_path / "a" / "checkpoints" / "last.ckpt").exists()
     res = train(compose("train", SMALL_TRAIN + ["callbacks=none"], tmp_path / "b"))
     assert Path(res["domain_prompt"]).exists() and not (tmp_path / "b" / "checkpoints").exists()
+
+
+def test_diagnostics_measure_sample_token_drift_without_building_a_graph(monkeypatch):
+    """measure() runs under no_grad (a graph over every reference batch held 24 GB at the 0.5B),
+    and reports how far D and every S_i moved from their init."""
+    from domino.training import diagnostics as dg
+    m = DominoModule(backbone=TINY, n_references=4, prompt={"k": 2, "l": 2})
+    seen = []
+    real = m.nll
+    monkeypatch.setattr(m, "nll", lambda *a, **k: (seen.append(torch.is_grad_enabled()), real(*a, **k))[1])
+    ids = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16], [17, 18]]
+    d0, s0 = m.prompts.export_domain().clone(), dg.all_sample_tokens(m)
+    with torch.no_grad():
+        m.prompts.samples[1] += 0.5
+    out = dg.measure(m, ids, ids[:2], 2, d0, s0)
+    assert seen and not any(seen)
+    assert out["d_drift"] == 0.0 and out["s_drift"] > 0
+    assert out["s_move_max_std"] == pytest.approx(0.5 / s0.std().item(), rel=1e-5)
+    assert dg.all_sample_tokens(DominoModule(backbone=TINY, n_references=4, prompt={"k": 2, "l": 2},
+                                             objective={"lambda": 0.0})) is None

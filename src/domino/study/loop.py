@@ -245,8 +245,9 @@ def _finetune_task(study: "Study", arm: str, r: int) -> Task:
         run_dir = study.work / "loop" / f"finetune_{run_name(arm, r)}"
         if run_dir.exists():
             shutil.rmtree(run_dir)  # an unfinished run starts over (its seed reproduces it)
-        res = finetune(compose("finetune", [*backbone_overrides(study), *study.s.sft.finetune, f"data={data}", f"seed={r}",
-                                            f"paths.output_dir={run_dir}", f"paths.root_dir={study.root}"]))
+        ov = [*backbone_overrides(study), *study.s.sft.finetune, f"data={data}", f"seed={r}",
+              f"paths.output_dir={run_dir}", f"paths.root_dir={study.root}"]
+        res = finetune(compose("finetune", ov))
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(res["adapter"], tmp)

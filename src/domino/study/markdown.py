@@ -77,6 +77,11 @@ def render(report: dict, figures: list[str]) -> str:
     for h in heads:
         cells = [_cell(report["summary"][c].get(h["id"])) for c in report["summary"]]
         out.append(f"| {h['label']} {h['better']} | " + " | ".join(cells) + " |")
+    flags = report.get("flags") or {}
+    if flags:
+        labels = {h["id"]: h["label"] for h in heads}
+        out += ["", "Metrics that cannot discriminate here (their comparisons below are not evidence either way): "
+                + "; ".join(f"{labels.get(m, m)}: {why}" for m, why in flags.items()) + "."]
 
     out += ["", "## Comparisons", ""]
     for pair, comp in report["comparisons"].items():

@@ -106,7 +106,13 @@ def write_report(study_dir: str | Path, s: Any) -> dict:
     cache = str(Path(s["work_dir"]) / "embed_cache")
     spaces["backbone"] = {k: _embed_cached(embedder, v, cache, k) for k, v in texts.items()}
     del embedder
-    tf = TfidfEmbedder(st["refs"] + st["held"], int(s["tfidf"]["dims"]), seed=opt["seed"])
+    # tfidf.fit: "references" (the default: a space fitted on training data only, none of the
+    # alignment target's vocabulary) or "references+heldout" (what study_humaneval ran with)
+    fit = str(s["tfidf"].get("fit", "references"))
+    if fit not in ("references", "references+heldout"):
+        raise ValueError(f"study.tfidf.fit={fit!r}: expected references or references+heldout")
+    tf = TfidfEmbedder(st["refs"] + (st["held"] if fit == "references+heldout" else []), int(s["tfidf"]["dims"]),
+                       seed=opt["seed"])
     spaces["tfidf"] = {k: tf.encode(v) for k, v in texts.items()}
     embed_s = time.perf_counter() - t0
 
@@ -181,7 +187,8 @@ def write_report(study_dir: str | Path, s: Any) -> dict:
     # ---- curves and diagnostics over epochs
     curves = _curves(curve, rows["curve"])
     diag = _diagnostics(st["diagnostics"], st["sweep"])
-    report = {"settings": _settings(s), "sweep": st["sweep"], "decision_rule": S.__doc__.strip(),
+    flags = _flags(summary, headline)
+    report = {"settings": _settings(s), "sweep": st["sweep"], "decision_rule": S.__doc__.strip(), "flags": flags,
               "headline": [{"id": mid, "label": lab, "better": arrow, "family": fam}
                            for mid, lab, arrow, fam in headline],
               "summary": {c: {m: {k: v for k, v in d.items() if k != "_reps"} for m, d in ms.items()}
@@ -202,6 +209,23 @@ def write_report(study_dir: str | Path, s: Any) -> dict:
 
 _SPACE_FREE = {"n", "n_total", "mean_tokens", "empty_share", "distinct_1", "distinct_2", "distinct_3", "self_bleu",
                "mem_ngram_mean", "mem_ngram_max", "copy_share_ngram"}
+
+
+def _flags(summary: dict, headline: list) -> dict[str, str]:
+    """Headline metrics that cannot discriminate here: equal for every set (e.g. a coverage of 1.0
+    everywhere), or, for the n-gram overlap with the references, higher for real held-out problems
+    than for any generated set (it then measures the domain's shared boilerplate, not copying)."""
+    out = {}
+    for mid, *_ in headline:
+        vals = {c: d[mid]["mean"] for c, d in summary.items() if mid in d}
+        sets = {c: v for c, v in vals.items() if c != "heldout (ceiling)"}
+        if len(sets) >= 2 and max(sets.values()) - min(sets.values()) <= 1e-9:
+            out[mid] = f"the same value ({next(iter(sets.values())):.4g}) for every set: cannot discriminate"
+        elif mid == "mem_ngram_mean" and "heldout (ceiling)" in vals and sets and \
+                vals["heldout (ceiling)"] >= max(sets.values()):
+            out[mid] = ("real held-out problems overlap the references more than any generated set: this "
+                        "measures shared boilerplate, not copying")
+    return out
 
 
 def _stable(name: str) -> int:
@@ -263,5 +287,6 @@ def _diagnostics(diags: list[dict], sweep: dict) -> dict:
 
 def _settings(s: dict) -> dict:
     keep = ("name", "common", "train", "configs", "lr_sweep", "seeds", "epochs", "export_epochs", "samples",
-            "synthesize", "baselines", "baseline_seed", "bootstrap", "data_quality", "backbone_embed", "tfidf")
+            "synthesize", "baselines", "baseline_seed", "baseline_seeds", "bootstrap", "data_quality", "backbone_embed",
+            "tfidf", "pilot", "sft")
     return {k: s.get(k) for k in keep}

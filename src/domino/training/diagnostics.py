@@ -38,6 +38,7 @@ def all_sample_tokens(module) -> torch.Tensor | None:
     return p.sample_tokens(torch.arange(n, device=p.domain.device)).detach().float().cpu().clone()
 
 
+@torch.no_grad()
 def measure(module, train_ids: list[list[int]], heldout_ids: list[list[int]], batch_size: int,
             d0: torch.Tensor, s0: torch.Tensor | None = None) -> dict[str, float]:
     """The diagnostics above for `module` (a DominoModule) on tokenised texts."""
