@@ -3,6 +3,8 @@ what is sampled (oracles: transformers' generate and a loop without any cache), 
 stop strings, length flags and left-padded prompts behave."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -268,3 +270,21 @@ def test_top_p_sample_does_not_depend_on_where_the_nucleus_search_starts(tiny_ba
     got, k_next = draw(start_k)
     assert torch.equal(got, want)
     assert 256 <= k_next <= V
+
+
+def test_last_logits_equal_the_models_own_and_take_a_contiguous_head(tiny_backbone):
+    """The decoder + head path (which avoids a CPU bmm that copies the head once per row) gives the
+    model's own logits_to_keep logits, for a plain model and a peft-wrapped one."""
+    from peft import LoraConfig, get_peft_model
+
+    from domino.generation.hf import last_logits
+    ids = torch.randint(5, 500, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    for model in (tiny_backbone.model,
+                  get_peft_model(copy.deepcopy(tiny_backbone.model), LoraConfig(r=2, target_modules=["q_proj"]))):
+        with torch.no_grad():
+            ours, _ = last_logits(model, 2, input_ids=ids, attention_mask=mask)
+            theirs = model(input_ids=ids, attention_mask=mask, logits_to_keep=2).logits.float()
+        torch.testing.assert_close(ours, theirs)
+        assert ours.shape == (3, 2, theirs.shape[-1])

@@ -156,9 +156,10 @@ class HFChatGenerator(_ChatGenerator):
             ids[i, :len(x)], mask[i, :len(x)] = torch.tensor(x), 1
         keep = T - len(base) + 1  # only the positions that predict option tokens reach the LM head
         dev = self.engine.device
+        from domino.generation.hf import last_logits
         with torch.no_grad():
-            logits = self.engine.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), logits_to_keep=keep).logits
-        logp = logits.float().log_softmax(-1)  # position j predicts option token j
+            logits, _ = last_logits(self.engine.model, keep, input_ids=ids.to(dev), attention_mask=mask.to(dev))
+        logp = logits.log_softmax(-1)  # position j predicts option token j
         return [sum(float(logp[i, j, t]) for j, t in enumerate(opt_ids[i])) for i in range(len(seqs))]
 
 
