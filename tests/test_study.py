@@ -197,3 +197,17 @@ def test_study_commits_its_results_dir_only(tmp_path):
     assert run("log", "--format=%s").stdout.strip() == "results/study_smoke: pilot released"
     assert run("show", "--name-only", "--format=").stdout.split() == ["results/s/a.json"]
     Study(cfg).commit("nothing new")  # nothing to commit: logged, not raised
+
+
+def test_pilot_verdict_needs_the_sample_tokens_to_move_and_to_beat_their_init():
+    from domino.study.pilot import verdict
+    rule = {"margin": 0.01, "min_s_drift": 1e-3}
+    init = {"epoch": 0, "nll_dom_train": 1.57, "nll_pos": 1.555, "s_drift": 0.0}
+    learnt = {"epoch": 3, "nll_dom_train": 1.50, "nll_pos": 1.40, "s_drift": 0.05}
+    assert verdict([init, learnt], rule)["works"]
+    # a gain no larger than at init (random extra prefix tokens) is not the sample tokens working
+    same = {"epoch": 3, "nll_dom_train": 1.50, "nll_pos": 1.485, "s_drift": 0.05}
+    v = verdict([init, same], rule)
+    assert v["pos_gain_over_dom"] > 0.01 and not v["own_text_more_likely"] and not v["works"]
+    assert not verdict([init, {**learnt, "s_drift": 1e-4}], rule)["works"]  # S did not move
+    assert not verdict([init, {**learnt, "nll_pos": 1.6}], rule)["works"]  # own text less likely

@@ -108,16 +108,19 @@ def build_embedder(embed_cfg: dict | None, backbone_cfg: dict | None) -> Embedde
         kw.pop("gradient_checkpointing", None)
         if ec.dtype:
             kw["dtype"] = ec.dtype
-        bb = load_backbone(**kw)
-        # the config hash and dtype tell apart two weight sets behind one name (embedding cache key)
-        model, tok, ident = bb.model, bb.tokenizer, f"{bb.id}|{bb.model_hash}|{kw.get('dtype', 'float32')}"
+        bb = load_backbone(**kw, device=ec.device)
+        # the config hash and the dtype the rule picked tell apart two weight sets behind one name
+        # (the embedding cache key)
+        model, tok, ident = bb.model, bb.tokenizer, f"{bb.id}|{bb.model_hash}|{bb.dtype}"
     else:
         from transformers import AutoModel, AutoTokenizer
 
-        from domino.backbone import resolve_dtype
+        from domino.backbone import choose_dtype
         tok = AutoTokenizer.from_pretrained(ec.path)
-        model = AutoModel.from_pretrained(ec.path, dtype=resolve_dtype(ec.dtype or "float32"))
-        ident = f"{ec.path}|{ec.dtype or 'float32'}"
+        dtype, why = choose_dtype(ec.dtype or "auto", ec.device)
+        log.info("embedder %s: %s (%s)", ec.path, str(dtype).replace("torch.", ""), why)
+        model = AutoModel.from_pretrained(ec.path, dtype=dtype)
+        ident = f"{ec.path}|{str(dtype).replace('torch.', '')}"
     for p in model.parameters():
         p.requires_grad_(False)
     return Embedder(model, tok, ident, layer=ec.layer, max_length=ec.max_length,

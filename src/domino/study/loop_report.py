@@ -137,12 +137,16 @@ def render(rep: dict) -> str:
            f"{rep['n_records']} records.", ""]
     if rep.get("pilot"):
         p = rep["pilot"]
-        out += ["## Pilot", "", "| regime | S moved (s_drift) | max S move (init std) | l(x_i|D,S_i) | l(x_i|D) | "
-                "own text more likely | works |", "|---|---|---|---|---|---|---|"]
+        out += ["## Pilot", "", "| regime | s_drift | max S move (init std) | l(x_i|D,S_i) | l(x_i|D) | gain (init) | "
+                "own text more likely | works |", "|---|---|---|---|---|---|---|---|"]
         for r, d in p["regimes"].items():
+            if d.get("nll_pos") is None:
+                out.append(f"| {r} | - | - | - | - | - | - | {d['works']} |")
+                continue
+            g0 = d.get("pos_gain_at_init") or 0.0
             out.append(f"| {r} | {d['s_drift']:.4g} | {d['s_move_max_std']:.3g} | {d['nll_pos']:.4f} | "
-                       f"{d['nll_dom_train']:.4f} | {d['own_text_more_likely']} | {d['works']} |"
-                       if d.get("nll_pos") is not None else f"| {r} | - | - | - | - | - | {d['works']} |")
+                       f"{d['nll_dom_train']:.4f} | {d['pos_gain_over_dom']:+.4f} ({g0:+.4f}) | "
+                       f"{d['own_text_more_likely']} | {d['works']} |")
         out += ["", f"Chosen: {p['why']}.", ""]
     out += ["## Pass@1", "", "| arm | Pass@1 | replicates | spread | vs base [95% CI] | detectable | verdict |",
             "|---|---|---|---|---|---|---|"]
