@@ -114,8 +114,20 @@ def test_prompts_chat_and_base():
 
     (p,) = load_benchmark("humaneval", limit=1)
     assert build_prompt(p, BaseTok()) == p["prompt"]
-    chat = build_prompt(p, Tok())
+    chat = build_prompt(p, Tok(), style="domino")
     assert chat.startswith("<user>Complete the following") and p["prompt"].rstrip() in chat
+    # EvalPlus' prompt (the default): its instruction, the problem in a bare fence, and the answer
+    # opened with its response prefix and a ```python fence
+    ep = build_prompt(p, Tok())
+    assert ep.startswith("<user>Please provide a self-contained Python script") and p["prompt"].strip() in ep
+    assert ep.endswith("<assistant>Below is a Python script with a self-contained function that solves the problem "
+                       "and passes corresponding tests:\n```python\n")
+    # the answer is the code up to its closing fence, sanitised to the entry point
+    out = "def " + p["entry_point"] + "(x):\n    return 1\n\nprint(" + p["entry_point"] + "(2))\n```\nmore text"
+    prog = to_program(p, out, chat=True, style="evalplus")
+    assert prog.startswith(p["prompt"]) and "print(" not in prog and "more text" not in prog
+    with pytest.raises(ValueError, match="prompt.style"):
+        build_prompt(p, Tok(), style="fancy")
     (s,) = [q for q in load_benchmark("livecodebench", path=str(FX / "bench_livecodebench.jsonl"))
             if q["test_type"] == "stdin"]
     base = build_prompt(s, BaseTok())

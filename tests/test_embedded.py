@@ -200,12 +200,17 @@ def test_embedded_qwen_coder_loads_and_writes_code():
     src = json.loads((emb.model_dir(emb.lookup("embedded:qwen2.5-coder-0.5b-instruct")) / "domino_source.json")
                      .read_text())
     assert src["sha256"] == emb.EMBEDDED["qwen2.5-coder-0.5b-instruct"].sha256
-    text = tok.apply_chat_template([{"role": "user", "content": "Write a Python function add(a, b) that returns "
-                                     "a + b, in one ```python block."}], tokenize=False, add_generation_prompt=True)
-    ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
-    out = model.generate(ids, max_new_tokens=48, do_sample=False)
+    # evaluate.py's path: the EvalPlus prompt, greedy decoding on the engine up to the closing fence,
+    # the sanitised program, run in the sandbox (generated code runs nowhere else)
+    from domino.evaluation.prompting import CLOSE_FENCE, build_prompt, to_program
     from domino.evaluation.sandbox import Sandbox, SandboxConfig
-    from domino.generation.code import extract_code
-    code = extract_code(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True), "python")
-    result = Sandbox(SandboxConfig(workers=1, timeout_per_test=5.0)).run(code, ["assert add(2, 3) == 5"])
-    assert result.passed, (code, result)  # generated code runs only in the sandbox
+    from domino.generation.hf import HFEngine
+    from domino.generation.params import SamplingParams
+    problem = {"task_id": "t/0", "prompt": 'def add(a: int, b: int) -> int:\n    """Return the sum of a and b."""\n',
+               "completion_style": True, "entry_point": "add", "test_type": "functional"}
+    ids = tok(build_prompt(problem, tok, True, "evalplus"), add_special_tokens=False)["input_ids"]
+    eng = HFEngine(model, tok, SamplingParams(temperature=0.0, max_new_tokens=96, stop=(CLOSE_FENCE,)))
+    (gen,) = eng.generate_prompts([ids], [0])
+    program = to_program(problem, gen.text, chat=True, style="evalplus")
+    result = Sandbox(SandboxConfig(workers=1, timeout_per_test=5.0)).run(program, ["assert add(2, 3) == 5"])
+    assert gen.finish_reason == "stop" and result.passed, (gen.text, program, result)

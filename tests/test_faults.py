@@ -268,6 +268,14 @@ def test_train_resume_reproduces_the_uninterrupted_losses_and_keeps_the_log(tmp_
     assert [s for s, _ in got] == list(range(6))  # history kept, no step twice
     assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-6, abs=1e-6)
     assert json.loads((run / "domain_prompt.json").read_text())["steps"] == 6
+    # the interrupted epoch's means are over all its steps, not only those after the resume
+    for key in ("train/loss_epoch", "train/loss_con_epoch", "train/contrast_gap_epoch"):
+        want_e, got_e = metric(tmp_path / "full", key), metric(run, key)
+        assert got_e and [s for s, _ in got_e] == [s for s, _ in want_e], key
+        assert [v for _, v in got_e] == pytest.approx([v for _, v in want_e], rel=1e-6, abs=1e-6), key
+    final = json.loads((run / "domain_prompt.json").read_text())["metrics"]
+    assert final["train/loss_epoch"] == pytest.approx(
+        json.loads((tmp_path / "full" / "domain_prompt.json").read_text())["metrics"]["train/loss_epoch"], rel=1e-6)
 
 
 def test_train_resume_on_another_reference_set_is_refused(tmp_path):
@@ -330,6 +338,8 @@ def test_finetune_resume_with_dropout_reproduces_the_losses(tmp_path):
     want, got = metric(tmp_path / "full", "train/loss"), metric(run, "train/loss")
     assert [s for s, _ in got] == list(range(7))
     assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-6, abs=1e-6)
+    want_e, got_e = metric(tmp_path / "full", "train/loss_epoch"), metric(run, "train/loss_epoch")
+    assert got_e and [v for _, v in got_e] == pytest.approx([v for _, v in want_e], rel=1e-6, abs=1e-6)
 
 
 def test_finetune_default_run_writes_intermediate_checkpoints():

@@ -126,8 +126,8 @@ def test_qwen_smoke_study_runs_both_parts_and_resumes(tmp_path):
     a separate-seed sweep, a fixed-rate config, a borrower, baselines at two seeds, curation, LoRA
     SFT and Pass@1 per arm and replicate, both reports; the first replicate of every arm runs before
     the rest of Part A; a rerun skips everything; the committed files recompute the loop report."""
-    from domino.study.loop_report import write_loop_report
     from domino.config import compose
+    from domino.study.loop_report import write_loop_report
     from domino.study.run import Study
     cfg = compose("study", ["experiment=study_qwen_smoke", f"study.work_dir={tmp_path / 'work'}",
                             f"study.dir={tmp_path / 'results'}", f"paths.root_dir={ROOT}",

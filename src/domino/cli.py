@@ -28,7 +28,14 @@ STAGES = {
 
 
 def run_stage(stage: str, cfg) -> Any:
-    """What the entry point of `stage` runs with its composed config (train.py etc. call this too)."""
+    """What the entry point of `stage` runs with its composed config (train.py etc. call this too):
+    one attempt (domino.attempt): its record lands in the output directory only once the stage
+    accepts the run, and a failure ends in one line (HYDRA_FULL_ERROR=1: the traceback)."""
+    from domino import attempt
+    return attempt.run(stage, cfg, lambda c: _run_stage(stage, c))
+
+
+def _run_stage(stage: str, cfg) -> Any:
     from domino import stages
     if stage == "train":
         result = stages.train(cfg)

@@ -31,6 +31,11 @@ class RecordError(ValueError):
         self.source, self.line = str(source), line
 
 
+def _json_msg(e: json.JSONDecodeError) -> str:
+    # some of json's messages end in "at" ("Unterminated string starting at"): no "at at column"
+    return e.msg[:-3] if e.msg.endswith(" at") else e.msg
+
+
 def _open_bytes(path: Path):
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
@@ -73,7 +78,15 @@ def iter_jsonl(path: str | os.PathLike, required: Iterable[str] = (),
                 # the column in this line: json counts a failure at the line's end (a missing
                 # brace) on the next line of its input, after the newline
                 col = min(e.pos, len(raw.rstrip("\r\n"))) + 1
-                raise RecordError(path, lineno, f"malformed JSON ({e.msg} at column {col}){torn}") from None
+                if raw.strip() in ("[", "[{") or (raw.lstrip().startswith("[") and lineno == 1):
+                    raise RecordError(path, lineno, "this is a JSON array, not JSON Lines (one object per line): "
+                                                    "write one object per line, or give the file a .json name "
+                                                    "where a .json list is read") from None
+                raise RecordError(path, lineno, f"malformed JSON ({_json_msg(e)} at column {col}){torn}") from None
+            if isinstance(rec, list) and lineno == 1:
+                raise RecordError(path, lineno, "a JSON array on one line, not JSON Lines (one object per line): "
+                                                "write one object per line, or give the file a .json name where "
+                                                "a .json list is read")
             if not isinstance(rec, dict):
                 raise RecordError(path, lineno, f"expected a JSON object, got {type(rec).__name__}")
             missing = [k for k in required if k not in rec]
@@ -106,7 +119,7 @@ def read_records(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise RecordError(path, e.lineno, f"malformed JSON ({e.msg} at column {e.colno})") from None
+            raise RecordError(path, e.lineno, f"malformed JSON ({_json_msg(e)} at column {e.colno})") from None
         if not isinstance(data, list):
             raise RecordError(path, None, "a .json reference file must hold a list of objects")
         for i, rec in enumerate(data, start=1):

@@ -106,6 +106,64 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", weights_
     return check_checkpoint(ckpt, path)
 
 
+METRIC_STATES = "domino_metric_states"
+
+
+def save_metric_states(module: torch.nn.Module, checkpoint: dict) -> None:
+    """The running sums of every torchmetrics Metric of `module` (the epoch means): their states
+    are not in the state dict (not persistent), so a run resumed mid-epoch would otherwise report
+    an epoch mean over only the steps after the resume."""
+    from torchmetrics import Metric
+    checkpoint[METRIC_STATES] = {
+        name: {"update_count": int(m._update_count),
+               "states": {k: getattr(m, k).detach().cpu().clone() for k in m._defaults}}
+        for name, m in module.named_modules() if isinstance(m, Metric) and name}
+
+
+def load_metric_states(module: torch.nn.Module, checkpoint: dict) -> None:
+    """Restore the running sums of an epoch the checkpoint cut mid-way (a checkpoint at an epoch's
+    last batch holds that finished epoch's sums, which the next epoch must not inherit)."""
+    from torchmetrics import Metric
+    if interrupted_epoch(checkpoint) is None:
+        return
+    saved = checkpoint.get(METRIC_STATES) or {}
+    for name, m in module.named_modules():
+        if isinstance(m, Metric) and name in saved:
+            for k, v in saved[name]["states"].items():
+                setattr(m, k, v.to(getattr(m, k).device))
+            m._update_count = saved[name]["update_count"]
+            m._computed = None
+
+
+def interrupted_epoch(ckpt: dict) -> int | None:
+    """The epoch a checkpoint cut in the middle (None: it was saved at an epoch's last batch, or
+    says nothing): a stopped run logs that epoch's means over the steps it ran, which the resumed
+    run replaces with the means over all of them."""
+    progress = (((ckpt.get("loops") or {}).get("fit_loop") or {}).get("epoch_loop.batch_progress") or {})
+    if "is_last_batch" not in progress or progress["is_last_batch"]:
+        return None
+    return ckpt.get("epoch")
+
+
+def check_budget_left(ckpt: dict, path: str | os.PathLike, trainer_cfg: Any) -> None:
+    """Refuse to resume a checkpoint that already reached the run's budget: Lightning would start,
+    train nothing, and the run would export (and record) the old weights as if it had trained."""
+    if trainer_cfg is None:
+        return
+    step = int(ckpt.get("global_step", 0))
+    max_steps = int(trainer_cfg.get("max_steps") if trainer_cfg.get("max_steps") is not None else -1)
+    max_epochs = trainer_cfg.get("max_epochs")
+    done = (((ckpt.get("loops") or {}).get("fit_loop") or {}).get("epoch_progress") or {}).get("current", {})
+    epochs_done = done.get("completed") if isinstance(done, dict) else None
+    if max_steps > 0 and step >= max_steps:
+        raise ValueError(f"{path}: this checkpoint is at step {step} and trainer.max_steps={max_steps}: nothing is "
+                         "left to train. Raise trainer.max_steps to continue it, or use the run's exported outputs")
+    by_epochs = max_steps <= 0 and max_epochs not in (None, -1) and epochs_done is not None
+    if by_epochs and int(epochs_done) >= int(max_epochs):
+        raise ValueError(f"{path}: this checkpoint has completed {epochs_done} epochs and trainer.max_epochs="
+                         f"{max_epochs}: nothing is left to train. Raise trainer.max_epochs to continue it")
+
+
 class SafeCheckpointIO(TorchCheckpointIO):
     """TorchCheckpointIO that never goes on after a failed write and names the file on a bad read."""
 
@@ -145,8 +203,8 @@ class _HistoryWriter(ExperimentWriter):
     which the resumed run redoes) are dropped, and a metric the new run logs again at a kept step
     (validation re-run at resume) replaces the old value. Written on the first save, atomically."""
 
-    def __init__(self, log_dir: str, start_step: int):
-        self._start_step = start_step
+    def __init__(self, log_dir: str, start_step: int, cut_epoch: int | None = None):
+        self._start_step, self._cut_epoch = start_step, cut_epoch
         self._previous: list[dict] | None = None
         super().__init__(log_dir=log_dir)
 
@@ -172,6 +230,9 @@ class _HistoryWriter(ExperimentWriter):
             if step >= self._start_step:
                 continue
             kept = {k: v for k, v in r.items() if k and v not in ("", None) and k not in redone.get(step, ())}
+            if self._cut_epoch is not None and _epoch_of(r) == self._cut_epoch:
+                # a partial mean of the interrupted epoch (a stop or pre-emption logs one)
+                kept = {k: v for k, v in kept.items() if not (k.endswith("_epoch") or k.startswith("val/"))}
             if set(kept) - {"step", "epoch"}:
                 rows.append(kept)
         n_old = len(self._previous)
@@ -189,6 +250,13 @@ class _HistoryWriter(ExperimentWriter):
         self.metrics = []
 
 
+def _epoch_of(row: dict) -> int | None:
+    try:
+        return int(float(row.get("epoch")))
+    except (TypeError, ValueError):
+        return None
+
+
 class CSVLogger(_LightningCSVLogger):
     """Lightning's CSVLogger (same name, same arguments), except that metrics.csv keeps an earlier
     run's history in the same directory up to `start_step` (set by the stage from the checkpoint it
@@ -196,6 +264,7 @@ class CSVLogger(_LightningCSVLogger):
     as soon as it is logged."""
 
     start_step: int = 0
+    cut_epoch: int | None = None
 
     def __init__(self, *args, flush_logs_every_n_steps: int = 1, **kwargs):
         # every row on disk as soon as it is logged (CSVLogger: every 100): a killed run keeps them
@@ -207,7 +276,7 @@ class CSVLogger(_LightningCSVLogger):
             if not self._is_rank_zero():
                 return super().experiment
             self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _HistoryWriter(self.log_dir, self.start_step)
+            self._experiment = _HistoryWriter(self.log_dir, self.start_step, self.cut_epoch)
         return self._experiment
 
     @staticmethod
@@ -216,8 +285,11 @@ class CSVLogger(_LightningCSVLogger):
         return getattr(rank_zero_only, "rank", 0) == 0
 
 
-def resume_logs_at(trainer: L.Trainer, step: int) -> None:
-    """Tell the trainer's history-keeping loggers where the resumed run starts."""
+def resume_logs_at(trainer: L.Trainer, step: int, cut_epoch: int | None = None) -> None:
+    """Tell the trainer's history-keeping loggers where the resumed run starts, and which epoch the
+    interruption cut (its epoch-level values in the kept rows are dropped: the resumed run logs
+    that epoch's means over all of its steps)."""
     for lg in trainer.loggers:
         if isinstance(lg, CSVLogger):
             lg.start_step = int(step)
+            lg.cut_epoch = cut_epoch

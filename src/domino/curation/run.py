@@ -135,10 +135,38 @@ class Curation:
         with output_lock(self.out_dir, "curate"):
             return self._run()
 
+    def check_same_samples(self) -> None:
+        """Refuse a directory that holds the curation of another sample set (its stage files would be
+        replaced and its model-stage verdicts mixed with this set's). The set is named by its
+        synthesis fingerprint (samples.meta.json: the same set extended to a larger n keeps it), else
+        by the file's sha256; `<curation dir>/samples_source.json` records it."""
+        import json
+
+        from domino.provenance import file_sha256
+        meta = self.samples_path.with_name("samples.meta.json")
+        fp = None
+        if meta.exists():
+            fp = json.loads(meta.read_text()).get("fingerprint")
+        fp = fp or f"sha256:{file_sha256(self.samples_path)}"
+        rec = self.root / "samples_source.json"
+        if rec.exists():
+            old = json.loads(rec.read_text())
+            if old.get("fingerprint") != fp:
+                raise FileExistsError(
+                    f"{self.root} holds the curation of samples {old.get('path')} (set {old.get('fingerprint')}); "
+                    f"samples={self.samples_path} is set {fp}: curate into another output_dir, or delete "
+                    f"{self.root} to start over")
+        else:
+            from domino.records import write_text_atomic
+            write_text_atomic(rec, json.dumps({"path": str(self.samples_path.resolve()), "fingerprint": fp}))
+
     def _run(self) -> dict[str, Any]:
         from domino.curation.report import write_report
         _read_input(self.samples_path)  # validate up front: file:line for a bad record
         self.check_engines()
+        self.check_same_samples()
+        from domino import attempt
+        attempt.accept(self.out_dir)  # the run owns out_dir from here: its record and log are written there
         current = self.samples_path
         funnel = []
         for i, name in enumerate(STAGES, start=1):

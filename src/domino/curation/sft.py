@@ -1,7 +1,7 @@
 """Stage 9: curated records -> supervised fine-tuning data.
 
 - `chat` (default): {"id", "messages": [{"role": "user", ...}, {"role": "assistant", ...}]}
-  (an optional system message first), as DESIGN.md's sft record.
+  (an optional system message first): the project's sft record.
 - `alpaca`: {"id", "instruction", "input", "output"}.
 Written as sft.jsonl and as a `datasets` dataset on disk (datasets.load_from_disk).
 """

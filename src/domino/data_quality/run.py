@@ -33,7 +33,7 @@ from domino.config import plain
 from domino.data_quality import metrics as Q
 from domino.data_quality.embed import build_embedder, texts_fingerprint
 from domino.provenance import file_sha256
-from domino.records import read_jsonl, write_jsonl
+from domino.records import read_jsonl, write_jsonl, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +210,15 @@ def _jsonable(x: Any) -> Any:
 
 
 def run_data_quality(cfg: Any) -> dict:
-    """Entry point for `evaluate.py task=data_quality`; returns what data_quality.json holds."""
+    """Entry point for `evaluate.py task=data_quality`; returns what data_quality.json holds. One
+    writer per output directory (the lock), every file written whole (temp + rename)."""
+    from domino.locking import output_lock
+    out_dir = Path(cfg.paths.output_dir)
+    with output_lock(out_dir, "data_quality"):
+        return _run_data_quality(cfg, out_dir)
+
+
+def _run_data_quality(cfg: Any, out_dir: Path) -> dict:
     opt = options(cfg.get("data_quality"))
     refs_path = cfg.get("references")
     if not refs_path:
@@ -220,11 +228,11 @@ def run_data_quality(cfg: Any) -> dict:
                                 "<train run>/references.jsonl)")
     heldout_path = cfg.get("heldout") or str(Path(refs_path).with_name("heldout.jsonl"))
     named = sample_paths(cfg.get("samples"))
-    out_dir = Path(cfg.paths.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     field = opt["text_field"]
     if not Path(heldout_path).exists():
         raise FileNotFoundError(f"held-out references {heldout_path} not found: pass heldout=<path>")
+    from domino import attempt
+    attempt.accept(out_dir)  # inputs checked: the run owns out_dir from here
 
     def load(p):
         recs = read_jsonl(p, required=[field])
@@ -256,14 +264,14 @@ def run_data_quality(cfg: Any) -> dict:
                    "samples": {k: {"path": p, "sha256": _sha256(p)} for k, p in named.items()}},
         "timing_s": {"embed": round(embed_s, 2), "metrics": round(metric_s, 2), "per_set": res["timing_s"]}}
     report = _jsonable(report)
-    (out_dir / "data_quality.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    write_text_atomic(out_dir / "data_quality.json", json.dumps(report, indent=2, ensure_ascii=False))
     write_jsonl(out_dir / "data_quality_samples.jsonl", _per_sample_records(res["per_sample"], texts, ids, train_ids))
     plots = []
     if opt["plots"]:
         from domino.data_quality.plots import plot_metrics, plot_tsne
         plots = [plot_tsne(res, out_dir / "tsne.png", opt), plot_metrics(report["rows"], METRICS,
                                                                          out_dir / "metrics.png")]
-    (out_dir / "data_quality.md").write_text(render_markdown(report, [p.name for p in plots if p]))
+    write_text_atomic(out_dir / "data_quality.md", render_markdown(report, [p.name for p in plots if p]))
     log.info("data quality report: %s", out_dir / "data_quality.md")
     return report
 

@@ -1,6 +1,6 @@
 """Benchmark readers: HumanEval (and held-out subsets of it), MBPP, LiveCodeBench, CodeContests.
 
-Every format is normalised to the problem record of DESIGN.md:
+Every format is normalised to one problem record:
     {"task_id", "prompt", "tests", "test_type": "functional"|"stdin", "completion_style",
      "entry_point"?, "starter_code"?}
 - functional tests: a list of Python snippets, each run in the solution's namespace after the

@@ -156,7 +156,8 @@ def generate_completions(problems: list[dict], backbone_cfg: dict, params: Sampl
         params = dataclasses.replace(params, stop=params.stop + (CLOSE_FENCE,))
         eng.params = params
     prompts = {p["task_id"]: build_prompt(p, tok, chat, style) for p in problems}
-    keys = {t: gen_key(model_id, adapter_fp, ecfg["name"], params, seed, chat, pr, dtype) for t, pr in prompts.items()}
+    keys = {t: gen_key(model_id, adapter_fp, ecfg["name"], params, seed, chat, pr, dtype)
+            for t, pr in prompts.items()}
     # the run's own completions.jsonl is one append-only store keyed by (task, sample, gen_key):
     # a rerun or a crash resumes from it (a torn last line is dropped, see records.JsonlStore),
     # records of another configuration never match, and nothing is ever written twice
@@ -212,7 +213,8 @@ def generate_completions(problems: list[dict], backbone_cfg: dict, params: Sampl
                     truncated, len(done), params.max_new_tokens)
     provenance = {"model": model_id, "dtype": dtype, "adapter": adapter, "adapter_fingerprint": adapter_fp,
                   "engine": {k: v for k, v in ecfg.items() if k not in ("device", "num_threads")},
-                  "chat_template": chat, "prompt_style": style, "sampling": params.to_dict(), "n_samples": n_samples, "seed": seed,
+                  "chat_template": chat, "prompt_style": style, "sampling": params.to_dict(),
+                  "n_samples": n_samples, "seed": seed,
                   "completions_version": COMPLETIONS_VERSION, "reused_completions": reused,
                   "truncated_completions": truncated,
                   "generation": {"new_completions": len(todo), "new_tokens": n_tok,

@@ -41,9 +41,10 @@ def completions_from_samples(problems: list[dict], samples: str) -> list[dict]:
     by_id = {p["task_id"]: p for p in problems}
     counts: Counter = Counter()
     recs = []
-    for lineno, rec in iter_jsonl(samples):  # malformed lines raise RecordError (a ValueError) with file:line
+    # malformed lines and a record without task_id raise RecordError (a ValueError) with file:line
+    for lineno, rec in iter_jsonl(samples, required=["task_id"]):
         where = f"{samples}:{lineno}"
-        t = str(rec.get("task_id"))
+        t = str(rec["task_id"])
         if t not in by_id:
             raise ValueError(f"{where}: task_id {t!r} is not in the selected benchmark")
         recs.append({"task_id": t, "sample_idx": counts[t],
@@ -112,6 +113,34 @@ def write_report(output_dir: Path, problems: list[dict], per_task: dict[str, lis
     return summary
 
 
+def check_same_benchmark(output_dir: Path, bench: dict, problems: list[dict]) -> None:
+    """Refuse a directory that holds the evaluation of another benchmark (its summary names another
+    benchmark or file, or its completions answer tasks this benchmark does not have): a rerun there
+    would mix two benchmarks' completions and overwrite the other's verdicts. The same benchmark
+    with more tasks (a larger `limit`) extends the run."""
+    fp = benchmark_fingerprint(problems)
+    summary = output_dir / "summary.json"
+    old = None
+    if summary.exists():
+        try:
+            old = (json.loads(summary.read_text()).get("benchmark") or {})
+        except ValueError:
+            old = None
+    same_source = old and (old.get("name"), old.get("path")) == (bench.get("name"), bench.get("path"))
+    if old and old.get("fingerprint") not in (None, fp) and not same_source:
+        raise FileExistsError(f"{output_dir} holds the evaluation of benchmark {old.get('name')} (fingerprint "
+                              f"{old.get('fingerprint')}); this run's benchmark {bench.get('name')} is {fp}: use "
+                              "another directory (hydra.run.dir=...)")
+    comp = output_dir / "completions.jsonl"
+    if comp.exists():
+        ids = {p["task_id"] for p in problems}
+        foreign = next((r.get("task_id") for _, r in iter_jsonl(comp, skip_torn_tail=True)
+                        if r.get("task_id") not in ids), None)
+        if foreign is not None:
+            raise FileExistsError(f"{comp} holds completions of task {foreign!r}, which benchmark {bench.get('name')} "
+                                  f"(fingerprint {fp}) does not have: use another directory (hydra.run.dir=...)")
+
+
 def benchmark_config(cfg: Any) -> dict:
     """cfg.benchmark as a dict. A benchmark whose path is required but unset (`path: ???`, e.g.
     benchmark=humaneval_heldout) takes the held-out split recorded in the adapter's lineage.json:
@@ -163,6 +192,9 @@ def _run_passk(cfg: Any, output_dir: Path) -> dict:
     from domino.generation.params import SamplingParams
     bench = benchmark_config(cfg)
     problems = load_benchmark(**bench)
+    check_same_benchmark(output_dir, bench, problems)
+    from domino import attempt
+    attempt.accept(output_dir)  # the run owns output_dir from here: its record and log are written there
     scfg = OmegaConf.to_container(cfg.sampling, resolve=True)
     params = SamplingParams.from_config(scfg)
     ks = list(cfg.k)

@@ -14,6 +14,7 @@ from torchmetrics import MeanMetric
 
 from domino.backbone import count_params, load_backbone, params_line
 from domino.finetune.data import IGNORE
+from domino.trainer import load_metric_states, save_metric_states
 
 log = logging.getLogger(__name__)
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -133,10 +134,13 @@ class LoRAModule(L.LightningModule):
         sd = checkpoint["state_dict"]
         for key in [k for k in sd if k not in keep]:
             del sd[key]
-        checkpoint[CKPT_META] = {"backbone_id": self.backbone_id, "backbone_hash": self.backbone_hash}
+        checkpoint[CKPT_META] = {"backbone_id": self.backbone_id, "backbone_hash": self.backbone_hash,
+                                 "data_sha256": getattr(self, "data_sha256", None)}
+        save_metric_states(self, checkpoint)  # the interrupted epoch's means continue, not restart
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.check_checkpoint(checkpoint)
+        load_metric_states(self, checkpoint)
         # the frozen backbone came from its own source: hand its tensors back so the strict
         # state-dict load sees every key without the checkpoint ever storing them
         sd = checkpoint["state_dict"]

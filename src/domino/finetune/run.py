@@ -11,13 +11,13 @@ import lightning as L
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from domino import lineage
+from domino import attempt, lineage
 from domino.backbone import hub_id
 from domino.finetune.data import SFTDataModule, load_sft, sha256_file, split
-from domino.finetune.module import LoRAModule
+from domino.finetune.module import CKPT_META, LoRAModule
 from domino.locking import output_lock
 from domino.provenance import config_hash, git_commit
-from domino.trainer import build_trainer, read_checkpoint, resume_logs_at
+from domino.trainer import build_trainer, check_budget_left, interrupted_epoch, read_checkpoint, resume_logs_at
 from domino.validate import check_config
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,21 @@ def read_data(cfg: DictConfig) -> tuple[list[dict], list[dict], dict[str, Any]]:
         train, val = split(records, cfg.sft.val_size, cfg.seed)
     info.update(n_train=len(train), n_val=len(val), val_ids=[r["id"] for r in val])
     return train, val, info
+
+
+def data_digest(info: dict[str, Any]) -> str:
+    """What the adapter is trained on: the SFT file's sha256 (and the validation file's, if any)."""
+    val = (info.get("val_data") or {}).get("sha256")
+    return info["sha256"] if not val else f"{info['sha256']}+{val}"
+
+
+def check_same_data(meta: dict, info: dict[str, Any], ckpt_path: str) -> None:
+    """Refuse to resume LoRA weights trained on another SFT file: the adapter's provenance would name
+    only the new one (checkpoints of earlier releases carry no digest and are not checked)."""
+    had, now = meta.get("data_sha256"), data_digest(info)
+    if had and had != now:
+        raise ValueError(f"{ckpt_path} was trained on SFT data sha256 {had}, data={info['path']} is {now}: resume "
+                         "with the same data= (and val_data=), or start a new run without ckpt_path")
 
 
 def callbacks_for(cfg: DictConfig, out: Path, has_val: bool) -> tuple[list, ModelCheckpoint | None]:
@@ -96,10 +111,16 @@ def _finetune(cfg: DictConfig, out: Path) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     ckpt_path = cfg.get("ckpt_path")
     # a damaged checkpoint is named before anything is loaded; its step bounds the kept log rows
-    resumed = int(read_checkpoint(ckpt_path).get("global_step", 0)) if ckpt_path and Path(ckpt_path).is_file() else 0
+    ckpt = read_checkpoint(ckpt_path) if ckpt_path and Path(ckpt_path).is_file() else None
+    resumed = int(ckpt.get("global_step", 0)) if ckpt else 0
 
     train, val, data_info = read_data(cfg)
+    if ckpt is not None:
+        check_same_data(ckpt.get(CKPT_META) or {}, data_info, ckpt_path)
+        check_budget_left(ckpt, ckpt_path, cfg.trainer)
+    attempt.accept(out)  # the run owns `out` from here: its record and log are written there
     module = build_module(cfg)
+    module.data_sha256 = data_digest(data_info)
     s = cfg.sft
     dm = SFTDataModule(module.tokenizer, train, val, max_len=s.max_len, batch_size=s.batch_size,
                        packing=s.packing, shuffle=s.shuffle, num_workers=s.num_workers, seed=cfg.seed)
@@ -107,7 +128,7 @@ def _finetune(cfg: DictConfig, out: Path) -> dict[str, Any]:
                      n_train_rows=len(dm.train_rows))
     callbacks, best = callbacks_for(cfg, out, bool(val))
     trainer = build_trainer(cfg, callbacks)
-    resume_logs_at(trainer, resumed)
+    resume_logs_at(trainer, resumed, interrupted_epoch(ckpt) if ckpt else None)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}

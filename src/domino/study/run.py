@@ -451,6 +451,8 @@ class Study:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
+    from domino import attempt
+    attempt.accept(cfg.paths.output_dir)  # the study's own Hydra run dir: its record and log
     stage = cfg.get("stage") or "all"
     if stage == "all":
         return Study(cfg).run(progress=bool(cfg.get("progress", True)))

@@ -11,9 +11,9 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from domino import lineage
-from domino.embedded import DEFAULT_BACKBONE
+from domino import attempt, lineage
 from domino.domain_prompt import DomainPrompt, check_backbone, load_domain_prompt
+from domino.embedded import DEFAULT_BACKBONE
 from domino.generation.params import Generation, SamplingParams, sample_seed
 from domino.locking import output_lock
 from domino.provenance import git_commit
@@ -131,6 +131,7 @@ def _sample(c: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     meta = {"ckpt": prompt.path if prompt else None, "ckpt_meta": prompt.meta if prompt else None,
             "backbone": bcfg, **ident, "git_commit": git_commit(), "config": c}
     store = SampleStore(out_dir, inputs, meta, overwrite=bool(c.get("overwrite")))
+    attempt.accept(out_dir)  # the same configuration (or a new dir): the run owns out_dir from here
     base_source = {"ckpt": prompt.path if prompt else None, "model": ident["backbone_id"],
                    "backbone_hash": ident["backbone_hash"], "engine": engine.name, "run_seed": seed,
                    **{k: v for k, v in params.to_dict().items() if k != "stop_token_ids"},
@@ -148,9 +149,11 @@ def _sample(c: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     store.update_meta(last_run={k: v for k, v in result.items() if k not in ("output_dir", "samples")})
     if c.get("save_dataset"):
         result["dataset"] = str(store.save_dataset())
-    log.info("synthesis done: %d/%d samples in %s (%d new, %.1f samples/s, %.0f tokens/s, finish: %s)",
+    beyond = len(store.done) - total
+    log.info("synthesis done: %d/%d samples in %s (%d new, %.1f samples/s, %.0f tokens/s, finish: %s)%s",
              total, n, store.path, stats["n_new"], stats["samples_per_s"], stats["tokens_per_s"],
-             stats["finish_reasons"])
+             stats["finish_reasons"], f"; the file holds {len(store.done)}: this n={n} set is its first {n}, "
+             f"the other {beyond} are kept" if beyond > 0 else "")
     return result
 
 

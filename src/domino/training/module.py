@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
 from domino.backbone import count_params, load_backbone, params_line
+from domino.trainer import load_metric_states, save_metric_states
 from domino.training import objective as obj
 from domino.training.prompts import SoftPrompts
 
@@ -192,6 +193,7 @@ class DominoModule(L.LightningModule):
         checkpoint["domino"] = {"backbone_id": self.backbone_id, "backbone_hash": self.backbone_hash,
                                 "hidden_size": self.prompts.hidden,
                                 "reference_fingerprint": self.reference_fingerprint}
+        save_metric_states(self, checkpoint)  # the interrupted epoch's means continue, not restart
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "state_dict" not in checkpoint:
@@ -208,6 +210,7 @@ class DominoModule(L.LightningModule):
                              f"(config hash {meta.get('backbone_hash')}), this is {self.backbone_id} "
                              f"({self.backbone_hash})")
         check_references(meta, self.reference_fingerprint)
+        load_metric_states(self, checkpoint)
         # the frozen backbone was loaded from its own source: hand its tensors back so that the
         # (strict) state-dict load sees every key without the checkpoint ever storing them
         checkpoint["state_dict"].update({BACKBONE_PREFIX + k: v for k, v in self.backbone.state_dict().items()})

@@ -1,5 +1,5 @@
-r"""The DOMINO objective (see DESIGN.md), as pure tensor functions plus the straightforward way of
-computing the per-sample losses that feed them.
+r"""The DOMINO objective (README "1. Learn the domain tokens"), as pure tensor functions plus the
+straightforward way of computing the per-sample losses that feed them.
 
 Notation: l(x | prefix) is the mean NLL of the non-padding tokens of x, x_1 predicted from the
 last prefix position; soft positions never carry a loss. For a batch of B >= 2 references,

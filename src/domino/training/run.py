@@ -9,13 +9,13 @@ from typing import Any
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from domino import lineage
+from domino import attempt, lineage
 from domino.config import instantiate
 from domino.data.domains import load_domain, reference_fingerprint
 from domino.locking import output_lock
 from domino.provenance import config_hash, git_commit
 from domino.records import write_jsonl
-from domino.trainer import build_trainer, read_checkpoint, resume_logs_at
+from domino.trainer import build_trainer, check_budget_left, interrupted_epoch, read_checkpoint, resume_logs_at
 from domino.training.datamodule import DomainDataModule
 from domino.training.module import DominoModule, check_references
 from domino.validate import check_config
@@ -39,7 +39,8 @@ def _train(cfg: DictConfig, out: Path) -> dict[str, Any]:
     domain_cfg = OmegaConf.to_container(cfg.domain, resolve=True)
     refs, held = load_domain(**domain_cfg)
     ckpt_path = cfg.get("ckpt_path")
-    resumed = resume_point(ckpt_path, reference_fingerprint(refs)) if ckpt_path else None
+    resumed, cut_epoch = resume_point(ckpt_path, reference_fingerprint(refs), cfg.trainer) if ckpt_path else (0, None)
+    attempt.accept(out)  # the run owns `out` from here: its record and log are written there
     write_jsonl(out / "references.jsonl", refs)
     write_jsonl(out / "heldout.jsonl", held)
 
@@ -58,7 +59,7 @@ def _train(cfg: DictConfig, out: Path) -> dict[str, Any]:
         callbacks.append(EpochPoints(out, list(cfg.get("export_epochs") or []), bool(cfg.get("diagnostics")),
                                      dm.train_ids, dm.val_ids, cfg.data.batch_size, lambda: meta_base))
     trainer = build_trainer(cfg, callbacks)
-    resume_logs_at(trainer, resumed or 0)  # metrics.csv keeps the earlier rows up to the resumed step
+    resume_logs_at(trainer, resumed, cut_epoch)  # metrics.csv keeps the earlier rows up to the resumed step
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -77,13 +78,18 @@ def _train(cfg: DictConfig, out: Path) -> dict[str, Any]:
     return result
 
 
-def resume_point(ckpt_path: str, reference_fingerprint: str) -> int:
-    """The global step of `ckpt_path`, after checking it can be read (else the error names the
-    file) and was trained on the same references. A DeepSpeed checkpoint directory is left to
-    DeepSpeed (its step is not known here: the logs are kept whole)."""
+def resume_point(ckpt_path: str, reference_fingerprint: str,
+                 trainer_cfg=None) -> tuple[int, int | None]:
+    """(global step, the epoch it cut mid-way or None) of `ckpt_path`, after checking it can be
+    read (else the error names the file), was trained on the same references, and has something
+    left to train under
+    `trainer_cfg` (a checkpoint at or past max_steps / max_epochs is reported, not re-exported). A
+    DeepSpeed checkpoint directory is left to DeepSpeed (its step is not known here: the logs are
+    kept whole)."""
     path = Path(ckpt_path)
     if path.is_dir():
-        return 0
+        return 0, None
     ckpt = read_checkpoint(path)
     check_references(ckpt.get("domino") or {}, reference_fingerprint, path)
-    return int(ckpt.get("global_step", 0))
+    check_budget_left(ckpt, path, trainer_cfg)
+    return int(ckpt.get("global_step", 0)), interrupted_epoch(ckpt)
