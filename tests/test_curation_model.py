@@ -144,15 +144,39 @@ def test_a_teacher_other_than_the_backbone_is_used(tmp_path, monkeypatch):
 
 
 def test_model_settings_left_at_their_defaults_keep_the_stage_fingerprint():
-    """model {path: null}, engine hf and the vllm block fingerprint like the older `model: null`
-    config without an engine: upgrading does not redo a finished judge."""
+    """model {path: null}, the shared engine block (hf) and a stage engine of null fingerprint like
+    the older `model: null` config whose stage block held engine hf, device auto, num_threads null and
+    a vllm block: upgrading does not redo a finished judge. Device and threads never change it; the
+    engine (and, on vLLM, its settings) does."""
     from domino.curation.run import _model_stage_config
-    new = OmegaConf.to_container(OmegaConf.load(CONF / "curation" / "default.yaml"))["judge"]
-    old = {**new, "model": None, "generation": {k: v for k, v in new["generation"].items()
-                                                if k not in ("engine", "vllm")}}
-    assert _model_stage_config(new) == _model_stage_config(old)
+    cur = OmegaConf.to_container(OmegaConf.load(CONF / "curation" / "default.yaml"))
+    new, shared = cur["judge"], cur["engine"]
+    older = {**new, "model": None, "generation": {**{k: v for k, v in new["generation"].items() if k != "engine"},
+                                                  "device": "auto", "num_threads": None}}
+    older_spelling = {**older, "generation": {**older["generation"], "engine": "hf",
+                                              "vllm": {"gpu_memory_utilization": 0.9}}}
+    assert _model_stage_config(new, shared) == _model_stage_config(older) == _model_stage_config(older_spelling)
+    threads = {**new, "generation": {**new["generation"], "num_threads": 1}}
+    assert _model_stage_config(threads, {**shared, "device": "cpu"}) == _model_stage_config(new, shared)
     vllm = {**new, "generation": {**new["generation"], "engine": "vllm"}}
-    assert _model_stage_config(vllm) != _model_stage_config(new)
+    assert _model_stage_config(vllm, shared) != _model_stage_config(new, shared)
+    assert _model_stage_config(new, {**shared, "name": "vllm"}) == _model_stage_config(vllm, shared)
+    tighter = {**shared, "name": "vllm", "gpu_memory_utilization": 0.3}
+    assert _model_stage_config(new, tighter) != _model_stage_config(vllm, shared)
+
+
+def test_stage_engine_reads_the_shared_block_and_the_older_spellings():
+    from domino.curation.generation import stage_engine
+    shared = {"name": "hf", "device": "auto", "num_threads": None, "gpu_memory_utilization": 0.9}
+    assert stage_engine({"engine": None}, shared) == {"name": "hf", "device": "auto", "gpu_memory_utilization": 0.9}
+    assert stage_engine({"engine": "hf", "num_threads": 1, "device": "cpu"}, shared)["num_threads"] == 1
+    v = stage_engine({"engine": "vllm", "vllm": {"gpu_memory_utilization": 0.3}}, shared)
+    assert v["name"] == "vllm" and v["gpu_memory_utilization"] == 0.3
+    assert stage_engine({"engine": {"name": "vllm", "gpu_memory_utilization": 0.5},
+                         "vllm": {"gpu_memory_utilization": 0.3}}, shared)["gpu_memory_utilization"] == 0.5
+    assert stage_engine({}, None) == {"name": "hf"}
+    with pytest.raises(ValueError, match=r"curation\.judge\.generation\.engine='tgi'"):
+        stage_engine({"engine": "tgi"}, shared, "curation.judge.generation")
 
 
 def test_vllm_choice_errors_are_clear(tmp_path, monkeypatch):
@@ -247,16 +271,14 @@ def test_judge_and_responses_on_vllm(tmp_path, tiny_dir):
     cfg = _model_cfg(max_new_tokens=8)
     for s in ("judge", "responses"):
         cfg[s].model.path = str(tiny_dir)
-        cfg[s].generation.engine = "vllm"
-        cfg[s].generation.vllm.gpu_memory_utilization = 0.3
-        cfg[s].generation.vllm.enforce_eager = True
+        cfg[s].generation.engine = {"name": "vllm", "gpu_memory_utilization": 0.3, "enforce_eager": True}
     try:
         run_curation(cfg, _samples(tmp_path, 4), tmp_path, backbone=TINY, progress=False)
         cur = tmp_path / "curation"
         assert json.loads((cur / "06_judge.meta.json").read_text())["engine"] == "vllm"
         responses = read_jsonl(cur / "07_responses.jsonl") + read_jsonl(cur / "07_responses.dropped.jsonl")
         assert sorted(r["id"] for r in responses) == ["s-0", "s-1", "s-2", "s-3"]
-        gen_cfg = OmegaConf.to_container(cfg.responses.generation)
+        gen_cfg = OmegaConf.to_container(cfg.responses.generation)  # its engine block: vllm
         convs = [[{"role": "user", "content": f"Problem {i}"}] for i in range(5)]
         a = G.build_generator({"path": str(tiny_dir)}, TINY, {**gen_cfg, "batch_size": 5}, "g")(convs)
         b = G.build_generator({"path": str(tiny_dir)}, TINY, {**gen_cfg, "batch_size": 2}, "g")(convs)

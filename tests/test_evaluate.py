@@ -109,7 +109,7 @@ def test_evaluate_config_is_the_shared_engine_and_sampling_config(compose):
     # sampling.batch_size, the older place of the batch size, and a bare engine name still work
     assert engine_config(dict(cfg.engine), cfg.sampling.batch_size)["batch_size"] == 3
     assert engine_config("vllm") == {"name": "vllm"}
-    with pytest.raises(ValueError, match="expected hf or vllm"):
+    with pytest.raises(ValueError, match="expected one of"):
         engine_config("tgi")
 
 

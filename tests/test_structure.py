@@ -97,3 +97,20 @@ def test_readme_layout_matches_the_tree():
                 f"README layout: {name} names {f}, which is not in the tree"
     groups = {p.name for p in (ROOT / "conf").iterdir() if p.is_dir()}
     assert not sorted(g for g in groups if g + "/" not in conf_lines), "README layout misses a conf group"
+
+
+def test_engines_threads_and_devices_are_set_up_only_by_the_engine_factory():
+    """One engine factory (domino.generation.factory): no other module builds a VLLMEngine, sets
+    torch's threads or resolves an engine device itself."""
+    bad = []
+    factory, engine = SRC / "generation" / "factory.py", SRC / "generation" / "vllm.py"
+    for path in sorted(set(SRC.rglob("*.py")) - {factory}):
+        text = path.read_text()
+        rel = path.relative_to(ROOT)
+        if "set_num_threads(" in text:
+            bad.append(f"{rel} sets torch threads")
+        if "VLLMEngine(" in text and path != engine:
+            bad.append(f"{rel} builds a VLLMEngine")
+        if re.search(r"choose_device\(\s*ecfg|choose_device\(\s*gen_cfg", text):
+            bad.append(f"{rel} resolves an engine's device")
+    assert not bad, "\n".join(bad)

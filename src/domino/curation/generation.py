@@ -49,12 +49,28 @@ def teacher_config(model_cfg: dict[str, Any] | str | None, default_backbone: dic
     return m
 
 
-def check_engine(gen_cfg: dict[str, Any], where: str, logprob: bool = False) -> str:
-    """The engine `gen_cfg` selects, after checking it can run here; `where` names the config
-    block in errors (e.g. curation.judge.generation)."""
-    engine = gen_cfg.get("engine") or "hf"
-    if engine not in ENGINES:
-        raise ValueError(f"{where}.engine={engine!r}: expected one of {ENGINES}")
+def stage_engine(gen_cfg: dict[str, Any], shared: dict[str, Any] | None = None,
+                 where: str = "generation") -> dict[str, Any]:
+    """A model stage's engine, in the one schema (domino.generation.factory): `curation.engine`
+    (`shared`, one block for the judge, the responses and the test writer), beneath the stage's own
+    older keys (`device`, `num_threads`, and a `vllm:` block when the engine is vllm), beneath the
+    stage's `engine` (null: the shared one; a name; or a block)."""
+    from domino.generation.factory import RUNTIME_KEYS, engine_config
+    own = gen_cfg.get("engine")
+    own = {"name": own} if isinstance(own, str) else {k: v for k, v in dict(own or {}).items() if v is not None}
+    ecfg = {k: v for k, v in dict(shared or {}).items() if v is not None}
+    name = own.get("name") or ecfg.get("name") or "hf"
+    older = {k: gen_cfg[k] for k in RUNTIME_KEYS if gen_cfg.get(k) is not None}
+    if name == "vllm":
+        older.update({k: v for k, v in dict(gen_cfg.get("vllm") or {}).items() if v is not None})
+    return engine_config({**ecfg, **older, **own, "name": name}, where=f"{where}.engine")
+
+
+def check_engine(gen_cfg: dict[str, Any], where: str, logprob: bool = False,
+                 shared: dict[str, Any] | None = None) -> str:
+    """The engine `gen_cfg` selects (see stage_engine), after checking it can run here; `where`
+    names the config block in errors (e.g. curation.judge.generation)."""
+    engine = stage_engine(gen_cfg, shared, where)["name"]
     if engine == "vllm":
         if logprob:
             stage = where.rsplit(".", 1)[0]
@@ -116,16 +132,11 @@ class HFChatGenerator(_ChatGenerator):
     def __init__(self, backbone, sampling: dict[str, Any] | None = None, batch_size: int = 8,
                  device: str = "auto", seed: int = 0, stop_tokens: list[str] | None = None,
                  num_threads: int | None = None):
-        import torch
-        if num_threads:  # on a shared CPU, oversubscribed torch threads can be 10-30x slower than one
-            torch.set_num_threads(int(num_threads))
-
+        from domino.generation.factory import runtime
         from domino.generation.hf import HFEngine
         self.tok, self.seed = backbone.tokenizer, seed
         _need_chat_template(self.tok, backbone.id)
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        backbone.model.to(device)
+        backbone.model.to(runtime({"device": device, "num_threads": num_threads}))
         params = _params(self.tok, sampling, stop_tokens)
         self.engine = HFEngine(backbone.model, self.tok, params, batch_size=batch_size)
         self.batch_size = batch_size
@@ -168,21 +179,19 @@ class VLLMChatGenerator(_ChatGenerator):
     engine_name = "vllm"
 
     def __init__(self, bcfg: dict[str, Any], sampling: dict[str, Any] | None = None, batch_size: int = 256,
-                 seed: int = 0, stop_tokens: list[str] | None = None, vllm_cfg: dict[str, Any] | None = None):
-        from transformers import AutoConfig
-
-        from domino.backbone import load_tokenizer, model_config_hash, model_dir
-        local = model_dir(bcfg)
-        trust = bool(bcfg.get("trust_remote_code"))
-        self.tok, self.seed, self.batch_size = load_tokenizer(local), seed, batch_size
-        _need_chat_template(self.tok, str(bcfg.get("path")))
+                 seed: int = 0, stop_tokens: list[str] | None = None, ecfg: dict[str, Any] | None = None):
+        from domino.backbone import model_dir
+        from domino.generation.factory import vllm_identity, vllm_kwargs
+        self.tok, ident = vllm_identity(bcfg, dict(ecfg or {}))
+        self.seed, self.batch_size = seed, batch_size
+        _need_chat_template(self.tok, ident["backbone_id"])
         params = _params(self.tok, sampling, stop_tokens)
         # one vLLM instance per model; each stage decodes with its own sampling parameters
-        self.engine = copy.copy(_vllm_engine(local, trust, dict(vllm_cfg or {}), params, seed))
+        self.engine = copy.copy(_vllm_engine(model_dir(bcfg), bool(bcfg.get("trust_remote_code")),
+                                             vllm_kwargs(dict(ecfg or {})), params, seed))
         self.engine.params = params
-        self.model_id = str(bcfg.get("path"))
-        conf = AutoConfig.from_pretrained(local, trust_remote_code=trust)
-        self.fingerprint = _fingerprint(backbone=self.model_id, hash=model_config_hash(conf),
+        self.model_id = ident["backbone_id"]
+        self.fingerprint = _fingerprint(backbone=self.model_id, hash=ident["backbone_hash"],
                                         params=params.to_dict(), seed=seed, engine="vllm")
 
 
@@ -190,21 +199,16 @@ _MODELS: dict[str, Any] = {}
 _VLLM: dict[str, Any] = {}
 
 
-def _vllm_engine(model_dir: str, trust_remote_code: bool, vcfg: dict[str, Any], params, seed: int):
-    """One vLLM engine at a time: a different model (or engine settings) releases the previous one
-    first, so a judge and a responses model of different size need not both fit on the GPU."""
-    key = json.dumps([model_dir, trust_remote_code, vcfg], sort_keys=True, default=str)
+def _vllm_engine(model_dir: str, trust_remote_code: bool, vkw: dict[str, Any], params, seed: int):
+    """One vLLM engine at a time: a different model (or engine settings, `vkw`: factory.vllm_kwargs)
+    releases the previous one first, so a judge and a responses model of different size need not
+    both fit on the GPU."""
+    key = json.dumps([model_dir, trust_remote_code, vkw], sort_keys=True, default=str)
     if key not in _VLLM:
         _release_vllm()
-        from domino.generation.vllm import VLLMEngine
-        _VLLM[key] = VLLMEngine(model_dir, model_dir, params,
-                                tensor_parallel_size=int(vcfg.get("tensor_parallel_size", 1)),
-                                dtype=str(vcfg.get("dtype") or "auto"),
-                                gpu_memory_utilization=float(vcfg.get("gpu_memory_utilization", 0.9)),
-                                max_model_len=vcfg.get("max_model_len"), enforce_eager=bool(vcfg.get("enforce_eager")),
-                                seed=seed, trust_remote_code=trust_remote_code,
-                                enable_prefix_caching=vcfg.get("enable_prefix_caching"), extra=vcfg.get("extra"),
-                                prompt_embeds=False)
+        from domino.generation.factory import open_vllm
+        _VLLM[key] = open_vllm({"path": model_dir, "trust_remote_code": trust_remote_code}, vkw, params, seed,
+                               prompt_embeds=False)
     return _VLLM[key]
 
 
@@ -221,26 +225,26 @@ def _release_vllm() -> None:
 
 
 def build_generator(model_cfg: dict[str, Any] | str | None, default_backbone: dict[str, Any] | None,
-                    gen_cfg: dict[str, Any], where: str = "generation", logprob: bool = False) -> _ChatGenerator:
+                    gen_cfg: dict[str, Any], where: str = "generation", logprob: bool = False,
+                    shared_engine: dict[str, Any] | None = None) -> _ChatGenerator:
     """A generator on `model_cfg` (see teacher_config; null = the run's backbone) with the engine
-    `gen_cfg.engine` selects (hf | vllm); `where` names the generation block in errors."""
-    engine = check_engine(gen_cfg, where, logprob)
+    stage_engine(gen_cfg, shared_engine) selects (hf | vllm); `where` names the generation block in
+    errors."""
+    check_engine(gen_cfg, where, logprob, shared_engine)
+    ecfg = stage_engine(gen_cfg, shared_engine, where)
     bcfg = teacher_config(model_cfg, default_backbone)
     kw = dict(sampling=gen_cfg.get("sampling"), seed=int(gen_cfg.get("seed", 0)),
               stop_tokens=gen_cfg.get("stop_tokens"))
-    if engine == "vllm":
+    if ecfg["name"] == "vllm":
         log.info("curation: %s on vLLM: %s", where, bcfg.get("path"))
-        return VLLMChatGenerator(bcfg, batch_size=int(gen_cfg.get("batch_size", 256)), vllm_cfg=gen_cfg.get("vllm"),
-                                 **kw)
-    from domino.backbone import choose_device, load_backbone
-    device = choose_device(gen_cfg.get("device"))
-    bcfg = {**bcfg, "device": device}
-    key = json.dumps(bcfg, sort_keys=True, default=str)
+        return VLLMChatGenerator(bcfg, batch_size=int(gen_cfg.get("batch_size", 256)), ecfg=ecfg, **kw)
+    from domino.generation.factory import load_model, runtime
+    device = runtime(ecfg)
+    key = json.dumps({**bcfg, "device": device, "engine_dtype": ecfg.get("dtype")}, sort_keys=True, default=str)
     if key not in _MODELS:
         log.info("curation: loading %s", bcfg.get("path"))
-        _MODELS[key] = load_backbone(**bcfg)
-    return HFChatGenerator(_MODELS[key], batch_size=int(gen_cfg.get("batch_size", 8)),
-                           device=device, num_threads=gen_cfg.get("num_threads"), **kw)
+        _MODELS[key] = load_model(bcfg, ecfg)  # engine.dtype (null = model.dtype) through the one dtype rule
+    return HFChatGenerator(_MODELS[key], batch_size=int(gen_cfg.get("batch_size", 8)), device=device, **kw)
 
 
 def release_models() -> None:

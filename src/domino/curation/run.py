@@ -16,6 +16,7 @@ from typing import Any, Callable
 from domino import lineage
 from domino.config import plain
 from domino.curation import sources as S
+from domino.curation.generation import stage_engine
 from domino.curation.stages import StageFiles, stage_fingerprint
 from domino.locking import output_lock
 from domino.records import RecordError, iter_jsonl, write_jsonl
@@ -77,7 +78,8 @@ class Curation:
         stage = role if role != "tests" else "code_checks"
         c = self.stage_cfg(stage)
         return build_generator(c.get(model_key), self.backbone, c.get(gen_key) or {}, f"curation.{stage}.{gen_key}",
-                               logprob=role == "judge" and c.get("mode") == "logprob")
+                               logprob=role == "judge" and c.get("mode") == "logprob",
+                               shared_engine=self.cfg.get("engine"))
 
     def injected(self, role: str) -> bool:
         g = self.generators
@@ -94,7 +96,7 @@ class Curation:
                     or self.injected(role):
                 continue
             check_engine(c.get(gen_key) or {}, f"curation.{stage}.{gen_key}",
-                         logprob=stage == "judge" and c.get("mode") == "logprob")
+                         logprob=stage == "judge" and c.get("mode") == "logprob", shared=self.cfg.get("engine"))
 
     def model_identity(self, role: str, model_key: str = "model") -> Any:
         g = self.generators
@@ -219,11 +221,12 @@ class Curation:
         from domino.progress import Bar
         from domino.records import JsonlStore
         files.recover()  # a crash mid-write left a torn last line: cut it (logged), redo that record
-        cfp = stage_fingerprint(_model_stage_config(c), extra)
+        cfp = stage_fingerprint(_model_stage_config(c, self.cfg.get("engine")), extra)
         fp = stage_fingerprint(S.file_hash(current), cfp)
         recs = [r for _, r in iter_jsonl(current)]
         info = {"input": str(current), "n_in": len(recs), "model": extra, "config_fingerprint": cfp,
-                "engine": ((c.get(gen_key) or {}).get("engine") or "hf") if extra is not None else None}
+                "engine": (stage_engine(c.get(gen_key) or {}, self.cfg.get("engine"))["name"]
+                           if extra is not None else None)}
         old = files.meta() or {}
         reuse = _load_reusable(files) if old.get("fingerprint") != fp and old.get("config_fingerprint") == cfp else {}
         status = files.status(fp)
@@ -420,15 +423,25 @@ def _remove_stale_sft(meta: dict, curated: Path, sft_path: Path) -> None:
         log.warning("curation: %s was not written by this curation and is not its SFT output", sft_path)
 
 
-def _model_stage_config(c: dict) -> dict:
+def _model_stage_config(c: dict, shared_engine: dict | None = None) -> dict:
     """The part of a model stage's config its fingerprint hashes: the model settings are replaced
-    by the identity of the model they resolve to (hashed beside it), and the default engine's
-    settings are left out, so the defaults fingerprint as they did before engines were a choice."""
+    by the identity of the model they resolve to (hashed beside it), and the engine by what changes
+    outputs. On the HF engine that is nothing (device and threads change only the speed): the block
+    fingerprints as it did before engines were a choice, with its runtime keys at their old defaults
+    (device auto, num_threads null), so upgrading never redoes a finished stage. On vLLM it is the
+    resolved engine settings."""
+    from domino.generation.factory import RUNTIME_KEYS
     out = {**c, **{k: None for k in ("model", "tests_model") if k in c}}
     for k in ("generation", "tests_generation"):
+        if k not in out:
+            continue
         g = dict(out.get(k) or {})
-        if k in out and (g.get("engine") or "hf") == "hf":
-            out[k] = {x: v for x, v in g.items() if x not in ("engine", "vllm")}
+        ecfg = stage_engine(g, shared_engine)
+        g = {x: v for x, v in g.items() if x not in ("engine", "vllm", *RUNTIME_KEYS)}
+        if ecfg["name"] == "hf":
+            out[k] = {**g, "device": "auto", "num_threads": None}
+        else:
+            out[k] = {**g, "engine": {x: v for x, v in ecfg.items() if x not in RUNTIME_KEYS}}
     return out
 
 

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from domino.generation.factory import RUNTIME_KEYS, engine_config
 from domino.generation.params import SamplingParams, sample_seed
 from domino.records import JsonlStore, iter_jsonl
 
@@ -78,47 +79,21 @@ def lora_rank(adapter: str) -> int:
 
 
 # ---------------------------------------------------------------------------------- engines
-def engine_config(engine: Any, batch_size: int | None = None) -> dict[str, Any]:
-    """The engine group (conf/engine/*.yaml) as a dict. A bare name (`engine: vllm` in an older
-    experiment file) means that engine with its defaults; `sampling.batch_size` (the older place
-    of the batch size) overrides engine.batch_size when set."""
-    ecfg = {"name": engine} if isinstance(engine, str) else dict(engine or {"name": "hf"})
-    if batch_size is not None:
-        ecfg["batch_size"] = int(batch_size)
-    if ecfg.get("name") not in ("hf", "vllm"):
-        raise ValueError(f"engine={ecfg.get('name')!r}: expected hf or vllm")
-    return ecfg
-
-
 def build_engine(backbone_cfg: dict, ecfg: dict[str, Any], params: SamplingParams, adapter: str | None,
-                 seed: int) -> tuple[Any, Any, str, str | None]:
-    """(engine, tokenizer, model id, adapter fingerprint, dtype); the model is loaded once."""
-    import torch
-
-    from domino.backbone import choose_device, load_backbone, load_tokenizer, model_dir
+                 seed: int) -> tuple[Any, Any, str, str | None, str]:
+    """(engine, tokenizer, model id, adapter fingerprint, dtype), from the one engine factory
+    (domino.generation.factory); the model is loaded once."""
+    from domino.generation import factory
     if ecfg["name"] == "vllm":
-        from domino.generation.vllm import VLLMEngine
-        path = model_dir(backbone_cfg)
-        tok = load_tokenizer(path)
-        eng = VLLMEngine(path, path, params, batch_size=int(ecfg.get("batch_size", 1024)),
-                         tensor_parallel_size=int(ecfg.get("tensor_parallel_size", 1)),
-                         dtype=str(ecfg.get("dtype") or "auto"),
-                         gpu_memory_utilization=float(ecfg.get("gpu_memory_utilization", 0.9)),
-                         max_model_len=ecfg.get("max_model_len"), enforce_eager=bool(ecfg.get("enforce_eager")),
-                         seed=seed, trust_remote_code=bool(backbone_cfg.get("trust_remote_code")),
-                         enable_prefix_caching=ecfg.get("enable_prefix_caching"), extra=ecfg.get("extra"),
-                         prompt_embeds=False, adapter=adapter,
-                         max_lora_rank=lora_rank(adapter) if adapter else None)
-        return (eng, tok, str(backbone_cfg.get("path")),
-                adapter_fingerprint(Path(adapter).expanduser()) if adapter else None, str(ecfg.get("dtype") or "auto"))
+        tok, ident = factory.vllm_identity(backbone_cfg, ecfg)
+        eng = factory.open_vllm(backbone_cfg, ecfg, params, seed, prompt_embeds=False, adapter=adapter,
+                                max_lora_rank=lora_rank(adapter) if adapter else None)
+        return (eng, tok, ident["backbone_id"],
+                adapter_fingerprint(Path(adapter).expanduser()) if adapter else None, ident["dtype"])
     from domino.generation.hf import HFEngine
-    if ecfg.get("num_threads"):
-        torch.set_num_threads(int(ecfg["num_threads"]))
-    device = choose_device(ecfg.get("device"))
-    # engine.dtype (null = the backbone's) goes through the one dtype rule in load_backbone
-    bb = load_backbone(**{**backbone_cfg, "dtype": ecfg.get("dtype") or backbone_cfg.get("dtype"), "device": device})
+    bb = factory.load_model(backbone_cfg, ecfg)
     model, adapter_fp = load_adapter(bb.model, adapter, merge=bb.dtype == "float32")
-    model = model.to(device)
+    model = model.to(bb.model.device)
     return HFEngine(model, bb.tokenizer, params, batch_size=int(ecfg.get("batch_size", 32))), \
         bb.tokenizer, bb.id, adapter_fp, bb.dtype
 
@@ -148,7 +123,7 @@ def generate_completions(problems: list[dict], backbone_cfg: dict, params: Sampl
     Prompts are text (prompting.build_prompt), tokenised as the model sees them: chat templates
     carry their own special tokens, plain prompts get the tokenizer's (BOS)."""
     from domino.evaluation.prompting import CLOSE_FENCE, build_prompt, opens_fence, to_program, use_chat
-    ecfg = engine_config(engine, batch_size)
+    ecfg = engine_config(engine, batch_size)  # domino.generation.factory's one schema
     eng, tok, model_id, adapter_fp, dtype = build_engine(backbone_cfg, ecfg, params, adapter, seed)
     chat = use_chat(tok, chat)
     if any(opens_fence(p, chat, style) for p in problems) and CLOSE_FENCE not in params.stop:
@@ -212,7 +187,7 @@ def generate_completions(problems: list[dict], backbone_cfg: dict, params: Sampl
         log.warning("%d of %d completions hit sampling.max_new_tokens=%d (finish_reason=length)",
                     truncated, len(done), params.max_new_tokens)
     provenance = {"model": model_id, "dtype": dtype, "adapter": adapter, "adapter_fingerprint": adapter_fp,
-                  "engine": {k: v for k, v in ecfg.items() if k not in ("device", "num_threads")},
+                  "engine": {k: v for k, v in ecfg.items() if k not in RUNTIME_KEYS},
                   "chat_template": chat, "prompt_style": style, "sampling": params.to_dict(),
                   "n_samples": n_samples, "seed": seed,
                   "completions_version": COMPLETIONS_VERSION, "reused_completions": reused,

@@ -207,7 +207,8 @@ def _answer_references(study: "Study", r: int) -> tuple[list[dict], dict]:
     kept, tried, passed = [], 0, 0
     for a in range(int(opt.get("answers", 4))):
         gen = build_generator(resp.get("model"), _backbone(study),
-                              {**gen_cfg, "seed": 1000 * r + a}, where="study.sft.references")
+                              {**gen_cfg, "seed": 1000 * r + a}, where="study.sft.references",
+                              shared_engine=cur.get("engine"))
         answers = gen(convs)
         for i, ans in zip(ids, answers):
             tried += 1

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from domino import attempt, lineage
 from domino.domain_prompt import DomainPrompt, check_backbone, load_domain_prompt
 from domino.embedded import DEFAULT_BACKBONE
+from domino.generation.factory import RUNTIME_KEYS
 from domino.generation.params import Generation, SamplingParams, sample_seed
 from domino.locking import output_lock
 from domino.provenance import git_commit
@@ -40,50 +41,23 @@ def backbone_config(c: dict[str, Any], prompt: DomainPrompt | None) -> dict[str,
 
 # ---------------------------------------------------------------------------------- the sample stage
 def _build_engine(c: dict[str, Any], bcfg: dict[str, Any], params_cfg: dict, plan_fn: Callable):
-    """(engine, tokenizer, backbone identity dict, plan, params): the model is loaded once."""
-    import torch
-
-    from domino.backbone import choose_device, load_backbone, load_tokenizer, model_config_hash, model_dir
-    ecfg = c["engine"]
+    """(engine, tokenizer, backbone identity dict, plan, params), from the one engine factory
+    (domino.generation.factory); the model is loaded once."""
+    from domino.generation import factory
+    ecfg = factory.engine_config(c["engine"])
     if ecfg["name"] == "hf":
-        if ecfg.get("num_threads"):
-            torch.set_num_threads(int(ecfg["num_threads"]))
-        device = choose_device(ecfg.get("device"))
-        # engine.dtype (null = the backbone's) goes through the one dtype rule in load_backbone
-        bb = load_backbone(**{**bcfg, "dtype": ecfg.get("dtype") or bcfg.get("dtype"), "device": device})
-        bb.model.to(device)
-        ident = {"backbone_id": bb.id, "backbone_hash": bb.model_hash, "hidden_size": bb.hidden_size,
-                 "vocab_size": bb.model.config.vocab_size, "dtype": bb.dtype}
-        tok = bb.tokenizer
-        model = bb.model
-    elif ecfg["name"] == "vllm":
-        from transformers import AutoConfig
-        local = model_dir(bcfg)
-        tok = load_tokenizer(local)
-        conf = AutoConfig.from_pretrained(local, trust_remote_code=bool(bcfg.get("trust_remote_code")))
-        ident = {"backbone_id": str(bcfg.get("path")), "backbone_hash": model_config_hash(conf),
-                 "hidden_size": conf.get_text_config().hidden_size,
-                 "vocab_size": conf.get_text_config().vocab_size, "dtype": str(ecfg.get("dtype") or "auto")}
-        model = None
+        bb = factory.load_model(bcfg, ecfg)
+        tok, ident = bb.tokenizer, factory.hf_identity(bb)
     else:
-        raise ValueError(f"engine.name={ecfg['name']!r} is not one of ('hf', 'vllm')")
+        tok, ident = factory.vllm_identity(bcfg, ecfg)
     plan: Plan = plan_fn(tok, ident)
     stops = list(params_cfg.get("stop") or []) + stop_strings(plan)
     params = SamplingParams.from_config({**params_cfg, "stop": stops}, stop_token_ids=plan.stop_token_ids)
     if ecfg["name"] == "hf":
         from domino.generation.hf import HFEngine
-        engine = HFEngine(model, tok, params, batch_size=int(ecfg.get("batch_size", 32)))
+        engine = HFEngine(bb.model, tok, params, batch_size=int(ecfg.get("batch_size", 32)))
     else:
-        from domino.generation.vllm import VLLMEngine
-        engine = VLLMEngine(model_dir(bcfg), model_dir(bcfg), params,
-                            batch_size=int(ecfg.get("batch_size", 1024)),
-                            tensor_parallel_size=int(ecfg.get("tensor_parallel_size", 1)),
-                            dtype=str(ecfg.get("dtype") or "auto"),
-                            gpu_memory_utilization=float(ecfg.get("gpu_memory_utilization", 0.9)),
-                            max_model_len=ecfg.get("max_model_len"),
-                            enforce_eager=bool(ecfg.get("enforce_eager")),
-                            seed=int(c["seed"]), trust_remote_code=bool(bcfg.get("trust_remote_code")),
-                            enable_prefix_caching=ecfg.get("enable_prefix_caching"), extra=ecfg.get("extra"))
+        engine = factory.open_vllm(bcfg, ecfg, params, int(c["seed"]), prompt_embeds=True)
     return engine, tok, ident, plan, params
 
 
@@ -125,7 +99,7 @@ def _sample(c: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     ecfg = dict(c["engine"])
     inputs = {"method": method, "plan": plan.describe, "backbone_hash": ident["backbone_hash"],
               "dtype": ident["dtype"], "sampling": params.to_dict(), "seed": seed,
-              "engine": {k: v for k, v in ecfg.items() if k not in ("device", "num_threads")},
+              "engine": {k: v for k, v in ecfg.items() if k not in RUNTIME_KEYS},
               "domain": ({k: domain.get(k) for k in ("name", "path", "n_references", "split_seed", "description")}
                          if name in ("few_shot", "zero_shot") else None)}
     meta = {"ckpt": prompt.path if prompt else None, "ckpt_meta": prompt.meta if prompt else None,

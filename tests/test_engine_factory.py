@@ -1,0 +1,80 @@
+"""The one engine factory (domino.generation.factory): every stage that decodes builds its engine
+from the same schema, with the same thread/device rule and the same vLLM settings."""
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from domino.generation import factory
+from domino.generation.params import SamplingParams
+
+from .conftest import CONF, TINY
+
+
+class Recorder:
+    made: list[dict] = []
+
+    def __init__(self, model_path, tokenizer_path, params, **kw):
+        Recorder.made.append({"model_path": model_path, "params": params, **kw})
+        self.name, self.params = "vllm", params
+
+
+@pytest.fixture()
+def recorder(monkeypatch):
+    import domino.generation.vllm as V
+    Recorder.made = []
+    monkeypatch.setattr(V, "VLLMEngine", Recorder)
+    return Recorder
+
+
+def test_the_vllm_group_reaches_the_engine_unchanged(recorder, tmp_path):
+    ecfg = factory.engine_config(OmegaConf.to_container(OmegaConf.load(CONF / "engine" / "vllm.yaml")))
+    factory.open_vllm({"path": str(tmp_path)}, ecfg, SamplingParams(), 7, prompt_embeds=True)
+    made = recorder.made[0]
+    assert made["model_path"] == str(tmp_path) and made["seed"] == 7 and made["prompt_embeds"] is True
+    for k in factory.VLLM_KEYS:
+        assert made[k] == ecfg[k], k
+    assert made["batch_size"] == ecfg["batch_size"]
+
+
+def test_every_stage_opens_vllm_through_the_factory(recorder, tmp_path, tiny_backbone):
+    """Evaluation and curation hand their (differently spelt) settings to the same constructor."""
+    from domino.curation import generation as G
+    from domino.evaluation.generation import build_engine
+    tiny_backbone.model.save_pretrained(tmp_path)
+    tiny_backbone.tokenizer.save_pretrained(tmp_path)
+    ecfg = {"name": "vllm", "gpu_memory_utilization": 0.4, "enforce_eager": True}
+    build_engine({"path": str(tmp_path)}, ecfg, SamplingParams(), None, 1)
+    G._release_vllm()
+    older = {"engine": "vllm", "vllm": {"gpu_memory_utilization": 0.4, "enforce_eager": True}}
+    G._vllm_engine(str(tmp_path), False, factory.vllm_kwargs(G.stage_engine(older)), SamplingParams(), 1)
+    G._release_vllm()
+    (a, b) = recorder.made
+    assert {k: a[k] for k in factory.VLLM_KEYS} == {k: b[k] for k in factory.VLLM_KEYS}
+    assert a["gpu_memory_utilization"] == 0.4 and a["enforce_eager"] is True and a["prompt_embeds"] is False
+
+
+def test_runtime_sets_threads_and_resolves_the_device():
+    before = torch.get_num_threads()
+    try:
+        assert factory.runtime({"device": "cpu", "num_threads": 1}) == "cpu" and torch.get_num_threads() == 1
+        assert factory.runtime({}) == ("cuda" if torch.cuda.is_available() else "cpu")
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_load_model_applies_the_engine_dtype_over_the_backbones():
+    bb = factory.load_model({**TINY, "dtype": "float32"}, {"dtype": "bfloat16", "device": "cpu"})
+    assert bb.dtype == "bfloat16" and bb.model.get_input_embeddings().weight.dtype == torch.bfloat16
+    bb = factory.load_model({**TINY, "dtype": "float32"}, {"device": "cpu"})
+    assert bb.dtype == "float32"
+    assert factory.hf_identity(bb)["vocab_size"] == bb.model.config.vocab_size
+
+
+def test_engine_config_spellings():
+    assert factory.engine_config(None) == {"name": "hf"}
+    assert factory.engine_config({"name": None, "batch_size": 4}) == {"name": "hf", "batch_size": 4}
+    assert factory.engine_config("vllm", 3) == {"name": "vllm", "batch_size": 3}
+    with pytest.raises(ValueError, match=r"engine='tgi': expected one of"):
+        factory.engine_config("tgi")
