@@ -107,3 +107,29 @@ def test_paper_codegen_matches_the_published_setup(compose):
 def test_optuna_search_config_composes(compose):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="optional extra: pip install -e '.[optuna]'")
     compose("train", ["hparams_search=optuna"])
+
+
+def test_code_defaults_equal_the_yaml(compose):
+    """Every default lives in the YAML; where code keeps one (a bare DominoModule, LoRAModule,
+    SamplingParams) it is the same value."""
+    import dataclasses
+    import inspect
+
+    from domino.finetune.module import LoRAModule
+    from domino.generation.params import SamplingParams
+    from domino.training import module as M
+    train = OmegaConf.to_container(compose("train", ["backbone=tiny"]))
+    assert M.OPTIM == train["optim"]
+    assert M.PROMPT == train["prompt"]
+    assert M.OBJECTIVE == train["objective"]
+    ft = OmegaConf.to_container(compose("finetune", ["backbone=tiny"]))
+    sig = {k: v.default for k, v in inspect.signature(LoRAModule.__init__).parameters.items()
+           if v.default is not inspect.Parameter.empty}
+    yaml = {**{k: v for k, v in ft["lora"].items()}, "lr": ft["optim"]["lr"],
+            "weight_decay": ft["optim"]["weight_decay"], "betas": ft["optim"]["betas"],
+            "warmup_steps": ft["optim"]["warmup_steps"], "seed": ft["seed"]}
+    assert {k: (list(v) if isinstance(v, tuple) else v) for k, v in sig.items()} == yaml
+    sampling = OmegaConf.to_container(compose("synthesize", ["backbone=tiny", "sampling=default"]))["sampling"]
+    code = {f.name: f.default for f in dataclasses.fields(SamplingParams) if f.name in sampling}
+    assert code == {k: (tuple(v) if isinstance(v, list) else v) for k, v in sampling.items() if k in code}
+    assert SamplingParams.from_config({}) == SamplingParams()
