@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
+TFIDF_FIT = {"references": "training references only",
+             "references+heldout": "training references and the held-out split"}
 VERDICT = {"a": "**{a} better**", "b": "**{b} better**", "none": "no detectable difference"}
 
 
@@ -50,7 +52,8 @@ def render(report: dict, figures: list[str]) -> str:
             f"samples per (config, seed) at the last epoch, {st['samples']['curve']} per earlier point; "
             f"baselines {st['baselines']} with {st['samples']['final']} samples (sampling seed {st['baseline_seed']}).",
             f"- Embeddings: the generator's own (`{' '.join(st['backbone_embed'])}`, mean-pooled last layer) and "
-            f"TF-IDF over code tokens reduced to {st['tfidf']['dims']} dims by SVD (fitted on the references only).",
+            f"TF-IDF over code tokens reduced to {st['tfidf']['dims']} dims by SVD (fitted on the "
+            f"{TFIDF_FIT[st['tfidf'].get('fit', 'references')]}).",
             "- Alignment and coverage are measured against half of the held-out split (the target); the other half "
             "is the `heldout (ceiling)` row; memorisation against the training references. Texts are cut to the "
             "tokens the model trained on (`data.max_len`)."]
@@ -82,6 +85,16 @@ def render(report: dict, figures: list[str]) -> str:
         labels = {h["id"]: h["label"] for h in heads}
         out += ["", "Metrics that cannot discriminate here (their comparisons below are not evidence either way): "
                 + "; ".join(f"{labels.get(m, m)}: {why}" for m, why in flags.items()) + "."]
+
+    cm = report.get("ceiling_size_matched")
+    if cm:
+        out += ["", f"At the ceiling's size: every final set scored on a seeded subsample of {cm['n']} texts, "
+                "the size of the `heldout (ceiling)` row (mean over seeds; size-dependent metrics such as "
+                "coverage and Vendi are comparable with the ceiling only here):", "",
+                "| metric | " + " | ".join(cm["summary"]) + " |", "|---|" + "---|" * len(cm["summary"])]
+        for h in heads:
+            out.append(f"| {h['label']} {h['better']} | "
+                       + " | ".join(_f(cm["summary"][c].get(h["id"])) for c in cm["summary"]) + " |")
 
     out += ["", "## Comparisons", ""]
     for pair, comp in report["comparisons"].items():
