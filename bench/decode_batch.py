@@ -15,20 +15,11 @@ import time
 from pathlib import Path
 
 import torch
+from dtype import matmul_rate  # bench/dtype.py: GFLOP/s of a square product in that dtype
 
 from domino.backbone import load_backbone
 from domino.generation.hf import HFEngine
 from domino.generation.params import SamplingParams
-
-
-def matmul_rate(dtype, n: int = 2048, reps: int = 8) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * n ** 3 * reps / (time.perf_counter() - t)
 
 
 def flops_per_token(cfg, n_params_layers: int, ctx: int) -> float:
@@ -48,7 +39,7 @@ def main():
     bb = load_backbone(path="embedded:qwen2.5-coder-0.5b-instruct")
     model, tok = bb.model, bb.tokenizer
     layers = sum(p.numel() for p in model.get_decoder().layers.parameters())
-    peak = matmul_rate(model.dtype)
+    peak = matmul_rate(model.dtype) * 1e9
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(1000, 100000, (args.prompt,), generator=g).tolist()
     fl = flops_per_token(model.config, layers, args.prompt + args.new // 2)

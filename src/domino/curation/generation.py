@@ -67,10 +67,11 @@ def stage_engine(gen_cfg: dict[str, Any], shared: dict[str, Any] | None = None,
 
 
 def check_engine(gen_cfg: dict[str, Any], where: str, logprob: bool = False,
-                 shared: dict[str, Any] | None = None) -> str:
+                 shared: dict[str, Any] | None = None) -> dict[str, Any]:
     """The engine `gen_cfg` selects (see stage_engine), after checking it can run here; `where`
     names the config block in errors (e.g. curation.judge.generation)."""
-    engine = stage_engine(gen_cfg, shared, where)["name"]
+    ecfg = stage_engine(gen_cfg, shared, where)
+    engine = ecfg["name"]
     if engine == "vllm":
         if logprob:
             stage = where.rsplit(".", 1)[0]
@@ -81,7 +82,7 @@ def check_engine(gen_cfg: dict[str, Any], where: str, logprob: bool = False,
         except ImportError as e:
             raise ImportError(f"{where}.engine=vllm needs vLLM on a CUDA machine: pip install 'vllm>=0.10.2' "
                               f"(or pip install -e '.[gpu]'); or set {where}.engine=hf") from e
-    return engine
+    return ecfg
 
 
 class _ChatGenerator:
@@ -230,8 +231,7 @@ def build_generator(model_cfg: dict[str, Any] | str | None, default_backbone: di
     """A generator on `model_cfg` (see teacher_config; null = the run's backbone) with the engine
     stage_engine(gen_cfg, shared_engine) selects (hf | vllm); `where` names the generation block in
     errors."""
-    check_engine(gen_cfg, where, logprob, shared_engine)
-    ecfg = stage_engine(gen_cfg, shared_engine, where)
+    ecfg = check_engine(gen_cfg, where, logprob, shared_engine)
     bcfg = teacher_config(model_cfg, default_backbone)
     kw = dict(sampling=gen_cfg.get("sampling"), seed=int(gen_cfg.get("seed", 0)),
               stop_tokens=gen_cfg.get("stop_tokens"))
