@@ -148,6 +148,10 @@ def test_qwen_smoke_study_runs_both_parts_and_resumes(tmp_path):
     last_r0 = max(ex.index(f"evaluate {a}_r0") for a in ("domino", "soft_prompt", "few_shot", "zero_shot"))
     assert last_r0 < ex.index("curate domino_r1") and last_r0 < ex.index("train tuned_bounded seed 0")
 
+    # a one-rate config (the released recipe) waits for no sweep; a swept one waits for the pick
+    needs = {t.name: t.needs() for t in Study(cfg).tasks()}
+    assert needs["train released_domino seed 0"] == [] and needs["train tuned_domino seed 0"] == ["pick learning rates"]
+
     pilot = json.loads((out / "pilot.json").read_text())
     assert set(pilot["regimes"]) == {"released", "tuned"} and pilot["chosen"] in ("released", "tuned")
     for d in pilot["regimes"].values():

@@ -2,7 +2,8 @@
 
 Tasks, in the order that gives a usable partial result soonest:
 1. the learning-rate sweep (seed 0, full length) of every config that owns a sweep;
-2. the other seeds of those configs at the picked rate, then the configs that borrow a rate;
+2. the other seeds of those configs at the picked rate, then the configs that borrow a rate (a
+   config with one learning rate, the released recipe, waits for no sweep);
 3. the final samples of every (config, seed), the prompt baselines, then the curve points' samples;
 4. the report (`domino.study.report`).
 A task whose marker exists is skipped, so rerunning the same command resumes; an unfinished
@@ -112,12 +113,19 @@ class Study:
     # ------------------------------------------------------------------ training
     def lr_of(self, config: str) -> tuple[float, float]:
         """The picked (lr_domain, lr_sample) of `config` (its own sweep, or the one it borrows)."""
-        sweep = json.loads((self.dir / "sweep.json").read_text()) if (self.dir / "sweep.json").exists() else {}
         owner = self.sweep_owner(config)
+        if not self.needs_pick(config):  # one point (the released recipe): nothing to wait for
+            return self.grid(owner)[0]
+        sweep = json.loads((self.dir / "sweep.json").read_text()) if (self.dir / "sweep.json").exists() else {}
         if owner not in sweep.get("picked", {}):
             raise RuntimeError(f"the learning-rate sweep of {owner} has not finished")
         lr = float(sweep["picked"][owner])
         return lr, float((sweep.get("picked_sample") or {}).get(owner, lr * self.default_ratio))
+
+    def needs_pick(self, config: str) -> bool:
+        """Whether `config`'s learning rate comes from a sweep (its owner's grid has several points).
+        A one-point grid is known before any run, so its training waits for no sweep."""
+        return len(self.grid(self.sweep_owner(config))) > 1
 
     def grid(self, config: str) -> list[tuple[float, float]]:
         """(lr_domain, lr_sample) points of `config`'s sweep: `lr_sweep.values` x `sample_ratios`
@@ -331,7 +339,9 @@ class Study:
                 sweep_names.append(tasks[-1].name)
         tasks.append(Task("pick learning rates", "pick", 0.0, self.pick_lrs,
                           lambda: (self.dir / "sweep.json").exists(), lambda: list(sweep_names)))
-        picked = lambda: ["pick learning rates"]  # noqa: E731
+
+        def picked(config: str):
+            return lambda: ["pick learning rates"] if self.needs_pick(config) else []
         borrowers = [c for c in s.configs if c not in sweep_cfgs]
         n_final, n_curve = int(s.samples.final), int(s.samples.curve)
 
@@ -348,7 +358,7 @@ class Study:
 
         def after_training(config: str, seed: int):
             own = not reused(config, seed)
-            return lambda: ["pick learning rates"] + ([f"train {config} seed {seed}"] if own else [])
+            return lambda: picked(config)() + ([f"train {config} seed {seed}"] if own else [])
 
         # per group (the configs with their own sweep, then those that borrow a rate): train, sample
         # the final point, (after the first group: the baselines,) then the curve points; so the main
@@ -357,7 +367,7 @@ class Study:
             for config in group:
                 for seed in [x for x in self.seeds_of(config) if not reused(config, x)]:
                     tasks.append(self.train_task(config, seed, lambda c=config: self.lr_of(c), n_refs, seq,
-                                                 needs=picked))
+                                                 needs=picked(config)))
             for config in group:
                 for seed in self.seeds_of(config):
                     tasks.append(self.sample_task(self.set_name(config, seed, self.epochs), n_final,
