@@ -147,6 +147,9 @@ def test_qwen_smoke_study_runs_both_parts_and_resumes(tmp_path):
     # every arm's replicate 0 is evaluated before any replicate-1 work and before the tuned configs train
     last_r0 = max(ex.index(f"evaluate {a}_r0") for a in ("domino", "soft_prompt", "few_shot", "zero_shot"))
     assert last_r0 < ex.index("curate domino_r1") and last_r0 < ex.index("train tuned_bounded seed 0")
+    # then replicate 1 of every arm (the headline's spread), still before the rest of Part A
+    last_r1 = max(ex.index(f"evaluate {a}_r1") for a in ("domino", "soft_prompt", "few_shot", "zero_shot"))
+    assert last_r1 < ex.index("train tuned_bounded seed 0")
 
     # a one-rate config (the released recipe) waits for no sweep; a swept one waits for the pick
     needs = {t.name: t.needs() for t in Study(cfg).tasks()}

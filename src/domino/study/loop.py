@@ -133,8 +133,9 @@ def _adapter_dir(study: "Study", arm: str, r: int) -> Path:
 
 
 def _rank(r: int) -> int:
-    # the first replicate of every arm before anything else of Part A: the headline result first
-    return 2 if r == 0 else 0
+    # the first replicate of every arm before anything else of Part A: the headline result first;
+    # then the second, which gives the headline its replicate spread (the noise floor)
+    return {0: 2, 1: 1}.get(r, 0)
 
 
 def _curate_task(study: "Study", arm: str, r: int) -> Task:
