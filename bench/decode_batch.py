@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from dtype import matmul_rate  # bench/dtype.py: GFLOP/s of a square product in that dtype
 
-from domino.backbone import load_backbone
-from domino.generation.hf import HFEngine
-from domino.generation.params import SamplingParams
+from domino.core.backbone import load_backbone
+from domino.core.generation.hf import HFEngine
+from domino.core.generation.params import SamplingParams
 
 
 def flops_per_token(cfg, n_params_layers: int, ctx: int) -> float:

@@ -44,11 +44,11 @@ def matmul_rate(dtype, n: int = 2048, reps: int = 8) -> float:
 def child(backbone: str, dtype: str, steps: int) -> dict:
     import torch
 
-    from domino.backbone import load_backbone
-    from domino.evaluation.benchmarks import load_benchmark
+    from domino.core.backbone import load_backbone
+    from domino.core.benchmarks import load_benchmark
+    from domino.core.generation.hf import HFEngine
+    from domino.core.generation.params import SamplingParams, sample_seed
     from domino.evaluation.prompting import build_prompt
-    from domino.generation.hf import HFEngine
-    from domino.generation.params import SamplingParams, sample_seed
     from domino.training.objective import combine
     from domino.training.objective_cached import cached_nll
 

@@ -12,8 +12,8 @@ import platform
 import time
 from pathlib import Path
 
-from domino.evaluation.benchmarks import load_benchmark
-from domino.evaluation.sandbox import Sandbox, SandboxConfig
+from domino.core.benchmarks import load_benchmark
+from domino.core.sandbox import Sandbox, SandboxConfig
 
 
 def main():

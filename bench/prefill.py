@@ -10,8 +10,8 @@ import time
 
 import torch
 
-from domino.backbone import load_backbone
-from domino.generation.hf import last_logits
+from domino.core.backbone import load_backbone
+from domino.core.generation.hf import last_logits
 
 
 def main():

@@ -31,16 +31,16 @@ from pathlib import Path
 
 import torch
 
-from domino.backbone import load_backbone
-from domino.generation.hf import HFEngine
-from domino.generation.params import SamplingParams, sample_seed
+from domino.core.backbone import load_backbone
+from domino.core.generation.hf import HFEngine
+from domino.core.generation.params import SamplingParams, sample_seed
 
 OUT = Path(__file__).resolve().parent / "results" / "synthesize.json"
 
 
 def domain_tokens(bb, k: int, ckpt: str | None) -> torch.Tensor:
     if ckpt:
-        from domino.domain_prompt import check_backbone, load_domain_prompt
+        from domino.core.domain_prompt import check_backbone, load_domain_prompt
         p = load_domain_prompt(ckpt)
         check_backbone(p, bb.model_hash, bb.hidden_size, bb.id)
         return p.tokens

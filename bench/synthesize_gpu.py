@@ -36,9 +36,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from train_step_gpu import build_model  # noqa: E402
 
-from domino.backbone import embedded_tokenizer_dir, load_tokenizer  # noqa: E402
-from domino.generation.hf import HFEngine  # noqa: E402
-from domino.generation.params import SamplingParams  # noqa: E402
+from domino.core.backbone import embedded_tokenizer_dir, load_tokenizer  # noqa: E402
+from domino.core.generation.hf import HFEngine  # noqa: E402
+from domino.core.generation.params import SamplingParams  # noqa: E402
 
 
 def timed(fn, dev):

@@ -94,7 +94,7 @@ def model_flops(cfg, n_layer_params: int, impl: str, B: int, k: int, L: int) -> 
 def child(impl: str, B: int, k: int, L: int, seed: int) -> dict:
     import torch
 
-    from domino.backbone import load_backbone
+    from domino.core.backbone import load_backbone
     from domino.training.objective import combine, straightforward_nll
     from domino.training.objective_cached import cached_nll
 

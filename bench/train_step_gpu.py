@@ -50,7 +50,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from train_step import model_flops  # noqa: E402
 
-from domino.backbone import freeze  # noqa: E402
+from domino.core.backbone import freeze  # noqa: E402
 from domino.training.objective import NLL, combine, straightforward_nll  # noqa: E402
 from domino.training.objective_cached import cached_nll  # noqa: E402
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make demo`: the whole pipeline on the embedded default (Qwen2.5-Coder-0.5B-Instruct, HumanEval split),
-# as the four entry points with their demo* experiment configs, then DOMINO vs a plain soft prompt
+# as the stages' entry points with their demo* experiment configs, then DOMINO vs a plain soft prompt
 # (same config, same sampling) on alignment and memorisation, then a summary table.
 #
 # A stage whose output already exists is skipped (synthesis also resumes inside its run), so
@@ -56,7 +56,7 @@ stage evaluate-finetuned "$OUT/eval_finetuned/summary.json" \
 compare() {
   "$PY" synthesize.py experiment=demo_synthesize \
     ckpt="$OUT/train_soft_prompt/domain_prompt.safetensors" output_dir="$OUT/sample_soft_prompt" "${ALL[@]}" "${SYNTH[@]}"
-  "$PY" evaluate.py task=data_quality references="$OUT/train/references.jsonl" hydra.run.dir="$OUT/compare" \
+  "$PY" data_quality.py references="$OUT/train/references.jsonl" hydra.run.dir="$OUT/compare" \
     "samples={domino: $OUT/synthesize/samples.jsonl, soft_prompt: $OUT/sample_soft_prompt/samples.jsonl}" \
     "${ALL[@]}" "${QUALITY[@]}"
 }

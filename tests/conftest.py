@@ -30,7 +30,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_backbone():
-    from domino.backbone import load_backbone
+    from domino.core.backbone import load_backbone
     return load_backbone(**TINY)
 
 

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from domino.evaluation.benchmarks import BenchmarkFormatError, benchmark_fingerprint, load_benchmark
-from domino.evaluation.prompting import build_prompt, extract_code, program_from_sample, to_program
-from domino.evaluation.sandbox import Sandbox, SandboxConfig
+from domino.core.benchmarks import BenchmarkFormatError, benchmark_fingerprint, load_benchmark
+from domino.core.sandbox import Sandbox, SandboxConfig
+from domino.evaluation.prompting import build_prompt, code_or_answer, program_from_sample, to_program
 
 FX = Path(__file__).parent / "fixtures"
 LCB_FUNC = "class Solution:\n    def total(self, nums):\n        return sum(nums)\n"
@@ -93,7 +93,7 @@ def test_code_extraction_and_program_assembly():
              "    return number % 1.0\n```\nDone."
     prog = to_program(p, answer, chat=True)
     assert prog.startswith(p["prompt"]) and prog.rstrip().endswith("return number % 1.0")
-    assert extract_code("```py\nx = 1\n") == "x = 1\n"  # unterminated last block
+    assert code_or_answer("```py\nx = 1\n") == "x = 1\n"  # unterminated last block
     base = to_program(p, "    return number % 1.0\n\ndef unrelated():\n    pass\n", chat=False)
     assert base == p["prompt"] + "    return number % 1.0\n"  # cut at the Codex stop sequence
     assert program_from_sample(p, {"completion": "    return 0"}, "x:1") == p["prompt"] + "    return 0"

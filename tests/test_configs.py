@@ -51,7 +51,7 @@ def test_train_has_no_sampling_baselines(compose):
 
 @pytest.mark.parametrize("stage", ["train", "finetune"])
 def test_logger_and_callbacks_are_one_override(compose, tmp_path, stage):
-    from domino.trainer import build_trainer
+    from domino.core.trainer import build_trainer
     extra = ["data=x.jsonl"] if stage == "finetune" else []
     t = build_trainer(compose(stage, extra, tmp_path))
     assert sorted(type(lg).__name__ for lg in t.loggers) == ["CSVLogger", "TensorBoardLogger"]
@@ -115,8 +115,8 @@ def test_code_defaults_equal_the_yaml(compose):
     import dataclasses
     import inspect
 
+    from domino.core.generation.params import SamplingParams
     from domino.finetune.module import LoRAModule
-    from domino.generation.params import SamplingParams
     from domino.training import module as M
     train = OmegaConf.to_container(compose("train", ["backbone=tiny"]))
     assert M.OPTIM == train["optim"]

@@ -1,5 +1,5 @@
 """The model stages on a real (tiny, random) backbone: chat template, batched left-padded greedy
-decoding through the shared engine (domino.generation.hf), and the judge/responses stages driven by it;
+decoding through the shared engine (domino.core.generation.hf), and the judge/responses stages driven by it;
 a teacher model other than the samples' backbone; the vLLM engine choice (wired with a stand-in
 engine here, for real in the gpu-marked test)."""
 import importlib.util
@@ -11,10 +11,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from domino.curation import generation as G
-from domino.curation.generation import HFChatGenerator, release_models
+from domino.core.generation import chat as G
+from domino.core.generation.chat import HFChatGenerator, release_models
+from domino.core.records import read_jsonl
 from domino.curation.run import run_curation
-from domino.records import read_jsonl
 
 from .conftest import CONF, TINY
 
@@ -108,13 +108,13 @@ def test_a_teacher_other_than_the_backbone_is_used(tmp_path, monkeypatch):
     """judge.model names another (tiny) model than the samples' backbone: that config is loaded and
     the judge's generator is built on it, the stage meta records it, and the responses stage (model
     unset) runs on the backbone. Switching the judge back to the backbone redoes only the judge."""
-    import domino.backbone
-    loaded, real = [], domino.backbone.load_backbone
+    import domino.core.backbone
+    loaded, real = [], domino.core.backbone.load_backbone
 
     def spy(**kw):
         loaded.append(kw)
         return real(**kw)
-    monkeypatch.setattr(domino.backbone, "load_backbone", spy)
+    monkeypatch.setattr(domino.core.backbone, "load_backbone", spy)
     built, real_init = [], HFChatGenerator.__init__
 
     def spy_init(self, backbone, *a, **kw):
@@ -166,7 +166,7 @@ def test_model_settings_left_at_their_defaults_keep_the_stage_fingerprint():
 
 
 def test_stage_engine_reads_the_shared_block_and_the_older_spellings():
-    from domino.curation.generation import stage_engine
+    from domino.core.generation.chat import stage_engine
     shared = {"name": "hf", "device": "auto", "num_threads": None, "gpu_memory_utilization": 0.9}
     assert stage_engine({"engine": None}, shared) == {"name": "hf", "device": "auto", "gpu_memory_utilization": 0.9}
     assert stage_engine({"engine": "hf", "num_threads": 1, "device": "cpu"}, shared)["num_threads"] == 1
@@ -201,7 +201,7 @@ def test_vllm_choice_errors_are_clear(tmp_path, monkeypatch):
     cfg.judge.generation.engine, cfg.judge.mode = "hf", "generate"
     with pytest.raises(ImportError, match=r"curation\.code_checks\.tests_generation\.engine=vllm"):
         run(cfg, samples, tmp_path, backbone=TINY, progress=False)
-    from domino.backbone import model_dir
+    from domino.core.backbone import model_dir
     with pytest.raises(ValueError, match="tiny test backbone"):
         model_dir(TINY)  # the one path rule every vLLM factory uses
 
@@ -213,7 +213,7 @@ class StandInEngine:
         self.params, self.calls = params, []
 
     def generate_prompts(self, prompts, seeds):
-        from domino.generation.params import Generation
+        from domino.core.generation.params import Generation
         self.calls.append((self.params, prompts, seeds))
         return [Generation([], "Fine.\nScore: good", "stop") for _ in prompts]
 

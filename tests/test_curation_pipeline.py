@@ -6,8 +6,8 @@ import shutil
 import pytest
 from omegaconf import OmegaConf
 
+from domino.core.records import RecordError, read_jsonl
 from domino.curation.run import run_curation
-from domino.records import RecordError, read_jsonl
 
 from .conftest import CONF, FIXTURES
 
@@ -209,8 +209,14 @@ def test_run_tests_in_sandbox_keeps_only_passing_pairs(cfg, tmp_path):
 
 
 def test_sources_found_from_the_synthesis_run(cfg, run_dir):
+    """The run's lineage.json is the one channel: samples.meta.json naming the same files is not read."""
     (run_dir / "samples.meta.json").write_text(json.dumps({"ckpt_meta": {
         "references": str(FIXTURES / "curation_references.jsonl"), "heldout": HELDOUT["path"]}}))
+    with pytest.raises(FileNotFoundError, match="lineage.json"):
+        run_curation(cfg, run_dir / "samples.jsonl", run_dir, generators=FakeModel(), progress=False)
+    (run_dir / "lineage.json").write_text(json.dumps({
+        "samples": str(run_dir / "samples.jsonl"), "references": str(FIXTURES / "curation_references.jsonl"),
+        "heldout": HELDOUT["path"]}))
     cfg.decontaminate.heldout = True
     run_curation(cfg, run_dir / "samples.jsonl", run_dir, generators=FakeModel(), progress=False)
     funnel, rep = _funnel(run_dir)
@@ -256,7 +262,7 @@ def test_without_responses_curated_is_written_and_sft_skipped(cfg, run_dir, capl
     with a note, and an SFT set from an earlier run with responses does not survive as current."""
     import logging
 
-    from domino import lineage
+    from domino.core import lineage
     first = _run(cfg, run_dir, FakeModel())
     assert first["n_sft"] == 3 and (run_dir / "sft.jsonl").exists() and (run_dir / "sft_dataset").exists()
     cfg.responses.enabled = False
@@ -304,17 +310,20 @@ def test_sft_needs_a_response_on_every_record(cfg, run_dir, caplog):
     assert read_jsonl(run_dir / "sft.jsonl")[0]["messages"][-1]["content"].startswith("Own teacher.")
 
 
-def test_synthesize_stage_curate_without_responses(compose, run_dir, caplog):
-    """synthesize.py stage=curate with no model stage: curated.jsonl, no SFT, and the entry point
-    reports it instead of failing on the missing SFT file."""
+@pytest.mark.parametrize("config,extra", [("curate", []), ("synthesize", ["stage=curate"])])
+def test_curate_stage_without_responses(compose, run_dir, caplog, config, extra):
+    """curate.py (and the older synthesize.py stage=curate) with no model stage: curated.jsonl, no
+    SFT, and the stage reports it instead of failing on the missing SFT file."""
     import logging
 
-    from domino.stages import synthesize
-    cfg = compose("synthesize", ["stage=curate", f"samples={run_dir / 'samples.jsonl'}", "progress=false",
-                                 "curation.memorisation.enabled=false", "curation.judge.enabled=false",
-                                 "curation.responses.enabled=false"], run_dir)
+    from domino.stages import STAGES
+    cfg = compose(config, [*extra, f"samples={run_dir / 'samples.jsonl'}", "progress=false",
+                           "curation.memorisation.enabled=false", "curation.judge.enabled=false",
+                           "curation.responses.enabled=false"], run_dir)
     with caplog.at_level(logging.INFO, logger="domino"):
-        res = synthesize(cfg)
-    assert res["sft"] is None and res["n_sft"] == 0 and res["n_curated"] == len(read_jsonl(res["curated"])) > 0
+        res = STAGES[config].run(cfg)
+    curated = res["artifacts"]["curated"]
+    assert "sft" not in res["artifacts"] and res["metrics"]["n_sft"] == 0
+    assert res["metrics"]["n_curated"] == len(read_jsonl(curated)) > 0
     assert not (run_dir / "sft.jsonl").exists()
-    assert any("no SFT export" in r.getMessage() for r in caplog.records if r.name == "domino.stages")
+    assert any("no SFT export" in r.getMessage() for r in caplog.records if r.name == "domino.curation.run")

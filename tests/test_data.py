@@ -4,9 +4,10 @@ import logging
 
 import pytest
 
-from domino.data.domains import load_domain, load_records, reference_fingerprint
-from domino.records import JsonlAppender, RecordError, read_jsonl
-from domino.training.datamodule import DomainDataModule, tokenize_texts
+from domino.core.batching import tokenize_texts
+from domino.core.domains import load_domain, load_records, reference_fingerprint
+from domino.core.records import JsonlAppender, RecordError, read_jsonl
+from domino.training.datamodule import DomainDataModule
 
 from .conftest import FIXTURES
 

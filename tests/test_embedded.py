@@ -11,8 +11,8 @@ import pytest
 import torch
 import yaml
 
-from domino import backbone as bbmod
-from domino import embedded as emb
+from domino.core import backbone as bbmod
+from domino.core import embedded as emb
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -202,10 +202,10 @@ def test_embedded_qwen_coder_loads_and_writes_code():
     assert src["sha256"] == emb.EMBEDDED["qwen2.5-coder-0.5b-instruct"].sha256
     # evaluate.py's path: the EvalPlus prompt, greedy decoding on the engine up to the closing fence,
     # the sanitised program, run in the sandbox (generated code runs nowhere else)
+    from domino.core.generation.hf import HFEngine
+    from domino.core.generation.params import SamplingParams
+    from domino.core.sandbox import Sandbox, SandboxConfig
     from domino.evaluation.prompting import CLOSE_FENCE, build_prompt, to_program
-    from domino.evaluation.sandbox import Sandbox, SandboxConfig
-    from domino.generation.hf import HFEngine
-    from domino.generation.params import SamplingParams
     problem = {"task_id": "t/0", "prompt": 'def add(a: int, b: int) -> int:\n    """Return the sum of a and b."""\n',
                "completion_style": True, "entry_point": "add", "test_type": "functional"}
     ids = tok(build_prompt(problem, tok, True, "evalplus"), add_special_tokens=False)["input_ids"]

@@ -1,4 +1,4 @@
-"""The one engine factory (domino.generation.factory): every stage that decodes builds its engine
+"""The one engine factory (domino.core.generation.factory): every stage that decodes builds its engine
 from the same schema, with the same thread/device rule and the same vLLM settings."""
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from domino.generation import factory
-from domino.generation.params import SamplingParams
+from domino.core.generation import factory
+from domino.core.generation.params import SamplingParams
 
 from .conftest import CONF, TINY
 
@@ -22,7 +22,7 @@ class Recorder:
 
 @pytest.fixture()
 def recorder(monkeypatch):
-    import domino.generation.vllm as V
+    import domino.core.generation.vllm as V
     Recorder.made = []
     monkeypatch.setattr(V, "VLLMEngine", Recorder)
     return Recorder
@@ -40,7 +40,7 @@ def test_the_vllm_group_reaches_the_engine_unchanged(recorder, tmp_path):
 
 def test_every_stage_opens_vllm_through_the_factory(recorder, tmp_path, tiny_backbone):
     """Evaluation and curation hand their (differently spelt) settings to the same constructor."""
-    from domino.curation import generation as G
+    from domino.core.generation import chat as G
     from domino.evaluation.generation import build_engine
     tiny_backbone.model.save_pretrained(tmp_path)
     tiny_backbone.tokenizer.save_pretrained(tmp_path)

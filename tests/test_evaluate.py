@@ -98,8 +98,8 @@ def test_humaneval_canonical_solutions_all_pass(tmp_path):
 
 # ------------------------------------------------------------------------------ one decoding stack
 def test_evaluate_config_is_the_shared_engine_and_sampling_config(compose):
+    from domino.core.generation.params import SamplingParams
     from domino.evaluation.generation import engine_config
-    from domino.generation.params import SamplingParams
     cfg = compose("evaluate", ["backbone=tiny"])
     params = SamplingParams.from_config(cfg.sampling)
     assert params.greedy and params.top_p == 0.95 and params.max_new_tokens == 512 and params.stop == ()
@@ -114,9 +114,9 @@ def test_evaluate_config_is_the_shared_engine_and_sampling_config(compose):
 
 
 def test_sampled_completions_depend_on_their_seed_not_their_batch(tmp_path):
-    from domino.evaluation.benchmarks import load_benchmark
+    from domino.core.benchmarks import load_benchmark
+    from domino.core.generation.params import SamplingParams
     from domino.evaluation.generation import generate_completions
-    from domino.generation.params import SamplingParams
 
     from .conftest import TINY
     problems = load_benchmark("humaneval", limit=3)
@@ -149,10 +149,10 @@ def test_greedy_completions_equal_transformers_generate(tmp_path, tiny_backbone,
     tokenised as the model sees it (chat templates carry their own BOS), decoded by `generate`."""
     import torch
 
-    from domino.evaluation.benchmarks import load_benchmark
+    from domino.core.benchmarks import load_benchmark
+    from domino.core.generation.params import SamplingParams
     from domino.evaluation.generation import generate_completions
     from domino.evaluation.prompting import build_prompt
-    from domino.generation.params import SamplingParams
 
     from .conftest import TINY
     problems = load_benchmark("humaneval", limit=2) + load_benchmark(
@@ -223,7 +223,7 @@ def test_adapter_run_scores_its_heldout_split_and_records_the_lineage(tmp_path):
     """End to end with a real (tiny) LoRA adapter: no benchmark.path, the lineage names it."""
     from peft import LoraConfig, get_peft_model
 
-    from domino.backbone import load_backbone
+    from domino.core.backbone import load_backbone
 
     from .conftest import TINY
     adapter = _adapter_with_lineage(tmp_path / "adapter", heldout=str(FX / "bench_heldout.jsonl"))

@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from domino.core.locking import LOCK_NAME, OutputLocked, output_lock
+from domino.core.records import JsonlStore, RecordError, read_jsonl
+from domino.core.trainer import DIGEST_KEY, CheckpointError, state_dict_digest
+from domino.core.validate import ConfigError
 from domino.curation.run import run_curation
-from domino.locking import LOCK_NAME, OutputLocked, output_lock
-from domino.records import JsonlStore, RecordError, read_jsonl
-from domino.trainer import DIGEST_KEY, CheckpointError, tensor_digest
-from domino.validate import ConfigError
 
 from .conftest import CONF, FIXTURES, ROOT, SMALL_TRAIN, StopAt, compose_config
 from .test_curation_pipeline import HELDOUT, FakeModel
@@ -76,7 +76,7 @@ def prompt_run(tmp_path_factory):
 def holder(tmp_path):
     """Another live process holding a directory's lock: yields (dir, process)."""
     d = tmp_path / "held"
-    code = ("import sys, time\nfrom domino.locking import output_lock\n"
+    code = ("import sys, time\nfrom domino.core.locking import output_lock\n"
             "with output_lock(sys.argv[1], 'holder-stage'):\n    print('ready', flush=True)\n    time.sleep(600)\n")
     proc = subprocess.Popen([sys.executable, "-c", code, str(d)], stdout=subprocess.PIPE, env=ENV)
     assert proc.stdout.readline().strip() == b"ready"
@@ -145,7 +145,7 @@ def test_store_drops_a_torn_tail_says_so_and_never_duplicates(tmp_path, caplog):
         assert s.add({"task_id": "a", "sample_idx": 0}) and s.add({"task_id": "a", "sample_idx": 1})
     with open(f, "a") as fh:
         fh.write('{"task_id": "a", "sample_idx": 2, "out')  # killed mid-write
-    with caplog.at_level(logging.WARNING, logger="domino.records"):
+    with caplog.at_level(logging.WARNING, logger="domino.core.records"):
         s = JsonlStore(f, key=key, keep_records=True)
     assert f"{f}:3: dropped a torn last line" in caplog.text
     assert len(s) == 2 and ("a", 1) in s and s.records[("a", 0)] == {"task_id": "a", "sample_idx": 0}
@@ -161,9 +161,9 @@ def test_store_drops_a_torn_tail_says_so_and_never_duplicates(tmp_path, caplog):
 def test_evaluate_resumes_into_its_own_directory_past_a_torn_line_without_duplicates(tmp_path, caplog):
     """The crashed run's completions.jsonl (a torn last line) resumed in place, also with resume=
     naming that same file: every (task, sample) exactly once, equal to an uninterrupted run."""
-    from domino.evaluation.benchmarks import load_benchmark
+    from domino.core.benchmarks import load_benchmark
+    from domino.core.generation.params import SamplingParams
     from domino.evaluation.generation import generate_completions
-    from domino.generation.params import SamplingParams
 
     from .conftest import TINY
     problems = load_benchmark("humaneval", limit=2)
@@ -179,7 +179,7 @@ def test_evaluate_resumes_into_its_own_directory_past_a_torn_line_without_duplic
     crashed.mkdir()
     lines = (tmp_path / "whole" / "completions.jsonl").read_text().splitlines()
     (crashed / "completions.jsonl").write_text(lines[0] + "\n" + lines[1][:25])  # killed mid-write
-    with caplog.at_level(logging.WARNING, logger="domino.records"):
+    with caplog.at_level(logging.WARNING, logger="domino.core.records"):
         got = run(crashed, resume=str(crashed))
     assert "dropped a torn last line" in caplog.text
     assert got == whole
@@ -205,7 +205,7 @@ def test_evaluate_takes_the_output_lock_and_checks_values_first(holder, tmp_path
 
 
 def test_shared_execution_cache_never_glues_a_record_to_a_torn_line(tmp_path):
-    from domino.evaluation.sandbox import ExecResult, ExecutionCache
+    from domino.core.sandbox import ExecResult, ExecutionCache
     f = tmp_path / "exec_cache.jsonl"
     c = ExecutionCache(f)
     r = ExecResult(status="passed", passed_tests=1, total_tests=1, seconds=0.1)
@@ -236,7 +236,7 @@ def test_curation_resumes_past_a_torn_model_stage_line(tmp_path, caplog):
     stage = run / "curation" / "07_responses.jsonl"
     with open(stage, "a") as fh:
         fh.write('{"id": "s-3", "text": "half a rec')  # the crash hit mid-write
-    with caplog.at_level(logging.WARNING, logger="domino.records"):
+    with caplog.at_level(logging.WARNING, logger="domino.core.records"):
         run_curation(cfg, run / "samples.jsonl", run, generators=FakeModel(), **kw)
     assert "07_responses.jsonl:3: dropped a torn last line" in caplog.text
     run_curation(cfg, clean / "samples.jsonl", clean, generators=FakeModel(), **kw)
@@ -360,7 +360,7 @@ def test_damaged_checkpoints_are_named(tmp_path):
     torch.save(ckpt, tmp_path / "nan.ckpt")  # tensors changed after the digest was taken
     with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path / 'nan.ckpt'}: its tensors do not match")):
         train(SMALL_TRAIN + ["trainer.max_steps=4", f"ckpt_path={tmp_path / 'nan.ckpt'}"], tmp_path / "c")
-    ckpt[DIGEST_KEY] = tensor_digest(ckpt["state_dict"])  # a digest that agrees: the NaN itself is refused
+    ckpt[DIGEST_KEY] = state_dict_digest(ckpt["state_dict"])  # a digest that agrees: the NaN itself is refused
     torch.save(ckpt, tmp_path / "nan.ckpt")
     with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path / 'nan.ckpt'}: non-finite values (NaN/inf) in "
                                                         "['prompts.domain']")):
@@ -388,7 +388,7 @@ def test_a_checkpoint_that_cannot_be_written_stops_training(tmp_path, monkeypatc
 
 # ------------------------------------------------------------------------------ 6. bad values
 def test_non_utf8_bytes_are_named_with_file_line_and_offset(tmp_path):
-    from domino.data.domains import load_records
+    from domino.core.domains import load_records
     refs = tmp_path / "refs.jsonl"
     refs.write_bytes(b'{"text": "fine"}\n{"text": "bad \xff byte"}\n')
     with pytest.raises(RecordError, match=r"refs.jsonl:2: not valid UTF-8: byte b'\\xff' at column 15 "
@@ -415,8 +415,8 @@ def test_non_utf8_bytes_are_named_with_file_line_and_offset(tmp_path):
     ("finetune", "lora.dropout=2", r"lora.dropout=2: must be <= 1"),
 ])
 def test_bad_values_are_refused_up_front_naming_the_key(tmp_path, stage, override, match):
-    from domino.stages import finetune, synthesize, train
-    run = {"train": train, "synthesize": synthesize, "finetune": finetune}[stage]
+    from domino.stages import STAGES
+    run = STAGES[stage].run
     base = {"train": SMALL_TRAIN, "synthesize": SYNTH + ["method=zero_shot", "backbone=tiny"],
             "finetune": ["backbone=tiny", "data=nowhere.jsonl"]}[stage]
     with pytest.raises(ConfigError, match=match):
@@ -427,8 +427,8 @@ def test_bad_values_are_refused_up_front_naming_the_key(tmp_path, stage, overrid
 def test_curating_a_run_without_a_heldout_split_skips_it_with_a_note(tmp_path, caplog):
     (tmp_path / "heldout.jsonl").write_text("")  # what train.py writes for domain=jsonl, all references
     shutil.copy(FIXTURES / "curation_samples.jsonl", tmp_path / "samples.jsonl")
-    (tmp_path / "samples.meta.json").write_text(json.dumps({"ckpt_meta": {
-        "references": str(FIXTURES / "curation_references.jsonl"), "heldout": str(tmp_path / "heldout.jsonl")}}))
+    (tmp_path / "lineage.json").write_text(json.dumps({
+        "references": str(FIXTURES / "curation_references.jsonl"), "heldout": str(tmp_path / "heldout.jsonl")}))
     from omegaconf import OmegaConf
     cfg = OmegaConf.load(CONF / "curation" / "default.yaml")
     with caplog.at_level(logging.WARNING):

@@ -17,14 +17,14 @@ import uuid
 
 import pytest
 
-from domino.evaluation.sandbox import SUPERVISOR_GRACE_S, Sandbox, SandboxConfig, probe_isolation
+from domino.core.sandbox import SUPERVISOR_GRACE_S, Sandbox, SandboxConfig, probe_isolation
 
 MODES = ["process"] + (["namespaces"] if probe_isolation() == "namespaces" else [])
 UID_BASE = 1_600_100_000  # not test_sandbox's: the two files may run side by side
 
 HARNESS = """
 import sys
-from domino.evaluation.sandbox import Sandbox, SandboxConfig
+from domino.core.sandbox import Sandbox, SandboxConfig
 mode, per_test, total, program = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
 sb = Sandbox(SandboxConfig(workers=1, isolation=mode, timeout_per_test=per_test, timeout_total=total,
                            memory_mb=512, uid_base=%d))

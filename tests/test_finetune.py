@@ -14,11 +14,11 @@ from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 from safetensors.torch import load_file
 
-from domino.backbone import load_backbone
+from domino.core.backbone import load_backbone
+from domino.core.records import RecordError
 from domino.finetune.data import IGNORE, Collate, as_rows, encode_chat, encode_records, load_sft, pack, sha256_file
 from domino.finetune.module import LoRAModule
 from domino.finetune.run import PROVENANCE, finetune
-from domino.records import RecordError
 
 from .conftest import CONF, FIXTURES, ROOT, TINY, StopAt, compose_config
 

@@ -21,7 +21,7 @@ PROMPT_KEYS = {"prompts.domain", "prompts.samples"}
 
 
 def _cuda_backbone(dtype):
-    from domino.backbone import load_backbone
+    from domino.core.backbone import load_backbone
     bb = load_backbone(**{**TINY, "dtype": dtype})
     bb.model.cuda()
     return bb
@@ -55,8 +55,8 @@ def test_efficient_equals_straightforward_on_cuda(dtype, tol):
 
 @torch.no_grad()
 def test_hf_engine_greedy_equals_cached_generate_on_cuda():
-    from domino.generation.hf import HFEngine
-    from domino.generation.params import SamplingParams
+    from domino.core.generation.hf import HFEngine
+    from domino.core.generation.params import SamplingParams
     bb = _cuda_backbone("float32")
     W = bb.embed.weight
     D = W[torch.randint(0, W.shape[0], (6,), generator=torch.Generator().manual_seed(1)).cuda()]

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from domino.backbone import load_backbone
+from domino.core.backbone import load_backbone
 from domino.training import objective_cached as efficient
 from domino.training.objective import combine, straightforward_nll
 from domino.training.objective_cached import cached_nll, sample_pairs, token_nll

@@ -36,22 +36,24 @@ def test_python_api_runs_without_a_hydra_app(api_run):
     run = Path(result["output_dir"])
     # the default run dir is under the working directory, as with `python train.py`
     assert run.parent == out / "lightning_logs" / "train" / "runs"
-    assert Path(result["domain_prompt"]).exists() and "train/loss" in result["metrics"]
+    assert set(result) == {"output_dir", "artifacts", "metrics"}  # the stage table's one shape
+    assert Path(result["artifacts"]["domain_prompt"]).exists() and "train/loss" in result["metrics"]
+    assert Path(result["artifacts"]["lineage"]).exists()
 
 
 def test_api_takes_a_config_or_overrides_not_both(api_run, tmp_path):
     from domino.api import compose, synthesize
-    cfg = compose("synthesize", [f"ckpt={api_run[1]['domain_prompt']}", "n=2", "engine.batch_size=2",
+    cfg = compose("synthesize", [f"ckpt={api_run[1]['artifacts']['domain_prompt']}", "n=2", "engine.batch_size=2",
                                  "sampling.max_new_tokens=4", "progress=false"], output_dir=tmp_path / "s")
     assert cfg.paths.output_dir == str(tmp_path / "s")
     res = synthesize(config=cfg)
-    assert res["n_present"] == 2 and Path(res["samples"]).parent == tmp_path / "s"
+    assert res["metrics"]["n_present"] == 2 and Path(res["artifacts"]["samples"]).parent == tmp_path / "s"
     with pytest.raises(ValueError, match="not both"):
         synthesize(["n=2"], config=cfg)
     from domino.api import curate
-    cur = curate([f"samples={res['samples']}", "curation.judge.enabled=false", "curation.responses.enabled=false",
-                  "progress=false"], output_dir=tmp_path / "c")
-    assert Path(cur["curated"]).parent == tmp_path / "c" and cur["sft"] is None
+    cur = curate([f"samples={res['artifacts']['samples']}", "curation.judge.enabled=false",
+                  "curation.responses.enabled=false", "progress=false"], output_dir=tmp_path / "c")
+    assert Path(cur["artifacts"]["curated"]).parent == tmp_path / "c" and "sft" not in cur["artifacts"]
     with pytest.raises(ValueError, match="unknown stage"):
         compose("nope")
 
@@ -61,8 +63,8 @@ def test_peft_prompt_adapter_loads_and_generates(api_run):
     from peft import PeftModel
     from safetensors import safe_open
 
-    from domino.backbone import load_backbone
-    from domino.domain_prompt import load_domain_prompt
+    from domino.core.backbone import load_backbone
+    from domino.core.domain_prompt import load_domain_prompt
     run = Path(api_run[1]["output_dir"])
     adapter = run / "peft_prompt"
     conf = json.loads((adapter / "adapter_config.json").read_text())
@@ -88,8 +90,8 @@ def test_peft_prompt_adapter_loads_and_generates(api_run):
 
 
 def test_peft_adapter_names_the_embedded_model_by_hub_id(tmp_path):
-    from domino.backbone import EMBEDDED_ID, hub_id
-    from domino.domain_prompt import save_peft_prompt
+    from domino.core.backbone import EMBEDDED_ID, hub_id
+    from domino.core.domain_prompt import save_peft_prompt
     d = save_peft_prompt(tmp_path, torch.zeros(2, 8), {"backbone": {"path": "embedded", "cache_dir": "/x"}})
     assert json.loads((d / "adapter_config.json").read_text())["base_model_name_or_path"] == EMBEDDED_ID
     assert EMBEDDED_ID == "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -143,7 +145,7 @@ def test_wheel_installs_and_the_cli_runs_outside_the_clone(tmp_path):
     work.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "DOMINO_ROOT", "DOMINO_CONF")}
     env["OMP_NUM_THREADS"] = "1"
-    where = subprocess.run([str(vpy), "-c", "import domino, domino.config as c; print(domino.__file__); "
+    where = subprocess.run([str(vpy), "-c", "import domino, domino.core.config as c; print(domino.__file__); "
                             "print(c.conf_dir())"], cwd=work, capture_output=True, text=True, env=env)
     mod_file, conf = where.stdout.split()
     assert mod_file.startswith(str(site)) and conf.startswith(str(site)), where.stdout + where.stderr
@@ -163,7 +165,7 @@ def test_lora_adapter_names_its_base_model_by_hub_id(tmp_path):
     or the hub knows), not this machine's cache directory, which is recorded separately."""
     from peft import PeftModel
 
-    from domino.backbone import EMBEDDED_ID, embedded_model_dir, load_backbone
+    from domino.core.backbone import EMBEDDED_ID, embedded_model_dir, load_backbone
     from domino.finetune.module import LoRAModule
     m = LoRAModule(backbone={"path": "embedded"}, r=2, alpha=4, dropout=0.0)
     out = m.export_adapter(tmp_path / "adapter")

@@ -59,7 +59,7 @@ def test_demo_pipeline_end_to_end_on_tiny(tmp_path):
     # the adapter changes the model's outputs
     from peft import PeftModel
 
-    from domino.backbone import load_backbone
+    from domino.core.backbone import load_backbone
     base = load_backbone(**TINY).model
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     before = base(ids).logits

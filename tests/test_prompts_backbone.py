@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from domino.backbone import count_params, freeze, load_backbone
-from domino.training.prompts import SoftPrompts
+from domino.core.backbone import count_params, freeze, load_backbone
+from domino.core.prompts import SoftPrompts
 
 from .conftest import TINY
 

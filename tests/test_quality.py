@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from domino.data_quality import metrics as Q
-from domino.data_quality.run import compute_report, options, run_data_quality, sample_paths
+from domino.data_quality.compute import compute_report, options, sample_paths
+from domino.data_quality.run import run_data_quality
 
 from .conftest import CONF, TINY
 
@@ -150,7 +151,7 @@ def test_full_memorisation_row():
 # ------------------------------------------------------------------ config / inputs
 def test_options_and_config_fragment():
     from omegaconf import OmegaConf
-    frag = OmegaConf.merge(OmegaConf.load(CONF / "data_quality.yaml"), {"paths": {"log_dir": "/tmp/x"}})
+    frag = OmegaConf.merge(OmegaConf.load(CONF / "quality" / "default.yaml"), {"paths": {"log_dir": "/tmp/x"}})
     opt = options(frag.data_quality)
     assert opt["memorisation"]["ngram_n"] == 8 and opt["cache_dir"] == "/tmp/x/data_quality/embed_cache"
     assert options({"memorisation": {"ngram_n": 5}})["memorisation"]["ngram_threshold"] == 0.8
@@ -186,7 +187,7 @@ def test_run_data_quality_end_to_end(tmp_path):
     run.mkdir()
     refs_path = _write(run / "references.jsonl", refs)
     _write(run / "heldout.jsonl", held)  # found next to references by default
-    cfg = OmegaConf.merge(OmegaConf.load(CONF / "data_quality.yaml"), {
+    cfg = OmegaConf.merge(OmegaConf.load(CONF / "quality" / "default.yaml"), {
         "references": refs_path,
         "samples": {"copy": _write(tmp_path / "copy.jsonl", refs), "noise": _write(tmp_path / "noise.jsonl", noise)},
         "backbone": dict(TINY), "paths": {"output_dir": str(tmp_path / "out"), "log_dir": str(tmp_path / "logs")},
@@ -231,26 +232,13 @@ def test_embedder_masks_padding(tiny_backbone):
     assert batched.shape == (3, 64) and np.isfinite(batched).all()
 
 
-def test_fragment_composes_into_evaluate_config(tmp_path):
-    """conf/data_quality.yaml merged into evaluate.yaml's defaults (as the wiring asks), with the
-    CLI form of samples=; checked on a copy of conf/ so it holds before and after the wiring."""
-    import shutil
-
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    conf = tmp_path / "conf"
-    shutil.copytree(CONF, conf)
-    ev = (conf / "evaluate.yaml").read_text()
-    if "- data_quality" not in ev:
-        ev = ev.replace("  - _self_\n", "  - _self_\n  - data_quality\n", 1)
-        (conf / "evaluate.yaml").write_text(ev)
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        cfg = hydra_compose(config_name="evaluate", overrides=[
-            "task=data_quality", "references=run/references.jsonl", "samples={domino: a.jsonl, few_shot: b.jsonl}",
-            "data_quality.knn_k=3", "paths.output_dir=/tmp/x", f"paths.root_dir={tmp_path}"])
-    GlobalHydra.instance().clear()
+@pytest.mark.parametrize("config,extra", [("data_quality", []), ("evaluate", ["task=data_quality"])])
+def test_data_quality_options_compose_in_its_own_config_and_the_older_spelling(tmp_path, config, extra):
+    """The data_quality stage's top config, and evaluate.yaml for the older `task=data_quality`,
+    both carry the options (conf/quality/default.yaml) at the root, with the CLI form of samples=."""
+    from domino.core.config import compose
+    cfg = compose(config, [*extra, "references=run/references.jsonl", "samples={domino: a.jsonl, few_shot: b.jsonl}",
+                           "data_quality.knn_k=3", "paths.output_dir=/tmp/x", f"paths.root_dir={tmp_path}"])
     assert sample_paths(cfg.samples) == {"domino": "a.jsonl", "few_shot": "b.jsonl"}
     opt = options(cfg.data_quality)
     assert opt["knn_k"] == 3 and opt["cache_dir"] == f"{tmp_path}/lightning_logs/data_quality/embed_cache"

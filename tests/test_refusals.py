@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from domino.locking import LOCK_NAME, output_lock
+from domino.core.locking import LOCK_NAME, output_lock
 
 from .conftest import FIXTURES, ROOT, SMALL_TRAIN
 
@@ -160,7 +160,7 @@ def test_an_unwritable_output_directory_is_one_line(tmp_path):
 def test_os_errors_name_their_place_and_the_remedy_even_when_chained():
     import errno
 
-    from domino.attempt import one_line
+    from domino.core.attempt import one_line
     try:
         try:
             raise OSError(errno.ENOSPC, "No space left on device")

@@ -106,7 +106,7 @@ def test_identical_jobs_run_once_and_are_flagged_deterministically():
     """Copies of a program in one run_many used to race for the cache (both executing, or the
     later one hitting the result of the first, by thread timing): now the first executes, the
     copies are `cached`, whatever the timing."""
-    from domino.evaluation.sandbox import Sandbox, SandboxConfig
+    from domino.core.sandbox import Sandbox, SandboxConfig
     tests = ["assert add(1, 2) == 3"]
     jobs = [(f"def add(a, b):\n    return a + b + {i % 2}\n", tests, "functional") for i in range(6)]
     for _ in range(2):
@@ -119,7 +119,7 @@ def test_a_program_iterating_a_set_of_strings_gets_the_same_verdict_every_run():
     """The sandboxed interpreter used to start with a random string-hash seed (`python -I`
     ignores PYTHONHASHSEED), so a completion whose answer follows a set's order (`list(set(words))`)
     passed or failed at random, run to run. Programs now run with a fixed hash seed."""
-    from domino.evaluation.sandbox import Sandbox, SandboxConfig
+    from domino.core.sandbox import Sandbox, SandboxConfig
     words = [f"w{i}" for i in range(12)]
     program = f"def f():\n    return list(set({words!r}))\n"
     tests = ["got = f()\nassert got[0] < got[1], got"]  # passes for about half the orders
@@ -133,7 +133,7 @@ def test_a_program_iterating_a_set_of_strings_gets_the_same_verdict_every_run():
 
 def test_a_program_drawing_unseeded_random_numbers_gets_the_same_verdict_every_run():
     """`random` in the sandbox starts from a fixed seed, as the string hash does."""
-    from domino.evaluation.sandbox import Sandbox, SandboxConfig
+    from domino.core.sandbox import Sandbox, SandboxConfig
     program = "import random\ndef f():\n    return [random.random() for _ in range(3)]\n"
     tests = ["got = f()\nassert got[0] < 0.5, got"]
     verdicts = set()
@@ -222,7 +222,7 @@ CURATION = """
 import json, shutil, sys
 from pathlib import Path
 from omegaconf import OmegaConf
-from domino.curation.generation import release_models
+from domino.core.generation.chat import release_models
 from domino.curation.run import run_curation
 from tests.conftest import CONF, FIXTURES, TINY
 from tests.test_curation_pipeline import HELDOUT, FakeModel

@@ -7,7 +7,7 @@ import time
 import psutil
 import pytest
 
-from domino.evaluation.sandbox import ExecutionCache, Sandbox, SandboxConfig, probe_isolation
+from domino.core.sandbox import ExecutionCache, Sandbox, SandboxConfig, probe_isolation
 
 NAMESPACES = probe_isolation() == "namespaces"
 needs_ns = pytest.mark.skipif(not NAMESPACES, reason="isolation=namespaces needs root + unshare")
@@ -139,7 +139,7 @@ def test_fork_bomb_is_contained(sandbox):
     if sandbox.isolation == "namespaces":
         # the slot's uid is handed on only when every task of it, zombies included, is gone
         # (a guard: on an idle machine the kernel is usually done by then anyway)
-        from domino.evaluation.sandbox import _uid_has_tasks
+        from domino.core.sandbox import _uid_has_tasks
         assert not any(_uid_has_tasks(UID_BASE + i) for i in range(sandbox.config.workers))
     assert sandbox_processes() == []
     assert r.status in ("timeout", "error")

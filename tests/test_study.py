@@ -56,7 +56,7 @@ def test_claims_follow_the_verdicts():
 
 
 def test_normal_init_is_the_released_codes_unit_gaussian():
-    from domino.training.prompts import init_tokens
+    from domino.core.prompts import init_tokens
     emb = torch.randn(100, 64) * 0.05
     x = init_tokens(4000, emb, "normal", torch.Generator().manual_seed(0))
     assert x.shape == (4000, 64) and x.std().item() == pytest.approx(1.0, abs=0.02)
@@ -64,7 +64,7 @@ def test_normal_init_is_the_released_codes_unit_gaussian():
 
 # ------------------------------------------------------------------ the smoke study
 def _study_cfg(tmp_path, extra=()):
-    from domino.config import compose
+    from domino.core.config import compose
     return compose("study", ["experiment=study_smoke", f"study.work_dir={tmp_path / 'work'}",
                              f"study.dir={tmp_path / 'results'}", f"paths.root_dir={ROOT}",
                              "paths.output_dir=" + str(tmp_path / "hydra"), "progress=false", *extra])
@@ -132,7 +132,7 @@ def test_qwen_smoke_study_runs_both_parts_and_resumes(tmp_path):
     a separate-seed sweep, a fixed-rate config, a borrower, baselines at two seeds, curation, LoRA
     SFT and Pass@1 per arm and replicate, both reports; the first replicate of every arm runs before
     the rest of Part A; a rerun skips everything; the committed files recompute the loop report."""
-    from domino.config import compose
+    from domino.core.config import compose
     from domino.study.loop_report import write_loop_report
     from domino.study.run import Study
     cfg = compose("study", ["experiment=study_qwen_smoke", f"study.work_dir={tmp_path / 'work'}",
@@ -194,7 +194,7 @@ def test_qwen_smoke_study_runs_both_parts_and_resumes(tmp_path):
 def test_study_commits_its_results_dir_only(tmp_path):
     import subprocess
 
-    from domino.config import compose
+    from domino.core.config import compose
     from domino.study.run import Study
     repo = tmp_path / "repo"
     (repo / "results" / "s").mkdir(parents=True)

@@ -8,8 +8,8 @@ import copy
 import pytest
 import torch
 
-from domino.generation.hf import HFEngine
-from domino.generation.params import SamplingParams, sample_seed
+from domino.core.generation.hf import HFEngine
+from domino.core.generation.params import SamplingParams, sample_seed
 
 
 @pytest.fixture(autouse=True)
@@ -277,7 +277,7 @@ def test_last_logits_equal_the_models_own_and_take_a_contiguous_head(tiny_backbo
     model's own logits_to_keep logits, for a plain model and a peft-wrapped one."""
     from peft import LoraConfig, get_peft_model
 
-    from domino.generation.hf import last_logits
+    from domino.core.generation.hf import last_logits
     ids = torch.randint(5, 500, (3, 9))
     mask = torch.ones_like(ids)
     mask[0, :4] = 0

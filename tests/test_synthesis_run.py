@@ -14,6 +14,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from domino.core.records import read_jsonl
 from domino.stages import synthesize as run
 
 from .conftest import ROOT, SMALL_TRAIN, compose_config
@@ -116,7 +117,7 @@ def test_metadata_that_does_not_match_its_tensor_is_refused(run_dir, tmp_path):
 def test_non_finite_or_truncated_domain_prompt_is_refused_naming_the_file(run_dir, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from domino.domain_prompt import tensor_digest
+    from domino.core.domain_prompt import tensor_digest
     d = tmp_path / "nan"
     d.mkdir()
     D = load_file(run_dir / "domain_prompt.safetensors")["domain_tokens"].clone()
@@ -166,6 +167,11 @@ def test_baselines_write_records_of_their_method(run_dir, tmp_path, method):
     assert res["n_present"] == 4 and [r["method"] for r in recs] == [method] * 4
     assert all(r["id"].startswith(method + "-") for r in recs)
     meta = json.loads((tmp_path / "samples.meta.json").read_text())
+    # the lineage names the domain's split (written beside the samples) and the backbone: curation's inputs
+    from domino.core import lineage
+    lin = lineage.read(tmp_path / "samples.jsonl")
+    assert lin["references"] == str((tmp_path / "references.jsonl").resolve()) and lin["backbone"]["path"] == "tiny"
+    assert len(read_jsonl(lin["references"])) == 8 and len(read_jsonl(lin["heldout"])) == 164 - 8
     if method == "few_shot":
         refs = [r["source"]["references"] for r in recs]
         assert all(len(x) == 2 for x in refs) and len({tuple(x) for x in refs}) > 1
@@ -205,11 +211,11 @@ def test_curate_after_sampling_and_on_existing_samples(run_dir, tmp_path):
                      "curation.responses.generation.sampling.max_new_tokens=16",
                      "curation.code_checks.enabled=false", "curation.judge.enabled=false"]
     res = synth(tmp_path / "a", f"ckpt={run_dir}", "curate=true", *fast_curation)
-    cur = res["curation"]
+    cur = res  # sample + curate: the curation's outputs beside the samples'
     assert Path(cur["sft"]).exists() and Path(cur["report_md"]).exists()
     sft = Path(cur["sft"]).read_text()
     # lineage: the SFT set traces back to the domain prompt and the references behind it
-    from domino import lineage
+    from domino.core import lineage
     lin = lineage.read(cur["sft"])
     train_lin = lineage.read(run_dir)
     assert train_lin["heldout"] == str((run_dir / "heldout.jsonl").resolve())

@@ -21,7 +21,7 @@ def test_vllm_engine_samples_from_domain_tokens(tmp_path):
     from safetensors.torch import load_file, save_file
     from transformers import AutoConfig
 
-    from domino.backbone import embedded_model_dir, model_config_hash
+    from domino.core.backbone import embedded_model_dir, model_config_hash
     from domino.stages import synthesize as run
 
     # domain tokens for the embedded SmolLM2: random vocabulary rows (the sample_vocab init)

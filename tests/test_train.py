@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from domino.training.datamodule import pad_batch, tokenize_texts
+from domino.core.batching import pad_batch, tokenize_texts
 from domino.training.module import DominoModule
 from domino.training.run import train
 

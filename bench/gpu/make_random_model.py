@@ -14,7 +14,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from train_step_gpu import build_model  # noqa: E402
 
-from domino.backbone import embedded_tokenizer_dir, load_tokenizer  # noqa: E402
+from domino.core.backbone import embedded_tokenizer_dir, load_tokenizer  # noqa: E402
 
 if __name__ == "__main__":
     name, out = sys.argv[1], Path(sys.argv[2])

@@ -1,17 +1,19 @@
-"""The Python API: every stage as a function of config overrides, no Hydra app needed.
+"""The Python API: every stage of the stage table (domino.stages) as a function of config
+overrides, no Hydra app needed.
 
-    from domino.api import train, synthesize, curate, finetune, evaluate
+    from domino.api import train, synthesize, curate, finetune, evaluate, data_quality
     run = train(["backbone=tiny", "trainer.max_steps=2"])
-    samples = synthesize([f"ckpt={run['domain_prompt']}", "n=8"])
-    sft = curate([f"samples={samples['samples']}"])
-    adapter = finetune([f"data={sft['sft']}"])
-    scores = evaluate([f"adapter={adapter['adapter']}", "benchmark=humaneval_heldout"])
+    samples = synthesize([f"ckpt={run['artifacts']['domain_prompt']}", "n=8"])
+    sft = curate([f"samples={samples['artifacts']['samples']}"])
+    adapter = finetune([f"data={sft['artifacts']['sft']}"])
+    scores = evaluate([f"adapter={adapter['artifacts']['adapter']}", "benchmark=humaneval_heldout"])
+    scores["metrics"]["pass@1"]
 
 Each takes a list of overrides (the command line's `key=value` words) or a composed `config`,
-and returns what the stage produced: paths (`output_dir`, `domain_prompt`, `samples`, `sft`,
-`adapter`, ...) and metrics. Outputs go to a new timestamped directory under
-`<cwd>/lightning_logs/<stage>/runs/` unless `output_dir=` is given. (`finetune` is also the name
-of the package `domino.finetune`, so the functions live here, not in `domino` itself.)
+and returns the stage table's one shape: {"output_dir", "artifacts": {name: path}, "metrics":
+{name: number}}. Outputs go to a new timestamped directory under `<cwd>/lightning_logs/<stage>/runs/`
+unless `output_dir=` is given. (`finetune` is also the name of the package `domino.finetune`, so the
+functions live here, not in `domino` itself.)
 """
 from __future__ import annotations
 
@@ -22,22 +24,19 @@ from typing import Any, Sequence
 
 from omegaconf import DictConfig, open_dict
 
-CONFIG_NAMES = {"train": "train", "synthesize": "synthesize", "curate": "synthesize", "finetune": "finetune",
-                "evaluate": "evaluate", "study": "study"}
+from domino.stages import STAGES
 
 
 def compose(stage: str, overrides: Sequence[str] = (), output_dir: str | os.PathLike | None = None) -> DictConfig:
     """The stage's config as its entry point composes it, with the run directory filled in."""
-    from domino.config import compose as compose_config
-    if stage not in CONFIG_NAMES:
-        raise ValueError(f"unknown stage {stage!r}: one of {sorted(CONFIG_NAMES)}")
+    from domino.core.config import compose as compose_config
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}: one of {list(STAGES)}")
     overrides = list(overrides)
-    if stage == "curate" and not any(o.startswith("stage=") for o in overrides):
-        overrides.append("stage=curate")
     keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o}
     if "paths.root_dir" not in keys and not os.environ.get("DOMINO_ROOT"):
         overrides.append(f"paths.root_dir={Path.cwd()}")
-    cfg = compose_config(CONFIG_NAMES[stage], overrides)
+    cfg = compose_config(STAGES[stage].config, overrides)
     if "paths.output_dir" not in keys:
         out = output_dir or cfg.get("output_dir") or (
             Path(cfg.paths.log_dir) / cfg.task_name / "runs" / time.strftime("%Y-%m-%d_%H-%M-%S"))
@@ -48,47 +47,30 @@ def compose(stage: str, overrides: Sequence[str] = (), output_dir: str | os.Path
     return cfg
 
 
-def _config(stage: str, overrides: Sequence[str] | DictConfig | None, config: DictConfig | None,
-            output_dir) -> DictConfig:
+def run(stage: str, overrides: Sequence[str] | DictConfig | None = None, *, config: DictConfig | None = None,
+        output_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Run any stage of the table: {"output_dir", "artifacts", "metrics"}."""
     if isinstance(overrides, DictConfig):
         config, overrides = overrides, None
-    if config is not None:
-        if overrides:
-            raise ValueError("pass overrides or a config, not both")
-        return config
-    return compose(stage, overrides or (), output_dir)
+    if config is not None and overrides:
+        raise ValueError("pass overrides or a config, not both")
+    cfg = config if config is not None else compose(stage, overrides or (), output_dir)
+    return STAGES[stage].run(cfg)
 
 
-def train(overrides: Sequence[str] | None = None, *, config: DictConfig | None = None,
-          output_dir: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Learn the domain tokens: {"output_dir", "domain_prompt", "metrics"}."""
-    from domino import stages
-    return stages.train(_config("train", overrides, config, output_dir))
-
-
-def synthesize(overrides: Sequence[str] | None = None, *, config: DictConfig | None = None,
-               output_dir: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Sample (and with `curate=true` curate): {"output_dir", "samples", "n_present", ...}."""
-    from domino import stages
-    return stages.synthesize(_config("synthesize", overrides, config, output_dir))
-
-
-def curate(overrides: Sequence[str] | None = None, *, config: DictConfig | None = None,
+def _stage_function(name: str):
+    def fn(overrides: Sequence[str] | DictConfig | None = None, *, config: DictConfig | None = None,
            output_dir: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Curate `samples=<file>`: {"curated", "sft", "n_sft", "report_md", ...}."""
-    from domino import stages
-    return stages.synthesize(_config("curate", overrides, config, output_dir))
+        return run(name, overrides, config=config, output_dir=output_dir)
+    fn.__name__ = fn.__qualname__ = name
+    fn.__doc__ = f"{STAGES[name].help[:1].upper()}{STAGES[name].help[1:]}: {{'output_dir', 'artifacts', 'metrics'}}."
+    return fn
 
 
-def finetune(overrides: Sequence[str] | None = None, *, config: DictConfig | None = None,
-             output_dir: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Fit a LoRA adapter on `data=<sft.jsonl>`: {"output_dir", "adapter", "metrics"}."""
-    from domino import stages
-    return stages.finetune(_config("finetune", overrides, config, output_dir))
-
-
-def evaluate(overrides: Sequence[str] | None = None, *, config: DictConfig | None = None,
-             output_dir: str | os.PathLike | None = None) -> dict[str, Any]:
-    """pass@k (`task=passk`, default) or the data-quality report (`task=data_quality`)."""
-    from domino import stages
-    return stages.evaluate(_config("evaluate", overrides, config, output_dir))
+train = _stage_function("train")
+synthesize = _stage_function("synthesize")
+curate = _stage_function("curate")
+finetune = _stage_function("finetune")
+evaluate = _stage_function("evaluate")
+data_quality = _stage_function("data_quality")
+study = _stage_function("study")

@@ -3,6 +3,7 @@
     domino train domain=humaneval backbone=smollm2
     domino synthesize ckpt=<run>/domain_prompt.safetensors n=1000 [curate=true]
     domino curate samples=<run>/samples.jsonl
+    domino data_quality references=<run>/references.jsonl samples='{domino: <run>/samples.jsonl}'
     domino finetune data=<run>/sft.jsonl
     domino evaluate adapter=<run>/adapter benchmark=humaneval_heldout
     domino study experiment=study_humaneval
@@ -16,49 +17,25 @@ import os
 import sys
 from typing import Any
 
-# stage -> (primary config, what it is)
-STAGES = {
-    "train": ("train", "learn the domain tokens from reference examples"),
-    "synthesize": ("synthesize", "sample new examples (curate=true: then curate them)"),
-    "curate": ("synthesize", "filter samples, write responses and the SFT set (samples=<file>)"),
-    "finetune": ("finetune", "fit a LoRA adapter on an SFT set (data=<file>)"),
-    "evaluate": ("evaluate", "pass@k on a code benchmark, or task=data_quality"),
-    "study": ("study", "the evidence study (seeded comparison with intervals)"),
-}
+from domino.stages import STAGES
 
 
 def run_stage(stage: str, cfg) -> Any:
     """What the entry point of `stage` runs with its composed config (train.py etc. call this too):
-    one attempt (domino.attempt): its record lands in the output directory only once the stage
-    accepts the run, and a failure ends in one line (HYDRA_FULL_ERROR=1: the traceback)."""
-    from domino import attempt
-    return attempt.run(stage, cfg, lambda c: _run_stage(stage, c))
-
-
-def _run_stage(stage: str, cfg) -> Any:
-    from domino import stages
-    if stage == "train":
-        result = stages.train(cfg)
-    elif stage in ("synthesize", "curate"):
-        return stages.synthesize(cfg)
-    elif stage == "finetune":
-        result = stages.finetune(cfg)
-    elif stage == "evaluate":
-        return stages.evaluate(cfg)
-    elif stage == "study":
-        from domino.study.run import run
-        return run(cfg)
-    else:
-        raise ValueError(f"unknown stage {stage!r}")
+    one attempt (domino.core.attempt): its record lands in the output directory only once the stage
+    accepts the run, and a failure ends in one line (HYDRA_FULL_ERROR=1: the traceback). Returns the
+    stage's result, or the metric a sweeper minimises (`optimized_metric`) when the config names one."""
+    from domino.core import attempt
+    result = attempt.run(stage, cfg, STAGES[stage].run)
     metric = cfg.get("optimized_metric")  # what a sweeper (Optuna) minimises
-    return result["metrics"].get(metric) if metric else None
+    return result["metrics"].get(metric) if metric and isinstance(result, dict) else result
 
 
 def experiment_stage(name: str) -> str:
     """Which stage's config an experiment file is for: demo_synthesize -> synthesize, study_* ->
     study, plain names (demo, paper_codegen) -> train."""
-    for stage in ("synthesize", "finetune", "evaluate"):
-        if name.endswith("_" + stage):
+    for stage in STAGES:
+        if stage != "train" and name.endswith("_" + stage):
             return stage
     return "study" if name.startswith("study_") else "train"
 
@@ -66,7 +43,7 @@ def experiment_stage(name: str) -> str:
 def usage() -> str:
     width = max(len(s) for s in STAGES)
     lines = ["usage: domino <stage> [key=value ...] [--help]", "", "stages:"]
-    lines += [f"  {s:<{width}}  {what}" for s, (_, what) in STAGES.items()]
+    lines += [f"  {s:<{width}}  {st.help}" for s, st in STAGES.items()]
     lines += ["", "`domino <stage> --help` lists that stage's config groups and options."]
     return "\n".join(lines)
 
@@ -75,9 +52,9 @@ def stage_help(stage: str) -> str:
     """The stage's own config groups (from its defaults list) with their options, then its config."""
     from omegaconf import OmegaConf
 
-    from domino.config import conf_dir
+    from domino.core.config import conf_dir
     conf = conf_dir()
-    name, what = STAGES[stage]
+    name, what = STAGES[stage].config, STAGES[stage].help
     primary = OmegaConf.load(conf / f"{name}.yaml")
     lines = [f"usage: domino {stage} [key=value ...]", "", f"{stage}: {what}", "",
              "config groups (group=option):"]
@@ -121,9 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     import hydra
 
     import domino  # noqa: F401  (registers the config resolvers)
-    from domino.config import conf_dir
-    extra = ["stage=curate"] if stage == "curate" and not any(a.startswith("stage=") for a in rest) else []
-    sys.argv = [f"domino-{stage}", *extra, *rest]  # Hydra reads the overrides from sys.argv[1:]
+    from domino.core.config import conf_dir
+    sys.argv = [f"domino-{stage}", *rest]  # Hydra reads the overrides from sys.argv[1:]
     # DDP/DeepSpeed start the other ranks by re-running the main module with sys.argv[1:]; make that
     # `python -m domino.cli <overrides>` and tell it the stage (the console script `domino` itself
     # is not a module, and its argv[0] is not a file Python could run with these arguments)
@@ -137,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_stage(stage, cfg)
 
     task.__module__ = __name__
-    app = hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name=STAGES[stage][0])(task)
+    app = hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name=STAGES[stage].config)(task)
     app()
     return 0
 

@@ -1,11 +1,12 @@
 """Stage 8: the response's code must parse; optionally the model writes tests for it and the
 solution must pass them in the evaluation sandbox (a fresh interpreter per program, see
-domino.evaluation.sandbox). Only python is parsed; other languages skip the parse check."""
+domino.core.sandbox). Only python is parsed; other languages skip the parse check."""
 from __future__ import annotations
 
 import ast
 
-from domino.generation.code import extract_code
+from domino.core.generation.chat import messages
+from domino.core.generation.code import extract_code
 
 
 def syntax_error(code: str, language: str = "python") -> str | None:
@@ -22,8 +23,7 @@ def syntax_error(code: str, language: str = "python") -> str | None:
 
 
 def build_test_conversation(problem: str, code: str, template: str, system: str | None = None) -> list[dict]:
-    user = template.format(text=problem, code=code)
-    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+    return messages(template.format(text=problem, code=code), system)
 
 
 def split_tests(test_code: str) -> list[str]:
@@ -45,9 +45,9 @@ def split_tests(test_code: str) -> list[str]:
 def make_sandbox(cfg: dict):
     """The evaluation stage's sandbox with the `sandbox` settings of the code-check config."""
     try:
-        from domino.evaluation.sandbox import Sandbox, SandboxConfig
+        from domino.core.sandbox import Sandbox, SandboxConfig
     except ImportError as e:  # pragma: no cover - the module ships with the package
-        raise RuntimeError("code_checks.run_tests=true needs domino.evaluation.sandbox") from e
+        raise RuntimeError("code_checks.run_tests=true needs domino.core.sandbox") from e
     return Sandbox(SandboxConfig(**{k: v for k, v in (cfg or {}).items() if v is not None}))
 
 

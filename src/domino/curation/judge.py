@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import re
 
+from domino.core.generation.chat import messages
+
 LABELS = ("very poor", "poor", "average", "good", "excellent")
 UNKNOWN = "unknown"
 _LABEL_RE = re.compile(r"\b(very\s+poor|poor|average|good|excellent)\b", re.IGNORECASE)
@@ -37,8 +39,7 @@ def parse_grade(output: str | None) -> str:
 
 
 def build_conversation(text: str, criteria: str, template: str, system: str | None = None) -> list[dict]:
-    user = template.format(text=text, criteria=criteria.strip(), labels=", ".join(LABELS))
-    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+    return messages(template.format(text=text, criteria=criteria.strip(), labels=", ".join(LABELS)), system)
 
 
 def keeps(grade: str, min_grade: str, keep_unknown: bool = False) -> bool:

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from domino.records import iter_jsonl, write_text_atomic
+from domino.core.records import iter_jsonl, write_text_atomic
 
 
 def _examples(dropped: Path, per_reason: int, chars: int) -> dict[str, list[dict]]:

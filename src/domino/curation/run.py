@@ -13,13 +13,13 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
-from domino import lineage
-from domino.config import plain
+from domino.core import lineage
+from domino.core.config import plain
+from domino.core.generation.chat import stage_engine
+from domino.core.locking import output_lock
+from domino.core.records import RecordError, iter_jsonl, write_jsonl
 from domino.curation import sources as S
-from domino.curation.generation import stage_engine
 from domino.curation.stages import StageFiles, stage_fingerprint
-from domino.locking import output_lock
-from domino.records import RecordError, iter_jsonl, write_jsonl
 
 log = logging.getLogger(__name__)
 STAGES = ("normalise", "exact_dedup", "near_dup", "memorisation", "decontaminate", "judge", "responses",
@@ -74,7 +74,7 @@ class Curation:
             g = g.get(role) or g.get("default")
         if g is not None:
             return g
-        from domino.curation.generation import build_generator
+        from domino.core.generation.chat import build_generator
         stage = role if role != "tests" else "code_checks"
         c = self.stage_cfg(stage)
         return build_generator(c.get(model_key), self.backbone, c.get(gen_key) or {}, f"curation.{stage}.{gen_key}",
@@ -88,7 +88,7 @@ class Curation:
     def check_engines(self) -> None:
         """Before any stage runs: each model stage's engine exists and can run here (vLLM installed,
         not with the judge's logprob mode), so a bad choice fails now, not after the filters."""
-        from domino.curation.generation import check_engine
+        from domino.core.generation.chat import check_engine
         for role, stage, gen_key in (("judge", "judge", "generation"), ("responses", "responses", "generation"),
                                      ("tests", "code_checks", "tests_generation")):
             c = self.stage_cfg(stage)
@@ -103,9 +103,9 @@ class Curation:
         if isinstance(g, dict):
             g = g.get(role) or g.get("default")
         if g is not None:
-            from domino.curation.generation import fingerprint_of
+            from domino.core.generation.chat import fingerprint_of
             return {"injected": fingerprint_of(g)}
-        from domino.curation.generation import teacher_config
+        from domino.core.generation.chat import teacher_config
         c = self.stage_cfg(role if role != "tests" else "code_checks")
         return _backbone_key(teacher_config(c.get(model_key), self.backbone))
 
@@ -122,7 +122,7 @@ class Curation:
                                              "records": held if isinstance(held, list) else None}))
         elif heldout is True:
             raise FileNotFoundError("decontaminate.heldout=true but the samples' run names no heldout.jsonl "
-                                    "(samples.meta.json -> ckpt_meta.heldout); add it to decontaminate.eval_sets")
+                                    "(its lineage.json -> heldout); add it to decontaminate.eval_sets")
         elif heldout == "auto":
             log.warning("curation: the run of %s records no held-out split; decontaminating against the "
                         "configured eval sets only: %s", self.samples_path, [s["name"] for s in specs] or "none")
@@ -140,16 +140,12 @@ class Curation:
     def check_same_samples(self) -> None:
         """Refuse a directory that holds the curation of another sample set (its stage files would be
         replaced and its model-stage verdicts mixed with this set's). The set is named by its
-        synthesis fingerprint (samples.meta.json: the same set extended to a larger n keeps it), else
+        synthesis fingerprint (lineage.json: the same set extended to a larger n keeps it), else
         by the file's sha256; `<curation dir>/samples_source.json` records it."""
         import json
 
-        from domino.provenance import file_sha256
-        meta = self.samples_path.with_name("samples.meta.json")
-        fp = None
-        if meta.exists():
-            fp = json.loads(meta.read_text()).get("fingerprint")
-        fp = fp or f"sha256:{file_sha256(self.samples_path)}"
+        from domino.core.provenance import file_sha256
+        fp = self.found.get("fingerprint") or f"sha256:{file_sha256(self.samples_path)}"
         rec = self.root / "samples_source.json"
         if rec.exists():
             old = json.loads(rec.read_text())
@@ -159,7 +155,7 @@ class Curation:
                     f"samples={self.samples_path} is set {fp}: curate into another output_dir, or delete "
                     f"{self.root} to start over")
         else:
-            from domino.records import write_text_atomic
+            from domino.core.records import write_text_atomic
             write_text_atomic(rec, json.dumps({"path": str(self.samples_path.resolve()), "fingerprint": fp}))
 
     def _run(self) -> dict[str, Any]:
@@ -167,7 +163,7 @@ class Curation:
         _read_input(self.samples_path)  # validate up front: file:line for a bad record
         self.check_engines()
         self.check_same_samples()
-        from domino import attempt
+        from domino.core import attempt
         attempt.accept(self.out_dir)  # the run owns out_dir from here: its record and log are written there
         current = self.samples_path
         funnel = []
@@ -218,8 +214,8 @@ class Curation:
         """A model stage: records are appended as they are decided, so a rerun after a crash does
         only the records without a verdict. When only the input changed (an upstream stage was
         re-tuned) verdicts of records whose text (and response) are unchanged are reused."""
-        from domino.progress import Bar
-        from domino.records import JsonlStore
+        from domino.core.progress import Bar
+        from domino.core.records import JsonlStore
         files.recover()  # a crash mid-write left a torn last line: cut it (logged), redo that record
         cfp = stage_fingerprint(_model_stage_config(c, self.cfg.get("engine")), extra)
         fp = stage_fingerprint(S.file_hash(current), cfp)
@@ -277,7 +273,7 @@ class Curation:
         if self.references is None:
             raise FileNotFoundError(
                 f"curation.memorisation needs the references the domain tokens were trained on and "
-                f"{self.samples_path.with_name('samples.meta.json')} names none: set "
+                f"the lineage.json of {self.samples_path} names none: set references=<train run>/references.jsonl, "
                 "curation.memorisation.references=<train run>/references.jsonl or curation.memorisation.enabled=false")
         refs = S.load_texts(self.references, "memorisation.references")
         kw = {k: c[k] for k in ("n", "max_ngram_overlap", "max_lcs_ratio", "lcs_candidates") if k in c}
@@ -430,7 +426,7 @@ def _model_stage_config(c: dict, shared_engine: dict | None = None) -> dict:
     fingerprints as it did before engines were a choice, with its runtime keys at their old defaults
     (device auto, num_threads null), so upgrading never redoes a finished stage. On vLLM it is the
     resolved engine settings."""
-    from domino.generation.factory import RUNTIME_KEYS
+    from domino.core.generation.factory import RUNTIME_KEYS
     out = {**c, **{k: None for k in ("model", "tests_model") if k in c}}
     for k in ("generation", "tests_generation"):
         if k not in out:
@@ -480,19 +476,32 @@ def run_curation(cfg_curation: Any, samples_path: str | Path, out_dir: str | Pat
                     progress).run()
 
 
-def curate_from_config(c: dict[str, Any], samples: str | Path | None = None) -> dict[str, Any]:
-    """What synthesize.py runs for `curate=true` (after sampling) and `stage=curate`: `c` is the
-    resolved synthesize config. Samples: `samples`, else `c.samples`, else <output_dir>/samples.jsonl.
-    Outputs go beside the samples unless `output_dir` is set. The judge and response models default
-    to an explicit backbone= group, else the backbone the samples were drawn from."""
+def curate(cfg: Any, samples: str | Path | None = None) -> dict[str, Any]:
+    """The curate stage (`curate.py`, `domino curate`, and synthesize.py's `curate=true` /
+    `stage=curate`): `cfg` is the composed curate (or synthesize) config. Samples: `samples`, else
+    `cfg.samples`, else <output_dir>/samples.jsonl. Outputs go beside the samples unless `output_dir`
+    is set. References (memorisation, few-shot judges): `references=`, else the samples' lineage.json.
+    The judge and response models default to an explicit backbone= group, else the backbone the
+    samples were drawn from."""
+    from domino.core.config import plain
+    from domino.core.validate import CURATE, check_config
+    c = plain(cfg) if not isinstance(cfg, dict) else cfg
     if "curation" not in c:
         raise KeyError("the config has no `curation` group: add `- curation: default` to its defaults list")
+    check_config(c, CURATE, "curate")
     out = c.get("output_dir") or (c.get("paths") or {}).get("output_dir")
     samples = Path(samples or c.get("samples") or Path(out) / "samples.jsonl")
     if not samples.exists():
-        raise FileNotFoundError(f"samples={samples}: no such file (stage=curate needs samples=<run>/samples.jsonl)")
+        raise FileNotFoundError(f"samples={samples}: no such file (curation needs samples=<run>/samples.jsonl)")
     backbone = c.get("backbone")
     if backbone and backbone.get("cache_dir") is None:
         backbone = {**backbone, "cache_dir": (c.get("paths") or {}).get("cache_dir")}
-    return run_curation(c["curation"], samples, c.get("output_dir") or samples.parent, backbone=backbone,
-                        progress=bool(c.get("progress", True)))
+    result = run_curation(c["curation"], samples, c.get("output_dir") or samples.parent,
+                          references=c.get("references"), backbone=backbone, progress=bool(c.get("progress", True)))
+    if result.get("sft"):
+        log.info("curation done: %d SFT records in %s (report: %s)", result["n_sft"], result["sft"],
+                 result["report_md"])
+    else:  # no responses (curation.responses.enabled=false): curated.jsonl only, the note says why
+        log.info("curation done: %s curated records in %s, no SFT export (report: %s)", result.get("n_curated"),
+                 result["curated"], result["report_md"])
+    return result

@@ -10,6 +10,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from domino.core.generation.chat import messages
+
 FORMATS = ("chat", "alpaca")
 
 
@@ -21,9 +23,7 @@ def to_sft(rec: dict, fmt: str = "chat", user_template: str = "{text}", system: 
     prompt = user_template.format(text=rec["text"])
     if fmt == "alpaca":
         return {"id": rec["id"], "instruction": prompt, "input": "", "output": rec["response"]}
-    msgs = ([{"role": "system", "content": system}] if system else []) + [
-        {"role": "user", "content": prompt}, {"role": "assistant", "content": rec["response"]}]
-    return {"id": rec["id"], "messages": msgs}
+    return {"id": rec["id"], "messages": messages(prompt, system, rec["response"])}
 
 
 def save_dataset(records: list[dict], out: str | Path) -> Path:

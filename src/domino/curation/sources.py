@@ -1,9 +1,10 @@
 """Where the texts a sample must not copy come from: the references the domain tokens were
 trained on (memorisation) and every evaluation set that will be used (decontamination).
 
-A synthesis run records them: `samples.meta.json` holds the checkpoint metadata, which names the
-training run's references.jsonl and heldout.jsonl; a baseline run (few_shot, zero_shot) holds the
-domain config, from which the same split is rebuilt.
+A synthesis run records them in its lineage.json (domino.core.lineage), the one provenance channel
+curation reads: a run from a domain prompt inherits the training run's references.jsonl and
+heldout.jsonl, a baseline run (few_shot, zero_shot, magpie) writes its domain's split beside its
+samples; both name the backbone the samples were drawn from.
 """
 from __future__ import annotations
 
@@ -12,35 +13,28 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from domino.provenance import file_sha256
-from domino.records import iter_jsonl, read_jsonl
+from domino.core import lineage
+from domino.core.provenance import file_sha256
+from domino.core.records import iter_jsonl, read_jsonl
 
 log = logging.getLogger(__name__)
 BENCHMARK_FORMATS = ("humaneval", "mbpp", "livecodebench", "codecontests")
 
 
 def run_sources(samples_path: str | Path) -> dict[str, Any]:
-    """{"references": path|records|None, "heldout": path|records|None, "backbone": dict|None}
-    recovered from the samples.meta.json beside `samples_path` (empty when there is none)."""
-    meta_path = Path(samples_path).with_name("samples.meta.json")
-    if not meta_path.exists():
-        return {"references": None, "heldout": None, "backbone": None}
-    meta = json.loads(meta_path.read_text())
-    ckpt_meta = meta.get("ckpt_meta") or {}
-    out = {"references": ckpt_meta.get("references"), "heldout": ckpt_meta.get("heldout"),
-           "backbone": meta.get("backbone")}
-    if out["references"] is None:
-        domain = (meta.get("config") or {}).get("domain")
-        method = ((meta.get("config") or {}).get("method") or {}).get("name")
-        if domain and method in ("few_shot", "zero_shot", "magpie"):
-            from domino.data.domains import load_domain
-            refs, held = load_domain(**domain)
-            out["references"], out["heldout"] = refs, held
-    out["heldout"] = _unless_empty(out["heldout"], meta_path)
+    """{"references": path|None, "heldout": path|None, "backbone": dict|None, "fingerprint": str|None}
+    from the lineage.json of the run that wrote `samples_path` (all None for a file without one, or
+    one that another file's lineage describes)."""
+    lin = lineage.read(samples_path)
+    if lin.get("samples") and Path(lin["samples"]).resolve() != Path(samples_path).resolve():
+        lin = {}  # the lineage of another sample file that shares the directory
+    out = {"references": lin.get("references"), "heldout": lin.get("heldout"), "backbone": lin.get("backbone"),
+           "fingerprint": lin.get("samples_fingerprint")}
+    out["heldout"] = _unless_empty(out["heldout"], lineage.lineage_path(samples_path))
     return out
 
 
-def _unless_empty(held: str | list | None, meta_path: Path) -> str | list | None:
+def _unless_empty(held: str | list | None, lineage_file: Path) -> str | list | None:
     """A domain without a held-out split (domain=jsonl with every record a reference) leaves an empty
     heldout.jsonl: there is nothing to decontaminate against, which is a note, not an error."""
     empty = held is not None and (len(held) == 0 if isinstance(held, list) else
@@ -48,7 +42,7 @@ def _unless_empty(held: str | list | None, meta_path: Path) -> str | list | None
     if not empty:
         return held
     log.warning("curation: the run behind %s has an empty held-out split (%s): decontamination skips it",
-                meta_path, held if not isinstance(held, list) else "no held-out records")
+                lineage_file, held if not isinstance(held, list) else "no held-out records")
     return None
 
 
@@ -95,7 +89,7 @@ def load_eval_items(spec: dict) -> list[tuple[str, str, str]]:
             recs = read_jsonl(path)
         recs = [{**r, "id": r.get("id", r.get("task_id", i))} for i, r in enumerate(recs)]
     else:
-        from domino.evaluation.benchmarks import load_benchmark
+        from domino.core.benchmarks import load_benchmark
         recs = [{**p, "id": p["task_id"]} for p in load_benchmark(spec["format"], spec.get("path"))]
     if spec.get("limit"):
         recs = recs[: int(spec["limit"])]

@@ -8,7 +8,7 @@ The fingerprint hashes the input file's content, the stage's config and whatever
 its output (reference/eval files, model). A complete stage with the same fingerprint is skipped;
 an incomplete one with the same fingerprint is resumed (LLM stages append per record, so only
 records without a verdict are processed); a different fingerprint starts the stage over. A last
-line torn by a crash is cut off before the files are read (`recover`, domino.records'
+line torn by a crash is cut off before the files are read (`recover`, domino.core.records'
 one recovery rule), and that record is decided again.
 """
 from __future__ import annotations
@@ -20,8 +20,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from domino.provenance import json_hash
-from domino.records import iter_jsonl, recover_torn_tail, write_jsonl, write_text_atomic
+from domino.core.provenance import json_hash
+from domino.core.records import iter_jsonl, recover_torn_tail, write_jsonl, write_text_atomic
 
 log = logging.getLogger(__name__)
 VERSION = 1  # bump when a stage's semantics change: invalidates every stage output

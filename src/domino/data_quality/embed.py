@@ -82,7 +82,7 @@ class Embedder:
         return ((h * m).sum(1) / m.sum(1)).cpu().numpy()
 
     def encode(self, texts: Sequence[str], what: str = "texts", progress: bool = True) -> np.ndarray:
-        from domino.progress import Bar
+        from domino.core.progress import Bar
         texts = [t if t else "" for t in texts]
         if not texts:
             return np.zeros((0, self.model.config.hidden_size), np.float32)
@@ -103,7 +103,7 @@ def build_embedder(embed_cfg: dict | None, backbone_cfg: dict | None) -> Embedde
     """The backbone of the run (default) or the model at `embed.path`."""
     ec = EmbedConfig.from_dict(embed_cfg)
     if ec.path is None:
-        from domino.backbone import load_backbone
+        from domino.core.backbone import load_backbone
         kw = dict(backbone_cfg or {})
         kw.pop("gradient_checkpointing", None)
         if ec.dtype:
@@ -115,7 +115,7 @@ def build_embedder(embed_cfg: dict | None, backbone_cfg: dict | None) -> Embedde
     else:
         from transformers import AutoModel, AutoTokenizer
 
-        from domino.backbone import choose_dtype
+        from domino.core.backbone import choose_dtype
         tok = AutoTokenizer.from_pretrained(ec.path)
         dtype, why = choose_dtype(ec.dtype or "auto", ec.device)
         log.info("embedder %s: %s (%s)", ec.path, str(dtype).replace("torch.", ""), why)

@@ -63,15 +63,20 @@ def plot_tsne(res: dict, path: Path, opt: dict) -> Path | None:
     return path
 
 
+def panel_grid(n: int, size: tuple[float, float], cols: int = 4):
+    """(pyplot, figure, axes) for `n` panels of `size` inches, `cols` to a row (axes always 2-D)."""
+    plt = _pyplot()
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(size[0] * cols, size[1] * rows), squeeze=False)
+    return plt, fig, axes
+
+
 def plot_metrics(rows: dict, metrics: list[tuple[str, str, str]], path: Path) -> Path | None:
     """One bar chart per metric (a grid of panels), one bar per set; the `heldout` ceiling hatched."""
     present = [(k, lab, arrow) for k, lab, arrow in metrics if any(rows[s].get(k) is not None for s in rows)]
     if not present:
         return None
-    plt = _pyplot()
-    cols = 4
-    nrows = math.ceil(len(present) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 2.8 * nrows), squeeze=False)
+    plt, fig, axes = panel_grid(len(present), (3.6, 2.8))
     sets = list(rows)
     colors = [plt.cm.tab10((i + 2) % 10) for i in range(len(sets))]  # 0/1 are the reference groups in t-SNE
     for ax, (k, lab, arrow) in zip(axes.flat, present):

@@ -1,5 +1,5 @@
 """Completions for benchmark prompts, sampled by the project's one decoding stack
-(domino.generation: `engine=hf`, batched with a KV cache, or `engine=vllm`, GPU only and imported
+(domino.core.generation: `engine=hf`, batched with a KV cache, or `engine=vllm`, GPU only and imported
 only then), with the backbone optionally carrying a LoRA adapter.
 
 Sample `i` of task `t` draws its random numbers from its own seed,
@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from domino.generation.factory import RUNTIME_KEYS, engine_config
-from domino.generation.params import SamplingParams, sample_seed
-from domino.records import JsonlStore, iter_jsonl
+from domino.core.generation.factory import RUNTIME_KEYS, engine_config
+from domino.core.generation.params import SamplingParams, sample_seed
+from domino.core.records import JsonlStore, iter_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -82,15 +82,15 @@ def lora_rank(adapter: str) -> int:
 def build_engine(backbone_cfg: dict, ecfg: dict[str, Any], params: SamplingParams, adapter: str | None,
                  seed: int) -> tuple[Any, Any, str, str | None, str]:
     """(engine, tokenizer, model id, adapter fingerprint, dtype), from the one engine factory
-    (domino.generation.factory); the model is loaded once."""
-    from domino.generation import factory
+    (domino.core.generation.factory); the model is loaded once."""
+    from domino.core.generation import factory
     if ecfg["name"] == "vllm":
         tok, ident = factory.vllm_identity(backbone_cfg, ecfg)
         eng = factory.open_vllm(backbone_cfg, ecfg, params, seed, prompt_embeds=False, adapter=adapter,
                                 max_lora_rank=lora_rank(adapter) if adapter else None)
         return (eng, tok, ident["backbone_id"],
                 adapter_fingerprint(Path(adapter).expanduser()) if adapter else None, ident["dtype"])
-    from domino.generation.hf import HFEngine
+    from domino.core.generation.hf import HFEngine
     bb = factory.load_model(backbone_cfg, ecfg)
     model, adapter_fp = load_adapter(bb.model, adapter, merge=bb.dtype == "float32")
     model = model.to(bb.model.device)
@@ -123,7 +123,7 @@ def generate_completions(problems: list[dict], backbone_cfg: dict, params: Sampl
     Prompts are text (prompting.build_prompt), tokenised as the model sees them: chat templates
     carry their own special tokens, plain prompts get the tokenizer's (BOS)."""
     from domino.evaluation.prompting import CLOSE_FENCE, build_prompt, opens_fence, to_program, use_chat
-    ecfg = engine_config(engine, batch_size)  # domino.generation.factory's one schema
+    ecfg = engine_config(engine, batch_size)  # domino.core.generation.factory's one schema
     eng, tok, model_id, adapter_fp, dtype = build_engine(backbone_cfg, ecfg, params, adapter, seed)
     chat = use_chat(tok, chat)
     if any(opens_fence(p, chat, style) for p in problems) and CLOSE_FENCE not in params.stop:

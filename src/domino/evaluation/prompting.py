@@ -3,7 +3,7 @@
 Two modes, picked by whether the tokenizer has a chat template (override: `prompt.chat`), and for
 chat models two prompt styles (`prompt.style`):
 - chat (instruct models): the problem becomes one user message asking for a single ```python
-  block; the program is the answer's code as domino.generation.code.extract_code reads it (the
+  block; the program is the answer's code as domino.core.generation.code.extract_code reads it (the
   last python or untagged fenced block; an unterminated final block counts), the same code
   curation trains on, or the whole answer when it has no fenced block.
   For completion-style problems (HumanEval) the program is `prompt + "\n" + code`: when the model
@@ -23,8 +23,8 @@ chat models two prompt styles (`prompt.style`):
 """
 from __future__ import annotations
 
-from domino.generation.code import extract_code as answer_code
-from domino.generation.code import sanitize
+from domino.core.generation.code import extract_code as answer_code
+from domino.core.generation.code import sanitize
 
 # Codex / human-eval stop sequences for completion-style generation of a function body
 COMPLETION_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ")
@@ -83,8 +83,8 @@ def use_chat(tokenizer, chat: bool | None) -> bool:
     return has_template if chat is None else bool(chat)
 
 
-def extract_code(text: str) -> str:
-    """The python code of an answer (curation's rule, see domino.generation.code); the answer
+def code_or_answer(text: str) -> str:
+    """The python code of an answer (curation's rule, see domino.core.generation.code); the answer
     itself when it has no fenced block (a model that answers with bare code)."""
     code = answer_code(text, "python")
     return text if code is None else code
@@ -103,13 +103,13 @@ def to_program(problem: dict, output: str, chat: bool, style: str = "domino") ->
         code = output.split(CLOSE_FENCE)[0]
         return problem["prompt"] + "\n" + sanitize(code, problem.get("entry_point"))
     if chat:
-        code = extract_code(output)
+        code = code_or_answer(output)
         if problem.get("completion_style"):
             return problem["prompt"] + "\n" + sanitize(code, problem.get("entry_point"))
         return code
     if problem.get("completion_style"):
         if "```" in output:  # a base model that answered in a fenced block anyway
-            return problem["prompt"] + "\n" + extract_code(output)
+            return problem["prompt"] + "\n" + code_or_answer(output)
         return problem["prompt"] + truncate_at_stops(output)
     return output.split("```")[0]
 

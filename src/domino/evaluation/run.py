@@ -12,28 +12,19 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-from domino import lineage
-from domino.evaluation.benchmarks import benchmark_fingerprint, load_benchmark
+from domino.core import lineage
+from domino.core.benchmarks import benchmark_fingerprint, load_benchmark
+from domino.core.records import iter_jsonl, write_jsonl, write_text_atomic
+from domino.core.sandbox import ExecutionCache, Sandbox, SandboxConfig
 from domino.evaluation.passk import aggregate, check_ks, pass_at_k
 from domino.evaluation.prompting import program_from_sample
-from domino.evaluation.sandbox import ExecutionCache, Sandbox, SandboxConfig
-from domino.records import iter_jsonl, write_jsonl, write_text_atomic
 
 log = logging.getLogger(__name__)
 
 
 def _progress():
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                    TimeRemainingColumn())
+    from domino.core.progress import rich_progress
+    return rich_progress("{task.description}", "{task.fields[rate]}")
 
 
 def completions_from_samples(problems: list[dict], samples: str) -> list[dict]:
@@ -177,9 +168,9 @@ def heldout_path(adapter: str | None, benchmark: str | None = None) -> str:
 
 def run_passk(cfg: Any) -> dict:
     """task=passk. `cfg` is the composed evaluate config (see conf/evaluate.yaml)."""
-    from domino.locking import output_lock
-    from domino.validate import check_config
-    check_config(cfg, "evaluate")
+    from domino.core.locking import output_lock
+    from domino.core.validate import EVALUATE, check_config
+    check_config(cfg, EVALUATE, "evaluate")
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     with output_lock(output_dir, "evaluate"):  # one run per directory: two would interleave completions
@@ -189,11 +180,11 @@ def run_passk(cfg: Any) -> dict:
 def _run_passk(cfg: Any, output_dir: Path) -> dict:
     from omegaconf import OmegaConf
 
-    from domino.generation.params import SamplingParams
+    from domino.core.generation.params import SamplingParams
     bench = benchmark_config(cfg)
     problems = load_benchmark(**bench)
     check_same_benchmark(output_dir, bench, problems)
-    from domino import attempt
+    from domino.core import attempt
     attempt.accept(output_dir)  # the run owns output_dir from here: its record and log are written there
     scfg = OmegaConf.to_container(cfg.sampling, resolve=True)
     params = SamplingParams.from_config(scfg)

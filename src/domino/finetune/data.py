@@ -22,9 +22,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from domino.provenance import file_sha256 as sha256_file  # noqa: F401 (the finetune provenance hash)
-from domino.records import RecordError, iter_jsonl
-from domino.training.datamodule import resumable_loader
+from domino.core.batching import resumable_loader
+from domino.core.provenance import file_sha256 as sha256_file  # noqa: F401 (the finetune provenance hash)
+from domino.core.records import RecordError, iter_jsonl
 
 log = logging.getLogger(__name__)
 IGNORE = -100
@@ -251,7 +251,7 @@ class SFTDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # order = f(seed, pass), and Lightning stores the loader's position in every checkpoint: a
-        # resumed run sees the batches the uninterrupted one would have (training/datamodule.py)
+        # resumed run sees the batches the uninterrupted one would have (core/batching.py)
         return resumable_loader(Rows(self.train_rows), self.batch_size, self.seed, self.trainer,
                                 shuffle=self.shuffle, collate_fn=self.collate, num_workers=self.num_workers)
 

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
-from domino.backbone import count_params, load_backbone, params_line
+from domino.core.backbone import count_params, load_backbone, params_line
+from domino.core.trainer import load_metric_states, save_metric_states
 from domino.finetune.data import IGNORE
-from domino.trainer import load_metric_states, save_metric_states
 
 log = logging.getLogger(__name__)
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -159,7 +159,7 @@ class LoRAModule(L.LightningModule):
 
     def load_trainable(self, ckpt_path: str | Path) -> None:
         """Load the LoRA tensors of a Lightning checkpoint (e.g. the best one) into this module."""
-        from domino.trainer import read_checkpoint
+        from domino.core.trainer import read_checkpoint
         ckpt = read_checkpoint(ckpt_path)  # a damaged file is named
         self.check_checkpoint(ckpt)
         self.load_state_dict(ckpt["state_dict"], strict=False)
@@ -172,7 +172,7 @@ class LoRAModule(L.LightningModule):
         (finetune.py records it in domino_finetune.json). The random tiny test model has no hub id."""
         import json
 
-        from domino.backbone import hub_id
+        from domino.core.backbone import hub_id
         out_dir = Path(out_dir)
         self.model.save_pretrained(str(out_dir))
         path = out_dir / "adapter_config.json"

@@ -11,14 +11,14 @@ import lightning as L
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from domino import attempt, lineage
-from domino.backbone import hub_id
+from domino.core import attempt, lineage
+from domino.core.backbone import hub_id
+from domino.core.locking import output_lock
+from domino.core.provenance import config_hash, git_commit
+from domino.core.trainer import build_trainer, check_budget_left, interrupted_epoch, read_checkpoint, resume_logs_at
+from domino.core.validate import FINETUNE, check_config
 from domino.finetune.data import SFTDataModule, load_sft, sha256_file, split
 from domino.finetune.module import CKPT_META, LoRAModule
-from domino.locking import output_lock
-from domino.provenance import config_hash, git_commit
-from domino.trainer import build_trainer, check_budget_left, interrupted_epoch, read_checkpoint, resume_logs_at
-from domino.validate import check_config
 
 log = logging.getLogger(__name__)
 # the frozen base is in eval mode on purpose (no dropout)
@@ -99,7 +99,7 @@ def canonical_adapter_config(adapter: Path) -> None:
 
 def finetune(cfg: DictConfig) -> dict[str, Any]:
     """Fit the adapter; returns the final metrics (floats) and the export paths."""
-    check_config(cfg, "finetune")
+    check_config(cfg, FINETUNE, "finetune")
     if cfg.export not in ("best", "last"):
         raise ValueError(f"export={cfg.export!r} is not one of ('best', 'last')")
     out = Path(cfg.paths.output_dir)

@@ -29,8 +29,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from domino.config import compose
-from domino.records import read_jsonl, write_jsonl, write_text_atomic
+from domino.core.config import compose
+from domino.core.records import read_jsonl, write_jsonl, write_text_atomic
 from domino.study.tasks import Task
 
 if TYPE_CHECKING:
@@ -63,8 +63,8 @@ def run_name(arm: str, r: int | None) -> str:
 # ---------------------------------------------------------------------------------- the split
 def split(study: "Study") -> dict[str, list[str]]:
     """Task ids of the training references, the validation texts (val/nll_dom) and the test set."""
-    from domino.config import plain
-    from domino.data.domains import load_domain
+    from domino.core.config import plain
+    from domino.core.domains import load_domain
     path = loop_dir(study) / "split.json"
     if path.exists():
         return json.loads(path.read_text())
@@ -99,16 +99,20 @@ def arm_set(study: "Study", arm: str, r: int) -> str:
 
 
 def _backbone(study: "Study") -> dict[str, Any]:
-    from domino.config import plain
+    from domino.core.config import plain
     cfg = compose("train", [*study.s.common, f"paths.output_dir={study.work}", f"paths.root_dir={study.root}"])
     return plain(cfg.backbone)
 
 
-def _curation_cfg(study: "Study", extra: list[str] = ()) -> dict[str, Any]:
-    from domino.config import plain
-    cfg = compose("synthesize", [*study.s.common, *study.s.sft.curate, *extra, f"paths.output_dir={study.work}",
-                                 f"paths.root_dir={study.root}"])
-    return plain(cfg.curation)
+def _curate_config(study: "Study", extra: list[str] = ()):
+    """The curate stage's config of every arm: the study's backbone and `sft.curate` overrides."""
+    return compose("curate", [*backbone_overrides(study), *study.s.sft.curate, *extra,
+                              f"paths.output_dir={study.work}", f"paths.root_dir={study.root}"])
+
+
+def _curation_cfg(study: "Study") -> dict[str, Any]:
+    from domino.core.config import plain
+    return plain(_curate_config(study).curation)
 
 
 # ---------------------------------------------------------------------------------- tasks
@@ -167,17 +171,18 @@ def _curate_task(study: "Study", arm: str, r: int) -> Task:
 
 
 def _curate_set(study: "Study", arm: str, r: int) -> tuple[list[dict], dict]:
-    from domino.curation.run import run_curation
+    from domino.stages import run as run_stage
     set_name = arm_set(study, arm, r)
     work = study.work / "loop" / run_name(arm, r)
     work.mkdir(parents=True, exist_ok=True)  # a crashed curation resumes there (finished stages are skipped)
     samples = read_jsonl(study.dir / "samples" / f"{set_name}.jsonl", required=["id", "text"])
     write_jsonl(work / "samples.jsonl", [{"id": x["id"], "text": x["text"], "finish_reason": x.get("finish_reason")}
                                          for x in samples])
-    seeds = [f"curation.judge.generation.seed={r}", f"curation.responses.generation.seed={r}"]
-    res = run_curation(_curation_cfg(study, seeds), work / "samples.jsonl", work,
-                       references=str(study.dir / "data" / "references.jsonl"), backbone=_backbone(study),
-                       progress=bool(study.cfg.get("progress", True)))
+    cfg = _curate_config(study, [f"curation.judge.generation.seed={r}", f"curation.responses.generation.seed={r}",
+                                 f"samples={work / 'samples.jsonl'}", f"output_dir={work}",
+                                 f"references={study.dir / 'data' / 'references.jsonl'}",
+                                 f"progress={str(bool(study.cfg.get('progress', True))).lower()}"])
+    res = run_stage("curate", cfg)["artifacts"]
     recs = read_jsonl(res["sft"]) if res.get("sft") else []
     funnel = json.loads(Path(res["report_json"]).read_text()) if res.get("report_json") else {}
     return recs, {"set": set_name, "n_samples": len(samples), "n_sft": len(recs), "report": funnel}
@@ -186,12 +191,12 @@ def _curate_set(study: "Study", arm: str, r: int) -> tuple[list[dict], dict]:
 def _answer_references(study: "Study", r: int) -> tuple[list[dict], dict]:
     """Every training reference answered `answers` times with the responses stage's own prompt and
     sampling temperature `temperature`; an answer is kept when its code passes the reference's tests."""
-    from domino.curation.generation import build_generator
+    from domino.core.benchmarks import load_benchmark
+    from domino.core.generation.chat import build_generator
+    from domino.core.generation.code import extract_code
+    from domino.core.sandbox import Sandbox, SandboxConfig
     from domino.curation.responses import build_conversation
     from domino.curation.sft import to_sft
-    from domino.evaluation.benchmarks import load_benchmark
-    from domino.evaluation.sandbox import Sandbox, SandboxConfig
-    from domino.generation.code import extract_code
     cur = _curation_cfg(study)
     opt = dict(study.s.sft.references)
     sp = split(study)
@@ -232,7 +237,7 @@ def _finetune_task(study: "Study", arm: str, r: int) -> Task:
     n = int(study.s.sft.n_records)
 
     def run() -> None:
-        from domino.finetune.run import finetune
+        from domino.stages import run as run_stage
         t0 = time.perf_counter()
         recs = read_jsonl(_sft_path(study, arm, r))
         if not recs:  # curation kept nothing: nothing to train, the report says so
@@ -249,10 +254,10 @@ def _finetune_task(study: "Study", arm: str, r: int) -> Task:
             shutil.rmtree(run_dir)  # an unfinished run starts over (its seed reproduces it)
         ov = [*backbone_overrides(study), *study.s.sft.finetune, f"data={data}", f"seed={r}",
               f"paths.output_dir={run_dir}", f"paths.root_dir={study.root}"]
-        res = finetune(compose("finetune", ov))
+        res = run_stage("finetune", compose("finetune", ov))
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(res["adapter"], tmp)
+        shutil.copytree(res["artifacts"]["adapter"], tmp)
         write_text_atomic(tmp / "study_sft.json", json.dumps(
             {"arm": arm, "replicate": r, "n_records": min(n, len(recs)), "n_available": len(recs),
              "metrics": res.get("metrics"), "seconds": round(time.perf_counter() - t0, 1)}, indent=1, default=str))
@@ -269,7 +274,7 @@ def _evaluate_task(study: "Study", arm: str, r: int | None, rank: int | None = N
     out = loop_dir(study) / "eval" / run_name(arm, r)
 
     def run() -> None:
-        from domino.evaluation.run import run_passk
+        from domino.stages import run as run_stage
         t0 = time.perf_counter()
         if r is not None and not (_adapter_dir(study, arm, r) / "adapter_config.json").exists():
             out.mkdir(parents=True, exist_ok=True)  # no SFT records, no adapter: no Pass@1 for this run
@@ -281,7 +286,7 @@ def _evaluate_task(study: "Study", arm: str, r: int | None, rank: int | None = N
         cfg = compose("evaluate", [*backbone_overrides(study), *study.s.sft.evaluate, *adapter,
                                    "benchmark.task_ids=[" + ",".join(json.dumps(t) for t in test) + "]",
                                    f"paths.output_dir={work}", f"paths.root_dir={study.root}"])
-        summary = run_passk(cfg)
+        summary = run_stage("evaluate", cfg)["metrics"]
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)

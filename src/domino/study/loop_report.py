@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from domino.records import read_jsonl, write_text_atomic
+from domino.core.records import read_jsonl, write_text_atomic
 
 
 def _verdicts(run_dir: Path, test: list[str]) -> np.ndarray | None:

@@ -22,7 +22,7 @@ import shutil
 import time
 from typing import TYPE_CHECKING
 
-from domino.records import write_text_atomic
+from domino.core.records import write_text_atomic
 from domino.study.tasks import Task
 
 if TYPE_CHECKING:
@@ -41,13 +41,14 @@ def pilot_tasks(study: "Study", n_refs: int, seq: int) -> list[Task]:
         marker = study.dir / "pilot" / f"{regime}.json"
 
         def run(regime=regime, config=config, lr=lr, out=out, marker=marker) -> None:
-            from domino.config import compose
-            from domino.training.run import train
+            from domino.core.config import compose
+            from domino.stages import run as run_stage
             if out.exists():
                 shutil.rmtree(out)
             t0 = time.perf_counter()
-            train(compose("train", study.train_overrides(config, study.seeds_of(config)[0], lr, run=out,
-                                                         epochs=epochs, points=list(range(1, epochs + 1)))))
+            ov = study.train_overrides(config, study.seeds_of(config)[0], lr, run=out, epochs=epochs,
+                                       points=list(range(1, epochs + 1)))
+            run_stage("train", compose("train", ov))
             study._collect_diagnostics(config, study.seeds_of(config)[0], lr, out, marker)
             study._record_time(f"pilot {regime}", time.perf_counter() - t0)
 

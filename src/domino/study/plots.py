@@ -6,7 +6,7 @@ import math
 import re
 from pathlib import Path
 
-from domino.data_quality.plots import _pyplot, plot_tsne
+from domino.data_quality.plots import _pyplot, panel_grid, plot_tsne
 
 MEM = [("mem_ngram_mean", "8-gram overlap with a training ref ↓"),
        ("mem_cos_mean@backbone", "NN cosine to train, backbone ↓"),
@@ -55,10 +55,7 @@ def final_bars(path: Path, report: dict) -> Path | None:
     configs = list(summary)
     if not configs:
         return None
-    plt = _pyplot()
-    cols = 4
-    rows = math.ceil(len(heads) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 3.0 * rows), squeeze=False)
+    plt, fig, axes = panel_grid(len(heads), (3.8, 3.0))
     for ax, h in zip(axes.flat, heads):
         xs, means, errs, colors = [], [], [[], []], []
         for i, c in enumerate(configs):

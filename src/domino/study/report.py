@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
-from domino.config import plain
+from domino.core.config import plain
+from domino.core.records import read_jsonl
 from domino.data_quality import metrics as Q
-from domino.data_quality.run import _embed_cached, _jsonable, compute_report, options
-from domino.records import read_jsonl
+from domino.data_quality.compute import compute_report, embed_cached, jsonable, options
 from domino.study import stats as S
 
 log = logging.getLogger(__name__)
@@ -98,13 +98,13 @@ def write_report(study_dir: str | Path, s: Any) -> dict:
     texts = {"_train": st["refs"], "_heldout": st["held"]}
     texts.update({k: [r["text"] for r in v] for k, v in st["sets"].items()})
     spaces: dict[str, dict[str, np.ndarray]] = {}
-    from domino.config import compose
+    from domino.core.config import compose
     from domino.data_quality.embed import build_embedder
     from domino.study.run import config_method
     bcfg = compose("train", [*s["backbone_embed"], "paths.output_dir=.", "paths.root_dir=."]).backbone
     embedder = build_embedder(opt["embed"], OmegaConf.to_container(bcfg, resolve=True))
     cache = str(Path(s["work_dir"]) / "embed_cache")
-    spaces["backbone"] = {k: _embed_cached(embedder, v, cache, k) for k, v in texts.items()}
+    spaces["backbone"] = {k: embed_cached(embedder, v, cache, k) for k, v in texts.items()}
     del embedder
     # tfidf.fit: "references" (the default: a space fitted on training data only, none of the
     # alignment target's vocabulary) or "references+heldout" (what study_humaneval ran with)
@@ -217,7 +217,7 @@ def write_report(study_dir: str | Path, s: Any) -> dict:
               "sets": {g: dict(r) for g, r in rows.items()}, "protocol": protocol,
               "timing_s": {"tasks": st["timings"], "report": {"embed": round(embed_s, 1),
                                                               "metrics_and_bootstrap": round(metrics_s, 1)}}}
-    report = _jsonable(report)
+    report = jsonable(report)
     (study_dir / "study.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
     from domino.study import plots
     figs = plots.write_all(study_dir, report, tsne_res, opt)

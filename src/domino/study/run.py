@@ -24,8 +24,8 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from domino.config import compose
-from domino.records import read_jsonl, write_jsonl, write_text_atomic
+from domino.core.config import compose
+from domino.core.records import read_jsonl, write_jsonl, write_text_atomic
 from domino.study.tasks import Task, _nothing, schedule
 
 log = logging.getLogger(__name__)
@@ -181,11 +181,11 @@ class Study:
             out = where(lr)
             if out.exists():  # an unfinished run: start over (a seeded run is reproduced exactly)
                 shutil.rmtree(out)
-            from domino.training.run import train
+            from domino.stages import run as run_stage
             t0 = time.perf_counter()
             ov = self.train_overrides(config, seed, lr, run=out, epochs=epochs,
                                       points=[epochs] if separate else None)
-            result = train(compose("train", ov))
+            result = run_stage("train", compose("train", ov))
             dt = time.perf_counter() - t0
             self._collect_diagnostics(config, seed, lr, out, (self.dir / "sweep" / f"{config}_s{seed}_{self.lr_tag(lr)}"
                                                               ".json") if separate else None)
@@ -267,13 +267,12 @@ class Study:
             return compact.exists()
 
         def run() -> None:
-            from domino.synthesis.run import sample
+            from domino.stages import run as run_stage
             t0 = time.perf_counter()
             cfg = compose("synthesize", [*self.s.common, *self.s.synthesize, *overrides(), f"n={n}",
                                          f"output_dir={out}", "progress=false", f"paths.output_dir={out}",
                                          f"paths.root_dir={self.root}"])
-            res = sample(cfg)
-            recs = read_jsonl(res["samples"])
+            recs = read_jsonl(run_stage("synthesize", cfg)["artifacts"]["samples"])
             keep = [{"id": r["id"], "text": r["text"], "finish_reason": r.get("finish_reason"),
                      "n_tokens": r.get("n_tokens"), "index": r["source"]["index"], "seed": r["source"]["seed"],
                      **meta} for r in recs]
@@ -297,7 +296,7 @@ class Study:
         data = self.dir / "data"
         if (data / "heldout.jsonl").exists():
             return
-        from domino.backbone import load_backbone
+        from domino.core.backbone import load_backbone
         bcfg = compose("train", [*self.s.common, f"paths.output_dir={run}", f"paths.root_dir={self.root}"]).backbone
         tok = load_backbone(**OmegaConf.to_container(bcfg, resolve=True)).tokenizer
         max_len = int(self._train_value("data.max_len", 256))
@@ -461,7 +460,7 @@ class Study:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    from domino import attempt
+    from domino.core import attempt
     attempt.accept(cfg.paths.output_dir)  # the study's own Hydra run dir: its record and log
     stage = cfg.get("stage") or "all"
     if stage == "all":

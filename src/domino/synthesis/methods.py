@@ -20,6 +20,8 @@ from typing import Any, Callable
 
 import torch
 
+from domino.core.generation.chat import messages
+
 DOMAIN_METHODS = ("domain_prompt",)
 TEXT_METHODS = ("few_shot", "zero_shot", "magpie")
 METHODS = DOMAIN_METHODS + TEXT_METHODS
@@ -45,14 +47,10 @@ def _encode_rendered(tok, text: str) -> list[int]:
     return list(tok(text, add_special_tokens=False)["input_ids"])
 
 
-def _messages(system: str | None, user: str) -> list[dict[str, str]]:
-    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
-
-
 def prompt_ids(tok, user_text: str, system: str | None = None, use_chat_template: bool = True) -> list[int]:
     """Token ids of a one-turn request, through the chat template when the tokenizer has one."""
     if use_chat_template and has_chat_template(tok):
-        msgs = _messages(system, user_text)
+        msgs = messages(user_text, system)
         rendered = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         return _encode_rendered(tok, rendered)
     text = (system + "\n\n" if system else "") + user_text + "\n\n"
@@ -64,7 +62,7 @@ def magpie_prefix(tok, system: str | None = None) -> tuple[list[int], list[int],
     the template writes before a user message's content, and what it writes right after it."""
     if not has_chat_template(tok):
         raise ValueError("method=magpie needs a tokenizer with a chat template (an instruct model)")
-    rendered = tok.apply_chat_template(_messages(system, _SENTINEL), tokenize=False,
+    rendered = tok.apply_chat_template(messages(_SENTINEL, system), tokenize=False,
                                        add_generation_prompt=False)
     if _SENTINEL not in rendered:
         raise ValueError("method=magpie: could not locate the user turn in the chat template")

@@ -5,7 +5,7 @@ fingerprint of everything that decides what sample i is (method, domain tokens, 
 sampling settings, seed, engine settings) but not `n`: rerunning the same command continues
 where it stopped, a larger `n` extends the set, and a different configuration refuses instead of
 mixing two distributions in one file (unless overwrite=true, which starts over). The run holds the
-directory's lock (domino.locking) while it writes: a second writer is refused, not interleaved.
+directory's lock (domino.core.locking) while it writes: a second writer is refused, not interleaved.
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from domino.provenance import json_hash
-from domino.records import JsonlStore, iter_jsonl, write_text_atomic
+from domino.core.provenance import json_hash
+from domino.core.records import JsonlStore, iter_jsonl, write_text_atomic
 
 log = logging.getLogger(__name__)
 SAMPLES = "samples.jsonl"

@@ -11,17 +11,18 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from domino import attempt, lineage
-from domino.domain_prompt import DomainPrompt, check_backbone, load_domain_prompt
-from domino.embedded import DEFAULT_BACKBONE
-from domino.generation.factory import RUNTIME_KEYS
-from domino.generation.params import Generation, SamplingParams, sample_seed
-from domino.locking import output_lock
-from domino.provenance import git_commit
+from domino.core import attempt, lineage
+from domino.core.domain_prompt import DomainPrompt, check_backbone, load_domain_prompt
+from domino.core.embedded import DEFAULT_BACKBONE
+from domino.core.generation.factory import RUNTIME_KEYS
+from domino.core.generation.params import Generation, SamplingParams, sample_seed
+from domino.core.locking import output_lock
+from domino.core.provenance import git_commit
+from domino.core.records import write_jsonl
+from domino.core.validate import SYNTHESIZE, check_config
 from domino.synthesis.methods import DOMAIN_METHODS, Plan, build_plan, stop_strings
 from domino.synthesis.output import SampleStore, sample_id
 from domino.synthesis.progress import SynthesisProgress
-from domino.validate import check_config
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +43,8 @@ def backbone_config(c: dict[str, Any], prompt: DomainPrompt | None) -> dict[str,
 # ---------------------------------------------------------------------------------- the sample stage
 def _build_engine(c: dict[str, Any], bcfg: dict[str, Any], params_cfg: dict, plan_fn: Callable):
     """(engine, tokenizer, backbone identity dict, plan, params), from the one engine factory
-    (domino.generation.factory); the model is loaded once."""
-    from domino.generation import factory
+    (domino.core.generation.factory); the model is loaded once."""
+    from domino.core.generation import factory
     ecfg = factory.engine_config(c["engine"])
     if ecfg["name"] == "hf":
         bb = factory.load_model(bcfg, ecfg)
@@ -54,7 +55,7 @@ def _build_engine(c: dict[str, Any], bcfg: dict[str, Any], params_cfg: dict, pla
     stops = list(params_cfg.get("stop") or []) + stop_strings(plan)
     params = SamplingParams.from_config({**params_cfg, "stop": stops}, stop_token_ids=plan.stop_token_ids)
     if ecfg["name"] == "hf":
-        from domino.generation.hf import HFEngine
+        from domino.core.generation.hf import HFEngine
         engine = HFEngine(bb.model, tok, params, batch_size=int(ecfg.get("batch_size", 32)))
     else:
         engine = factory.open_vllm(bcfg, ecfg, params, int(c["seed"]), prompt_embeds=True)
@@ -62,7 +63,7 @@ def _build_engine(c: dict[str, Any], bcfg: dict[str, Any], params_cfg: dict, pla
 
 
 def sample(cfg: DictConfig) -> dict[str, Any]:
-    check_config(cfg, "synthesize")
+    check_config(cfg, SYNTHESIZE, "synthesize")
     c = OmegaConf.to_container(cfg, resolve=True)
     out_dir = Path(c.get("output_dir") or c["paths"]["output_dir"])
     # one writer per directory, taken before anything is loaded: a second run into out_dir would
@@ -84,10 +85,8 @@ def _sample(c: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     label = str(prompt.meta.get("method") or "domino") if name in DOMAIN_METHODS else name
     bcfg = backbone_config(c, prompt)
     domain = dict(c.get("domain") or {})
-    references = None
-    if name == "few_shot":
-        from domino.data.domains import load_domain
-        references, _ = load_domain(**domain)  # reference split only: held-out stays unseen
+    split = _baseline_split(domain) if name in BASELINES else None
+    references = split[0] if split and name == "few_shot" else None  # held-out stays unseen
 
     def plan_fn(tok, ident):
         if prompt is not None:
@@ -110,8 +109,9 @@ def _sample(c: dict[str, Any], out_dir: Path) -> dict[str, Any]:
                    "backbone_hash": ident["backbone_hash"], "engine": engine.name, "run_seed": seed,
                    **{k: v for k, v in params.to_dict().items() if k != "stop_token_ids"},
                    "fingerprint": store.fingerprint}
-    lineage.write(out_dir, _parent_lineage(prompt), samples=str(store.path.resolve()), samples_method=label,
-                  samples_fingerprint=store.fingerprint)
+    lineage.write(out_dir, _parent_lineage(prompt), _split_lineage(out_dir, split), samples=str(store.path.resolve()),
+                  samples_method=label, samples_fingerprint=store.fingerprint,
+                  backbone={k: v for k, v in bcfg.items() if k != "cache_dir"})
     log.info("synthesis: method=%s n=%d -> %s (%d already there; resume or extend by rerunning with "
              "output_dir=%s)", label, n, store.path, len(store.done), out_dir)
     try:
@@ -129,6 +129,36 @@ def _sample(c: dict[str, Any], out_dir: Path) -> dict[str, Any]:
              stats["finish_reasons"], f"; the file holds {len(store.done)}: this n={n} set is its first {n}, "
              f"the other {beyond} are kept" if beyond > 0 else "")
     return result
+
+
+BASELINES = ("few_shot", "zero_shot", "magpie")
+
+
+def _baseline_split(domain: dict[str, Any]) -> tuple[list[dict], list[dict]] | None:
+    """A baseline's domain split (few_shot draws its examples from the references; curation needs
+    both halves: memorisation and decontamination). None for a domain without records to split."""
+    from domino.core.domains import load_domain
+    if not domain:
+        return None
+    try:
+        return load_domain(**domain)
+    except (FileNotFoundError, ValueError) as e:
+        log.info("synthesis: no reference split recorded for curation (%s)", e)
+        return None
+
+
+def _split_lineage(out_dir: Path, split: tuple[list[dict], list[dict]] | None) -> dict[str, Any]:
+    """A baseline run's own references.jsonl and heldout.jsonl, named in its lineage.json (a run
+    from a domain prompt inherits those of its training run instead)."""
+    if split is None:
+        return {}
+    out = {}
+    for key, recs in zip(("references", "heldout"), split):
+        path = out_dir / f"{key}.jsonl"
+        write_jsonl(path.with_suffix(".tmp"), recs)
+        path.with_suffix(".tmp").replace(path)
+        out[key] = str(path.resolve())
+    return out
 
 
 def _parent_lineage(prompt: DomainPrompt | None) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import lightning as L
 import torch
 
-from domino.training.datamodule import Collate, IndexedTexts
+from domino.core.batching import Collate, IndexedTexts
 
 log = logging.getLogger(__name__)
 

@@ -11,10 +11,10 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
-from domino.backbone import count_params, load_backbone, params_line
-from domino.trainer import load_metric_states, save_metric_states
+from domino.core.backbone import count_params, load_backbone, params_line
+from domino.core.prompts import SoftPrompts
+from domino.core.trainer import load_metric_states, save_metric_states
 from domino.training import objective as obj
-from domino.training.prompts import SoftPrompts
 
 log = logging.getLogger(__name__)
 BACKBONE_PREFIX = "backbone."
@@ -83,7 +83,7 @@ class DominoModule(L.LightningModule):
         self.save_hyperparameters({"backbone": dict(backbone), "n_references": n_references,
                                    "objective": objective, "prompt": prompt, "optim": optim, "seed": seed})
         self.obj, self.prompt_cfg, self.optim_cfg = objective, prompt, optim
-        # set by the run (domino.data.domains.fingerprint of its references); stored in checkpoints
+        # set by the run (domino.core.domains.fingerprint of its references); stored in checkpoints
         self.reference_fingerprint: str | None = None
         bb = load_backbone(**backbone)
         self.backbone = bb.model
@@ -218,7 +218,7 @@ class DominoModule(L.LightningModule):
 
     def export_domain_prompt(self, out_dir: str | Path, metadata: dict[str, Any]) -> Path:
         """domain_prompt.safetensors (D only, heads folded) + domain_prompt.json (how to rebuild)."""
-        from domino.domain_prompt import save_domain_prompt
+        from domino.core.domain_prompt import save_domain_prompt
         hp = self.hparams
         meta = {"backbone_id": self.backbone_id, "backbone_hash": self.backbone_hash,
                 "backbone": dict(hp.backbone), "l": self.prompts.l if self.with_samples else 0,

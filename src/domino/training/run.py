@@ -9,16 +9,16 @@ from typing import Any
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from domino import attempt, lineage
-from domino.config import instantiate
-from domino.data.domains import load_domain, reference_fingerprint
-from domino.locking import output_lock
-from domino.provenance import config_hash, git_commit
-from domino.records import write_jsonl
-from domino.trainer import build_trainer, check_budget_left, interrupted_epoch, read_checkpoint, resume_logs_at
+from domino.core import attempt, lineage
+from domino.core.config import instantiate
+from domino.core.domains import load_domain, reference_fingerprint
+from domino.core.locking import output_lock
+from domino.core.provenance import config_hash, git_commit
+from domino.core.records import write_jsonl
+from domino.core.trainer import build_trainer, check_budget_left, interrupted_epoch, read_checkpoint, resume_logs_at
+from domino.core.validate import TRAIN, check_config
 from domino.training.datamodule import DomainDataModule
 from domino.training.module import DominoModule, check_references
-from domino.validate import check_config
 
 log = logging.getLogger(__name__)
 # the frozen backbone is in eval mode on purpose (no dropout)
@@ -27,7 +27,7 @@ warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit the soft prompts; returns the final metrics (floats) and the export paths."""
-    check_config(cfg, "train")
+    check_config(cfg, TRAIN, "train")
     out = Path(cfg.paths.output_dir)
     with output_lock(out, "train"):  # one run per directory: two would interleave checkpoints and logs
         return _train(cfg, out)
@@ -68,7 +68,7 @@ def _train(cfg: DictConfig, out: Path) -> dict[str, Any]:
         meta = {**meta_base, "steps": trainer.global_step, "epochs": trainer.current_epoch, "metrics": metrics}
         result["domain_prompt"] = str(module.export_domain_prompt(out, meta))
         (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        from domino.domain_prompt import load_domain_prompt
+        from domino.core.domain_prompt import load_domain_prompt
         lineage.write(out, train_run=str(out.resolve()), domain_prompt=str(Path(result["domain_prompt"]).resolve()),
                       domain_prompt_digest=load_domain_prompt(result["domain_prompt"]).digest,
                       references=str((out / "references.jsonl").resolve()),

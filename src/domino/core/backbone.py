@@ -1,5 +1,5 @@
 """Load a frozen causal LM and its tokenizer: hub id, local directory, a model embedded through
-pip (domino.embedded: SmolLM2-135M, Qwen2.5-Coder-0.5B/1.5B, de-quantised once into the cache),
+pip (domino.core.embedded: SmolLM2-135M, Qwen2.5-Coder-0.5B/1.5B, de-quantised once into the cache),
 or a tiny randomly initialised model for tests. Also the one rule that decides a stage's dtype and
 device (`choose_dtype`, `choose_device`), used by training, synthesis, curation, fine-tuning and
 evaluation alike.
@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from domino import embedded
-from domino.embedded import DEFAULT_BACKBONE, default_cache_dir  # noqa: F401  (re-exported)
+from domino.core import embedded
+from domino.core.embedded import DEFAULT_BACKBONE, default_cache_dir  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ def load_backbone(name: str = "smollm2", path: str | None = None, dtype: str | N
     """Load a frozen backbone in the dtype `choose_dtype(dtype, device)` picks (logged).
 
     `path` is a hub id, a local directory, `embedded` / `embedded:<name>` (a GGUF shipped via pip,
-    see domino.embedded) or `tiny` (a random model from `tiny`: hidden_size, num_layers, ... with
+    see domino.core.embedded) or `tiny` (a random model from `tiny`: hidden_size, num_layers, ... with
     SmolLM2's tokenizer). `device` only informs the dtype rule; the caller moves the model. Keys
     other than these (e.g. a display name) are ignored on purpose so a backbone config group can
     carry documentation fields.

@@ -12,7 +12,7 @@ import string
 from pathlib import Path
 from typing import Iterator
 
-from domino.records import RecordError, read_records
+from domino.core.records import RecordError, read_records
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from domino.generation.params import Generation, SamplingParams
+from domino.core.generation.params import Generation, SamplingParams
 
 
 @dataclass

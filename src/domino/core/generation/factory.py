@@ -38,16 +38,16 @@ def runtime(ecfg: dict[str, Any]) -> str:
     threads, `device` (auto | cpu | cuda[:i]) is resolved; returns the device."""
     import torch
 
-    from domino.backbone import choose_device
+    from domino.core.backbone import choose_device
     if ecfg.get("num_threads"):  # on a shared CPU, oversubscribed threads can be 10-30x slower than one
         torch.set_num_threads(int(ecfg["num_threads"]))
     return choose_device(ecfg.get("device"))
 
 
 def load_model(bcfg: dict[str, Any], ecfg: dict[str, Any]):
-    """The backbone (domino.backbone.Backbone) on the engine's device; `engine.dtype` (null = the
+    """The backbone (domino.core.backbone.Backbone) on the engine's device; `engine.dtype` (null = the
     backbone's) goes through the one dtype rule in load_backbone."""
-    from domino.backbone import load_backbone
+    from domino.core.backbone import load_backbone
     device = runtime(ecfg)
     bb = load_backbone(**{**bcfg, "dtype": ecfg.get("dtype") or bcfg.get("dtype"), "device": device})
     bb.model.to(device)
@@ -64,7 +64,7 @@ def vllm_identity(bcfg: dict[str, Any], ecfg: dict[str, Any]) -> tuple[Any, dict
     """(tokenizer, identity) of the model vLLM will load, without loading its weights here."""
     from transformers import AutoConfig
 
-    from domino.backbone import load_tokenizer, model_config_hash, model_dir
+    from domino.core.backbone import load_tokenizer, model_config_hash, model_dir
     local = model_dir(bcfg)
     conf = AutoConfig.from_pretrained(local, trust_remote_code=bool(bcfg.get("trust_remote_code")))
     text = conf.get_text_config()
@@ -85,8 +85,8 @@ def vllm_kwargs(ecfg: dict[str, Any]) -> dict[str, Any]:
 def open_vllm(bcfg: dict[str, Any], ecfg: dict[str, Any], params, seed: int, *, prompt_embeds: bool,
               batch_size: int | None = None, adapter: str | None = None, max_lora_rank: int | None = None):
     """A VLLMEngine on the backbone's local directory (embedded models: their converted cache)."""
-    from domino.backbone import model_dir
-    from domino.generation.vllm import VLLMEngine
+    from domino.core.backbone import model_dir
+    from domino.core.generation.vllm import VLLMEngine
     path = model_dir(bcfg)
     return VLLMEngine(path, path, params, batch_size=int(batch_size or ecfg.get("batch_size") or 1024),
                       seed=int(seed), trust_remote_code=bool(bcfg.get("trust_remote_code")),

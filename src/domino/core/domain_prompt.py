@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from domino.records import read_json_object, write_text_atomic
+from domino.core.records import read_json_object, write_text_atomic
 
 DOMAIN_KEY = "domain_tokens"
 EXPORT = "domain_prompt.safetensors"
@@ -70,7 +70,7 @@ def save_peft_prompt(out_dir: str | Path, tokens: torch.Tensor, meta: dict[str, 
     from peft import PromptTuningConfig
     from safetensors.torch import save_file
 
-    from domino.backbone import hub_id
+    from domino.core.backbone import hub_id
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     D = tokens.detach().float().cpu().contiguous()
@@ -134,7 +134,7 @@ def _from_export(path: Path) -> DomainPrompt:
 
 
 def _from_lightning(path: Path) -> DomainPrompt:
-    from domino.training.prompts import domain_from_state_dict
+    from domino.core.prompts import domain_from_state_dict
     try:
         # weights_only: a checkpoint holds tensors and plain hyperparameters; nothing to unpickle
         ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -143,7 +143,7 @@ def _from_lightning(path: Path) -> DomainPrompt:
                          "damaged or truncated") from None
     if not isinstance(ckpt, dict) or "domino" not in ckpt or "state_dict" not in ckpt:
         raise ValueError(f"{path} is not a domino training checkpoint (no 'domino' metadata)")
-    from domino.trainer import check_checkpoint
+    from domino.core.trainer import check_checkpoint
     check_checkpoint(ckpt, path)  # the tensors' digest stored at save time, and finiteness
     hp, sd = ckpt.get("hyper_parameters", {}), ckpt["state_dict"]
     try:

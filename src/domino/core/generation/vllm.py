@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from domino.generation.params import Generation, SamplingParams
+from domino.core.generation.params import Generation, SamplingParams
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from lightning.pytorch.loggers import CSVLogger as _LightningCSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from omegaconf import DictConfig
 
-from domino.config import instantiate
-from domino.records import recover_torn_tail
+from domino.core.config import instantiate
+from domino.core.records import recover_torn_tail
 
 log = logging.getLogger(__name__)
 DIGEST_KEY = "domino_digest"
@@ -63,7 +63,7 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written or read, naming the file."""
 
 
-def tensor_digest(state_dict: dict[str, Any]) -> str:
+def state_dict_digest(state_dict: dict[str, Any]) -> str:
     """sha256 over the names, dtypes, shapes and bytes of a state dict's tensors."""
     h = hashlib.sha256()
     for k in sorted(state_dict):
@@ -83,7 +83,7 @@ def check_checkpoint(ckpt: Any, path: str | os.PathLike) -> dict:
     sd = ckpt.get("state_dict")
     if isinstance(sd, dict):
         want = ckpt.get(DIGEST_KEY)
-        if want is not None and tensor_digest(sd) != want:
+        if want is not None and state_dict_digest(sd) != want:
             raise CheckpointError(f"{path}: its tensors do not match the digest stored when it was written "
                                   f"({want}): the file is damaged")
         bad = [k for k, v in sd.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
@@ -169,7 +169,7 @@ class SafeCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any = None) -> None:
         if isinstance(checkpoint.get("state_dict"), dict):
-            checkpoint[DIGEST_KEY] = tensor_digest(checkpoint["state_dict"])
+            checkpoint[DIGEST_KEY] = state_dict_digest(checkpoint["state_dict"])
         if storage_options is not None or "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)

@@ -73,7 +73,7 @@ def accept(out_dir: str | os.PathLike, task_name: str | None = None) -> None:
     """The stage owns `out_dir` (lock held, state checked): write Hydra's record of this run there
     and start its log. Only for the directory of the Hydra app this process runs (a study composes
     stages in-process: their directories get no second record), once, on the launching rank."""
-    from domino.locking import launched_rank
+    from domino.core.locking import launched_rank
     out = Path(out_dir).resolve()
     hydra_dir = _hydra_dir()
     if hydra_dir is None or out != hydra_dir or _State.accepted is not None or launched_rank():
@@ -81,7 +81,7 @@ def accept(out_dir: str | os.PathLike, task_name: str | None = None) -> None:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    from domino.records import write_text_atomic
+    from domino.core.records import write_text_atomic
     hc = HydraConfig.get()
     record = out / ".hydra"
     if _State.task_cfg is not None:

@@ -21,7 +21,8 @@ import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from domino.records import RecordError, iter_jsonl
+from domino.core import records
+from domino.core.records import RecordError
 
 FORMATS = ("humaneval", "mbpp", "livecodebench", "codecontests")
 
@@ -31,26 +32,15 @@ class BenchmarkFormatError(ValueError):
 
 
 def read_records(path: str | Path) -> Iterator[tuple[str, dict]]:
-    """Yield (location, record) from .jsonl[.gz] / .json (a list) / .parquet."""
+    """Yield (location, record) from .jsonl[.gz] / .json (a list) / .parquet: the project's one reader
+    (domino.core.records.read_records), its errors as BenchmarkFormatError."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"benchmark file not found: {path}")
-    name = path.name.lower()
-    if name.endswith(".parquet"):
-        import pyarrow.parquet as pq
-        for i, rec in enumerate(pq.read_table(path).to_pylist()):
-            yield f"{path}:row {i}", rec
-        return
-    if name.endswith(".json"):
-        data = json.loads(path.read_text())
-        if not isinstance(data, list):
-            raise BenchmarkFormatError(f"{path}: expected a JSON list of problems")
-        for i, rec in enumerate(data):
-            yield f"{path}:item {i}", rec
-        return
-    try:  # the project's one JSONL reader: file, line and column in every error
-        for lineno, rec in iter_jsonl(path):
-            yield f"{path}:{lineno}", rec
+    unit = {".parquet": "row ", ".json": "item "}.get(path.suffix, "")
+    try:
+        for i, rec in records.read_records(path):
+            yield f"{path}:{unit}{i}", rec
     except RecordError as e:
         raise BenchmarkFormatError(str(e)) from None
 

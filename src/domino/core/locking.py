@@ -6,7 +6,7 @@ pid, host, stage and command in the message. The kernel drops a flock when its p
 (SIGKILL included), so a lock left by a crashed run never blocks the rerun that resumes it; the
 file itself stays (unlinking a flocked file races with a process that has it open).
 
-    from domino.locking import output_lock
+    from domino.core.locking import output_lock
     with output_lock(out_dir, "evaluate"):
         ...  # every write into out_dir
 

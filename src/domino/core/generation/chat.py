@@ -3,11 +3,11 @@
 A generator is any callable `conversations -> texts` (one conversation = a list of
 {"role", "content"} messages); tests inject deterministic fakes. The real ones render each
 conversation with the model's chat template into token ids and decode them with one of the
-synthesis engines, with domino.generation.params.SamplingParams and a per-row seed taken from the
+synthesis engines, with domino.core.generation.params.SamplingParams and a per-row seed taken from the
 row's content (a row's draw does not depend on its batch):
-- `hf` (default): left-padded batches on domino.generation.hf.HFEngine (KV cache, finished rows
+- `hf` (default): left-padded batches on domino.core.generation.hf.HFEngine (KV cache, finished rows
   dropped); also scores labels for the judge's logprob mode;
-- `vllm`: domino.generation.vllm.VLLMEngine (GPU only; vLLM is imported only when chosen).
+- `vllm`: domino.core.generation.vllm.VLLMEngine (GPU only; vLLM is imported only when chosen).
 The model of a stage (`model`, `tests_model`: load_backbone kwargs or a path) defaults to the
 synthesis backbone (`teacher_config`). Models are loaded once per config and shared by stages.
 """
@@ -19,11 +19,20 @@ import json
 import logging
 from typing import Any, Callable, Protocol
 
-from domino.embedded import DEFAULT_BACKBONE
+from domino.core.embedded import DEFAULT_BACKBONE
 
 log = logging.getLogger(__name__)
 Conversation = list[dict[str, str]]
 ENGINES = ("hf", "vllm")
+
+
+def messages(user: str, system: str | None = None, assistant: str | None = None) -> Conversation:
+    """The one chat-message builder: [system,] user[, assistant] as {"role", "content"} messages."""
+    out = [{"role": "system", "content": system}] if system else []
+    out.append({"role": "user", "content": user})
+    if assistant is not None:
+        out.append({"role": "assistant", "content": assistant})
+    return out
 
 
 class ChatGenerator(Protocol):
@@ -51,11 +60,11 @@ def teacher_config(model_cfg: dict[str, Any] | str | None, default_backbone: dic
 
 def stage_engine(gen_cfg: dict[str, Any], shared: dict[str, Any] | None = None,
                  where: str = "generation") -> dict[str, Any]:
-    """A model stage's engine, in the one schema (domino.generation.factory): `curation.engine`
+    """A model stage's engine, in the one schema (domino.core.generation.factory): `curation.engine`
     (`shared`, one block for the judge, the responses and the test writer), beneath the stage's own
     older keys (`device`, `num_threads`, and a `vllm:` block when the engine is vllm), beneath the
     stage's `engine` (null: the shared one; a name; or a block)."""
-    from domino.generation.factory import RUNTIME_KEYS, engine_config
+    from domino.core.generation.factory import RUNTIME_KEYS, engine_config
     own = gen_cfg.get("engine")
     own = {"name": own} if isinstance(own, str) else {k: v for k, v in dict(own or {}).items() if v is not None}
     ecfg = {k: v for k, v in dict(shared or {}).items() if v is not None}
@@ -110,7 +119,7 @@ class _ChatGenerator:
 
 
 def _params(tok, sampling: dict[str, Any] | None, stop_tokens: list[str] | None):
-    from domino.generation.params import SamplingParams
+    from domino.core.generation.params import SamplingParams
     stop_ids = [i for t in (stop_tokens or []) if (i := tok.convert_tokens_to_ids(t)) is not None
                 and i != tok.unk_token_id]
     return SamplingParams.from_config({"temperature": 0.0, "max_new_tokens": 512, **(sampling or {})},
@@ -131,13 +140,11 @@ class HFChatGenerator(_ChatGenerator):
     engine_name = "hf"
 
     def __init__(self, backbone, sampling: dict[str, Any] | None = None, batch_size: int = 8,
-                 device: str = "auto", seed: int = 0, stop_tokens: list[str] | None = None,
-                 num_threads: int | None = None):
-        from domino.generation.factory import runtime
-        from domino.generation.hf import HFEngine
+                 seed: int = 0, stop_tokens: list[str] | None = None):
+        """`backbone` as factory.load_model returns it: on the device of the one device and thread rule."""
+        from domino.core.generation.hf import HFEngine
         self.tok, self.seed = backbone.tokenizer, seed
         _need_chat_template(self.tok, backbone.id)
-        backbone.model.to(runtime({"device": device, "num_threads": num_threads}))
         params = _params(self.tok, sampling, stop_tokens)
         self.engine = HFEngine(backbone.model, self.tok, params, batch_size=batch_size)
         self.batch_size = batch_size
@@ -168,7 +175,7 @@ class HFChatGenerator(_ChatGenerator):
             ids[i, :len(x)], mask[i, :len(x)] = torch.tensor(x), 1
         keep = T - len(base) + 1  # only the positions that predict option tokens reach the LM head
         dev = self.engine.device
-        from domino.generation.hf import last_logits
+        from domino.core.generation.hf import last_logits
         with torch.no_grad():
             logits, _ = last_logits(self.engine.model, keep, input_ids=ids.to(dev), attention_mask=mask.to(dev))
         logp = logits.log_softmax(-1)  # position j predicts option token j
@@ -181,8 +188,8 @@ class VLLMChatGenerator(_ChatGenerator):
 
     def __init__(self, bcfg: dict[str, Any], sampling: dict[str, Any] | None = None, batch_size: int = 256,
                  seed: int = 0, stop_tokens: list[str] | None = None, ecfg: dict[str, Any] | None = None):
-        from domino.backbone import model_dir
-        from domino.generation.factory import vllm_identity, vllm_kwargs
+        from domino.core.backbone import model_dir
+        from domino.core.generation.factory import vllm_identity, vllm_kwargs
         self.tok, ident = vllm_identity(bcfg, dict(ecfg or {}))
         self.seed, self.batch_size = seed, batch_size
         _need_chat_template(self.tok, ident["backbone_id"])
@@ -207,7 +214,7 @@ def _vllm_engine(model_dir: str, trust_remote_code: bool, vkw: dict[str, Any], p
     key = json.dumps([model_dir, trust_remote_code, vkw], sort_keys=True, default=str)
     if key not in _VLLM:
         _release_vllm()
-        from domino.generation.factory import open_vllm
+        from domino.core.generation.factory import open_vllm
         _VLLM[key] = open_vllm({"path": model_dir, "trust_remote_code": trust_remote_code}, vkw, params, seed,
                                prompt_embeds=False)
     return _VLLM[key]
@@ -238,13 +245,13 @@ def build_generator(model_cfg: dict[str, Any] | str | None, default_backbone: di
     if ecfg["name"] == "vllm":
         log.info("curation: %s on vLLM: %s", where, bcfg.get("path"))
         return VLLMChatGenerator(bcfg, batch_size=int(gen_cfg.get("batch_size", 256)), ecfg=ecfg, **kw)
-    from domino.generation.factory import load_model, runtime
+    from domino.core.generation.factory import load_model, runtime
     device = runtime(ecfg)
     key = json.dumps({**bcfg, "device": device, "engine_dtype": ecfg.get("dtype")}, sort_keys=True, default=str)
     if key not in _MODELS:
         log.info("curation: loading %s", bcfg.get("path"))
-        _MODELS[key] = load_model(bcfg, ecfg)  # engine.dtype (null = model.dtype) through the one dtype rule
-    return HFChatGenerator(_MODELS[key], batch_size=int(gen_cfg.get("batch_size", 8)), device=device, **kw)
+        _MODELS[key] = load_model(bcfg, ecfg)  # on `device`; engine.dtype (null = model.dtype): the one dtype rule
+    return HFChatGenerator(_MODELS[key], batch_size=int(gen_cfg.get("batch_size", 8)), **kw)
 
 
 def release_models() -> None:

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from domino.records import read_json_object, write_text_atomic
+from domino.core.records import read_json_object, write_text_atomic
 
 FILE = "lineage.json"
 

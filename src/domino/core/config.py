@@ -55,7 +55,7 @@ def conf_dir() -> Path:
     else the repository's conf/ (a clone or an editable install)."""
     if os.environ.get("DOMINO_CONF"):
         return Path(os.environ["DOMINO_CONF"]).expanduser().resolve()
-    packaged = Path(__file__).resolve().parent / "conf"
+    packaged = Path(__file__).resolve().parents[1] / "conf"  # domino/conf beside domino/core
     if packaged.is_dir():
         return packaged
-    return Path(__file__).resolve().parents[2] / "conf"
+    return Path(__file__).resolve().parents[3] / "conf"

@@ -6,7 +6,7 @@ last line without its newline was being written when the process died; it is cut
 file is opened for appending, with a warning naming the file, and the record is produced again.
 `JsonlStore` adds a unique key per record, so a resumed or repeated write never duplicates one:
 
-    from domino.records import JsonlStore
+    from domino.core.records import JsonlStore
     with JsonlStore(path, key=lambda r: (r["task_id"], r["sample_idx"]), keep_records=True) as store:
         store.add(rec)          # False (and nothing written) when that key is already there
 """

