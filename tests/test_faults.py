@@ -27,7 +27,7 @@ from domino.core.validate import ConfigError
 from domino.curation.run import run_curation
 
 from .conftest import CONF, FIXTURES, ROOT, SMALL_TRAIN, StopAt, compose_config
-from .test_curation_pipeline import HELDOUT, FakeModel
+from .curation.test_curation_pipeline import HELDOUT, FakeModel
 
 SYNTH = ["engine.batch_size=2", "sampling.max_new_tokens=8", "progress=false", "engine.num_threads=1"]
 # 8 references in batches of 4: two batches an epoch, so steps 1, 3, 5 end mid-epoch

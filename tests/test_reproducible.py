@@ -225,7 +225,7 @@ from omegaconf import OmegaConf
 from domino.core.generation.chat import release_models
 from domino.curation.run import run_curation
 from tests.conftest import CONF, FIXTURES, TINY
-from tests.test_curation_pipeline import HELDOUT, FakeModel
+from tests.curation.test_curation_pipeline import HELDOUT, FakeModel
 
 out = Path(sys.argv[1])
 w = [f"w{i}" for i in range(17)]

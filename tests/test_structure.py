@@ -186,3 +186,13 @@ def test_engines_threads_and_devices_are_set_up_only_by_the_engine_factory():
         if re.search(r"choose_device\(\s*ecfg|choose_device\(\s*gen_cfg", text):
             bad.append(f"{rel} resolves an engine's device")
     assert not bad, "\n".join(bad)
+
+
+def test_tests_mirror_the_package_layout():
+    """tests/<package>/ for the library and every stage package (their unit and stage tests), and
+    nothing else but the cross-cutting tests (configs, faults, packaging, ...) at the top."""
+    tests = ROOT / "tests"
+    dirs = {p.name for p in tests.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    assert dirs == {"core", *ORDER}, sorted(dirs)
+    for d in dirs:
+        assert list((tests / d).glob("test_*.py")), f"tests/{d}/ holds no test"

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from domino.core.records import read_jsonl
 from domino.stages import synthesize as run
 
-from .conftest import ROOT, SMALL_TRAIN, compose_config
+from ..conftest import ROOT, SMALL_TRAIN, compose_config
 
 FAST = ["n=4", "engine.batch_size=2", "sampling.max_new_tokens=8", "progress=false", "engine.num_threads=1"]
 

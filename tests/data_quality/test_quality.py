@@ -12,7 +12,7 @@ from domino.data_quality import metrics as Q
 from domino.data_quality.compute import compute_report, options, sample_paths
 from domino.data_quality.run import run_data_quality
 
-from .conftest import CONF, TINY
+from ..conftest import CONF, TINY
 
 
 def _ws(texts):

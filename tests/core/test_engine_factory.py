@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from domino.core.generation import factory
 from domino.core.generation.params import SamplingParams
 
-from .conftest import CONF, TINY
+from ..conftest import CONF, TINY
 
 
 class Recorder:

@@ -14,7 +14,7 @@ import yaml
 from domino.core import backbone as bbmod
 from domino.core import embedded as emb
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _tiny_gguf(path: Path, name: str) -> bytes:

@@ -14,7 +14,7 @@ from domino.core.batching import pad_batch, tokenize_texts
 from domino.training.module import DominoModule
 from domino.training.run import train
 
-from .conftest import ROOT, SMALL_TRAIN, TINY
+from ..conftest import ROOT, SMALL_TRAIN, TINY
 
 PIN_TEXTS = ["def f(x):\n    return x", "import os\nprint(1)", "a = [1, 2, 3]", "while True:\n    pass"]
 

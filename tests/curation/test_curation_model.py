@@ -16,7 +16,7 @@ from domino.core.generation.chat import HFChatGenerator, release_models
 from domino.core.records import read_jsonl
 from domino.curation.run import run_curation
 
-from .conftest import CONF, TINY
+from ..conftest import CONF, TINY
 
 
 def test_hf_chat_generator_batches_deterministically(tiny_backbone):

@@ -8,7 +8,7 @@ import torch
 
 from domino.study import stats as S
 
-from .conftest import ROOT
+from ..conftest import ROOT
 
 
 # ------------------------------------------------------------------ statistics

@@ -9,7 +9,7 @@ from domino.core.domains import load_domain, load_records, reference_fingerprint
 from domino.core.records import JsonlAppender, RecordError, read_jsonl
 from domino.training.datamodule import DomainDataModule
 
-from .conftest import FIXTURES
+from ..conftest import FIXTURES
 
 
 def test_humaneval_split_is_seeded_and_disjoint():

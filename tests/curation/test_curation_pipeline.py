@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from domino.core.records import RecordError, read_jsonl
 from domino.curation.run import run_curation
 
-from .conftest import CONF, FIXTURES
+from ..conftest import CONF, FIXTURES
 
 HELDOUT = {"name": "heldout", "path": str(FIXTURES / "curation_heldout.jsonl")}
 

@@ -20,7 +20,7 @@ from domino.finetune.data import IGNORE, Collate, as_rows, encode_chat, encode_r
 from domino.finetune.module import LoRAModule
 from domino.finetune.run import PROVENANCE, finetune
 
-from .conftest import CONF, FIXTURES, ROOT, TINY, StopAt, compose_config
+from ..conftest import CONF, FIXTURES, ROOT, TINY, StopAt, compose_config
 
 SMALL = FIXTURES / "sft_small.jsonl"
 MULTI = FIXTURES / "sft_multiturn.jsonl"

@@ -8,7 +8,7 @@ from domino.core.benchmarks import BenchmarkFormatError, benchmark_fingerprint, 
 from domino.core.sandbox import Sandbox, SandboxConfig
 from domino.evaluation.prompting import build_prompt, code_or_answer, program_from_sample, to_program
 
-FX = Path(__file__).parent / "fixtures"
+FX = Path(__file__).parents[1] / "fixtures"
 LCB_FUNC = "class Solution:\n    def total(self, nums):\n        return sum(nums)\n"
 LCB_STDIN = "n = int(input())\nprint(max(map(int, input().split())))\n"
 

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from .conftest import CONF, ROOT
+from ..conftest import CONF, ROOT
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed"),

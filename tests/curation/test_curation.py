@@ -11,7 +11,7 @@ from domino.curation.overlap import EvalIndex, decontaminate, memorisation_filte
 from domino.curation.responses import extract_code
 from domino.curation.text import exact_dedup, normalise
 
-from .conftest import FIXTURES
+from ..conftest import FIXTURES
 
 
 def _samples():

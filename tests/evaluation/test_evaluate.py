@@ -9,8 +9,8 @@ from hydra import compose, initialize_config_dir
 
 from domino.stages import EVALUATE_TASKS as TASKS
 
-ROOT = Path(__file__).resolve().parents[1]
-FX = Path(__file__).parent / "fixtures"
+ROOT = Path(__file__).resolve().parents[2]
+FX = Path(__file__).parents[1] / "fixtures"
 
 
 TINY = ("backbone=tiny", "benchmark.limit=2", "n_samples=2", "k=[1,2]", "sampling.max_new_tokens=6",
@@ -118,7 +118,7 @@ def test_sampled_completions_depend_on_their_seed_not_their_batch(tmp_path):
     from domino.core.generation.params import SamplingParams
     from domino.evaluation.generation import generate_completions
 
-    from .conftest import TINY
+    from ..conftest import TINY
     problems = load_benchmark("humaneval", limit=3)
     # top_k: a random model's near-flat distribution over the whole vocabulary puts the inverse-CDF
     # draw within float rounding of a boundary, where padded and unpadded batches can disagree
@@ -154,7 +154,7 @@ def test_greedy_completions_equal_transformers_generate(tmp_path, tiny_backbone,
     from domino.evaluation.generation import generate_completions
     from domino.evaluation.prompting import build_prompt
 
-    from .conftest import TINY
+    from ..conftest import TINY
     problems = load_benchmark("humaneval", limit=2) + load_benchmark(
         "livecodebench", path=str(FX / "bench_livecodebench.jsonl"))[:2]
     recs, _ = generate_completions(problems, TINY, SamplingParams(temperature=0, max_new_tokens=12), 1, 0,
@@ -225,7 +225,7 @@ def test_adapter_run_scores_its_heldout_split_and_records_the_lineage(tmp_path):
 
     from domino.core.backbone import load_backbone
 
-    from .conftest import TINY
+    from ..conftest import TINY
     adapter = _adapter_with_lineage(tmp_path / "adapter", heldout=str(FX / "bench_heldout.jsonl"))
     model = get_peft_model(load_backbone(**TINY).model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     model.save_pretrained(str(adapter))

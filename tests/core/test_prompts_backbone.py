@@ -6,7 +6,7 @@ import torch
 from domino.core.backbone import count_params, freeze, load_backbone
 from domino.core.prompts import SoftPrompts
 
-from .conftest import TINY
+from ..conftest import TINY
 
 
 def test_init_modes(tiny_backbone):
