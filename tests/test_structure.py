@@ -125,13 +125,17 @@ def test_the_stage_table_drives_the_cli_the_api_and_the_entry_scripts():
 
 def test_every_stage_returns_one_shape(tmp_path):
     from domino.stages import STAGES
-    st = STAGES["finetune"]
-    (tmp_path / "merged").mkdir()
+    (tmp_path / "merged").mkdir()  # an earlier run's merge: not this run's output
     raw = {"output_dir": str(tmp_path), "adapter": str(tmp_path / "adapter"), "steps": 4, "resumed": True,
            "metrics": {"train/loss": 1.5}, "config": {"x": 1}}
-    res = st.result(raw)
+    res = STAGES["finetune"].result(raw)
     assert res == {"output_dir": str(tmp_path), "metrics": {"steps": 4, "train/loss": 1.5},
-                   "artifacts": {"adapter": str(tmp_path / "adapter"), "merged": str(tmp_path / "merged")}}
+                   "artifacts": {"adapter": str(tmp_path / "adapter")}}
+    # a stage whose runner names no files (pass@k returns its summary): the files it wrote in output_dir
+    (tmp_path / "summary.json").write_text("{}")
+    res = STAGES["evaluate"].result({"pass@1": 0.5, "tasks": 3}, {"paths": {"output_dir": str(tmp_path)}})
+    assert res == {"output_dir": str(tmp_path), "metrics": {"pass@1": 0.5, "tasks": 3},
+                   "artifacts": {"summary": str(tmp_path / "summary.json")}}
 
 
 def layout_entries(readme: str) -> tuple[dict[str, str], str]:

@@ -31,8 +31,9 @@ class Stage:
     help: str                        # one line, for `domino --help`
     runner: str                      # "module:function" taking the composed config
     schema: Mapping[str, validate.Num] = field(default_factory=dict)
-    # name -> file name in output_dir: reported when the runner returns the name or the file exists
-    artifacts: Mapping[str, str] = field(default_factory=dict)
+    # name -> file name in output_dir (None: only what the runner returns): reported when the runner
+    # returns the name, else when that file exists in output_dir
+    artifacts: Mapping[str, str | None] = field(default_factory=dict)
 
     def load(self) -> Callable[[Any], dict]:
         module, fn = self.runner.split(":")
@@ -50,7 +51,7 @@ class Stage:
         arts: dict[str, str] = {}
         for key, filename in self.artifacts.items():
             value = raw.get(key)  # a runner that returns the name with None produced none
-            if key not in raw and out and (Path(out) / filename).exists():
+            if key not in raw and out and filename and (Path(out) / filename).exists():
                 value = str(Path(out) / filename)
             if value is not None:
                 arts[key] = str(value)
@@ -70,7 +71,8 @@ def _output_dir(cfg) -> str | None:
     return cfg.get("output_dir") or paths.get("output_dir")
 
 
-CURATION = {"curated": "curated.jsonl", "sft": "sft.jsonl", "report_md": "report.md", "report_json": "report.json"}
+# what the curation runner returns (a sample-only run leaves an earlier curation's files unreported)
+CURATION = {"curated": None, "sft": None, "report_md": None, "report_json": None}
 
 STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("train", "train", "learn the domain tokens from reference examples",
@@ -79,11 +81,11 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
            "heldout": "heldout.jsonl", "lineage": "lineage.json"}),
     Stage("synthesize", "synthesize", "sample new examples (curate=true: then curate them)",
           "domino.stages:synthesize", validate.SYNTHESIZE,
-          {"samples": "samples.jsonl", **CURATION, "lineage": "lineage.json"}),
+          {"samples": None, **CURATION, "lineage": "lineage.json"}),
     Stage("curate", "curate", "filter samples, write responses and the SFT set (samples=<file>)",
           "domino.curation.run:curate", validate.CURATE, {**CURATION, "lineage": "lineage.json"}),
     Stage("finetune", "finetune", "fit a LoRA adapter on an SFT set (data=<file>)",
-          "domino.finetune.run:finetune", validate.FINETUNE, {"adapter": "adapter", "merged": "merged"}),
+          "domino.finetune.run:finetune", validate.FINETUNE, {"adapter": None, "merged": None}),
     Stage("evaluate", "evaluate", "pass@k on a code benchmark (task=data_quality: the data-quality report)",
           "domino.stages:evaluate", validate.EVALUATE,
           {"completions": "completions.jsonl", "results": "results.jsonl", "summary": "summary.json",

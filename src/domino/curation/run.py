@@ -190,6 +190,7 @@ class Curation:
                       sft=str(Path(result["sft"]).resolve()) if result["sft"] else None)
         report = write_report(self.out_dir, self.root, funnel, self.metas, result, self.cfg.get("report") or {})
         result.update(report)
+        result["output_dir"] = str(self.out_dir)
         return result
 
     def _fp(self, current: Path, c: dict, *extra: Any) -> str:
