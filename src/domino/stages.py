@@ -40,7 +40,9 @@ class Stage:
         return getattr(importlib.import_module(module), fn)
 
     def run(self, cfg) -> dict[str, Any]:
-        """Run the stage on its composed config: {"output_dir", "artifacts", "metrics"}."""
+        """Run the stage on its composed config: {"output_dir", "artifacts", "metrics"}. Its schema is
+        checked before anything is loaded (the runner checks it again when called on its own)."""
+        validate.check_config(cfg, self.schema, self.name)
         return self.result(self.load()(cfg), cfg)
 
     def result(self, raw: dict[str, Any], cfg=None) -> dict[str, Any]:
@@ -92,9 +94,11 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
            "summary_md": "summary.md", "report": "data_quality.json", "report_md": "data_quality.md"}),
     Stage("data_quality", "data_quality", "diversity, alignment and memorisation of sample sets (samples={name: file})",
           "domino.data_quality.run:run_data_quality", validate.DATA_QUALITY,
-          {"report": "data_quality.json", "report_md": "data_quality.md", "per_sample": "per_sample.jsonl"}),
+          {"report": "data_quality.json", "report_md": "data_quality.md", "per_sample": "data_quality_samples.jsonl"}),
     Stage("study", "study", "the evidence study (seeded comparison with intervals)",
-          "domino.study.run:run", {}, {"report_md": "report.md", "loop_report_md": "loop_report.md"}),
+          "domino.study.run:run", {},
+          {"report_md": "report.md", "report_json": "study.json", "loop_report_md": "loop_report.md",
+           "loop_report_json": "loop_report.json"}),
 ]}
 
 
@@ -125,6 +129,7 @@ def synthesize(cfg) -> dict[str, Any]:
     from domino.synthesis.run import sample
     if not cfg.get("curate"):
         return sample(cfg)
+    validate.check_config(cfg, validate.CURATE, "curate")  # before sampling, not after it
     # sample, then curate into the same directory under one lock: no other writer gets in between
     from domino.core.locking import output_lock
     with output_lock(cfg.get("output_dir") or cfg.paths.output_dir, "synthesize"):

@@ -225,6 +225,33 @@ def test_sources_found_from_the_synthesis_run(cfg, run_dir):
     assert funnel["decontaminate"]["n_dropped"] == 2
 
 
+def test_lineage_from_before_the_backbone_record_is_refused_not_replaced(cfg, run_dir):
+    """A samples lineage written before it named the backbone: curating with the default model
+    instead of the samples' own would be silent, so a model stage refuses, naming the remedy;
+    backbone= (or injected models) go ahead."""
+    (run_dir / "lineage.json").write_text(json.dumps({
+        "samples": str(run_dir / "samples.jsonl"), "references": str(FIXTURES / "curation_references.jsonl")}))
+    with pytest.raises(ValueError, match=r"lineage.json does not name the backbone.*rerun the synthesize command"):
+        run_curation(cfg, run_dir / "samples.jsonl", run_dir, eval_sets=[HELDOUT], progress=False)
+    assert not (run_dir / "curated.jsonl").exists()
+    result = run_curation(cfg, run_dir / "samples.jsonl", run_dir, eval_sets=[HELDOUT], generators=FakeModel(),
+                          progress=False)
+    assert result["n_sft"] > 0
+
+
+def test_a_moved_sample_directory_keeps_its_provenance(cfg, run_dir, tmp_path):
+    """lineage.json holds absolute paths: a directory copied elsewhere still names its own samples
+    file (same name, same directory), so its references are found; another file's lineage is not."""
+    lin = {"samples": "/elsewhere/run/samples.jsonl", "references": str(FIXTURES / "curation_references.jsonl"),
+           "backbone": {"path": "tiny"}, "samples_fingerprint": "abc"}
+    (run_dir / "lineage.json").write_text(json.dumps(lin))
+    from domino.curation.sources import run_sources
+    found = run_sources(run_dir / "samples.jsonl")
+    assert found["references"] == lin["references"] and found["fingerprint"] == "abc"
+    (run_dir / "lineage.json").write_text(json.dumps({**lin, "samples": "/elsewhere/run/other.jsonl"}))
+    assert run_sources(run_dir / "samples.jsonl")["references"] is None
+
+
 def test_errors_are_explicit(cfg, run_dir):
     with pytest.raises(FileNotFoundError, match="memorisation.references"):
         run_curation(cfg, run_dir / "samples.jsonl", run_dir, generators=FakeModel(), progress=False)
@@ -327,3 +354,18 @@ def test_curate_stage_without_responses(compose, run_dir, caplog, config, extra)
     assert res["metrics"]["n_curated"] == len(read_jsonl(curated)) > 0
     assert not (run_dir / "sft.jsonl").exists()
     assert any("no SFT export" in r.getMessage() for r in caplog.records if r.name == "domino.curation.run")
+
+
+def test_curate_py_runs_as_a_process(run_dir, tmp_path):
+    """The curate stage's own entry script (no model stage: filters only)."""
+    import subprocess
+    import sys
+
+    from ..conftest import ROOT
+    out = tmp_path / "cur"
+    proc = subprocess.run([sys.executable, "curate.py", f"samples={run_dir / 'samples.jsonl'}", f"output_dir={out}",
+                           "curation.judge.enabled=false", "curation.responses.enabled=false",
+                           "curation.memorisation.enabled=false", "progress=false"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert read_jsonl(out / "curated.jsonl") and not (out / "sft.jsonl").exists()

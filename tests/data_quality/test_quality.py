@@ -194,6 +194,10 @@ def test_run_data_quality_end_to_end(tmp_path):
         "data_quality": {"embed": {"batch_size": 4}, "knn_k": 3, "tsne": {"perplexity": 5}}})
     report = run_data_quality(cfg)
     out = tmp_path / "out"
+    from domino.stages import STAGES
+    arts = STAGES["data_quality"].result(report, cfg)["artifacts"]  # the stage table names every file it wrote
+    assert arts == {"report": str(out / "data_quality.json"), "report_md": str(out / "data_quality.md"),
+                    "per_sample": str(out / "data_quality_samples.jsonl")}
     for f in ("data_quality.json", "data_quality.md", "data_quality_samples.jsonl", "tsne.png", "metrics.png"):
         assert (out / f).stat().st_size > 0, f
     for f in ("tsne.png", "metrics.png"):
@@ -256,3 +260,22 @@ def test_missing_references_file_is_named_by_evaluate(tmp_path):
                             "paths": {"output_dir": str(tmp_path / "out")}, "backbone": None})
     with pytest.raises(FileNotFoundError, match=r"references=.*nope/references.jsonl: no such file"):
         evaluate(cfg)
+
+
+@pytest.mark.slow
+def test_data_quality_py_runs_as_a_process(tmp_path):
+    """The data_quality stage's own entry script, on the tiny backbone."""
+    import subprocess
+    import sys
+
+    from ..conftest import ROOT
+    refs = _write(tmp_path / "references.jsonl", [f"def f{i}(a):\n    return a + {i}" for i in range(6)])
+    _write(tmp_path / "heldout.jsonl", [f"def g{i}(b):\n    return b * {i}" for i in range(6)])
+    sset = _write(tmp_path / "s.jsonl", [f"def h{i}(c):\n    return c - {i}" for i in range(6)])
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "data_quality.py", "backbone=tiny", f"references={refs}",
+                           f"samples={{mine: {sset}}}", "data_quality.knn_k=2", "data_quality.tsne.perplexity=2",
+                           "data_quality.plots=false", f"hydra.run.dir={out}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert set(json.loads((out / "data_quality.json").read_text())["rows"]) == {"mine", "heldout"}

@@ -140,6 +140,10 @@ def test_qwen_smoke_study_runs_both_parts_and_resumes(tmp_path):
                             "paths.output_dir=" + str(tmp_path / "hydra"), "progress=false"])
     first = Study(cfg).run(progress=False)
     out = tmp_path / "results"
+    from domino.stages import STAGES
+    res = STAGES["study"].result(first, cfg)  # the table's shape: the study's committed directory and reports
+    assert res["output_dir"] == str(out) and res["metrics"]["n_executed"] == len(first["executed"])
+    assert set(res["artifacts"]) == {"report_md", "report_json", "loop_report_md", "loop_report_json"}
     ex = first["executed"]
     assert ex[:4] == ["pilot released", "pilot tuned", "pilot verdict", "evaluate base"]
     assert not any(t.startswith("train") and t.endswith("seed 100") for t in ex)  # sweeps are named sweep

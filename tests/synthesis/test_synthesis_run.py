@@ -14,7 +14,6 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from domino.core.records import read_jsonl
 from domino.stages import synthesize as run
 
 from ..conftest import ROOT, SMALL_TRAIN, compose_config
@@ -167,11 +166,17 @@ def test_baselines_write_records_of_their_method(run_dir, tmp_path, method):
     assert res["n_present"] == 4 and [r["method"] for r in recs] == [method] * 4
     assert all(r["id"].startswith(method + "-") for r in recs)
     meta = json.loads((tmp_path / "samples.meta.json").read_text())
-    # the lineage names the domain's split (written beside the samples) and the backbone: curation's inputs
+    # the lineage names the domain (its split is rebuilt from it) and the backbone: curation's inputs
     from domino.core import lineage
+    from domino.curation.sources import run_sources
     lin = lineage.read(tmp_path / "samples.jsonl")
-    assert lin["references"] == str((tmp_path / "references.jsonl").resolve()) and lin["backbone"]["path"] == "tiny"
-    assert len(read_jsonl(lin["references"])) == 8 and len(read_jsonl(lin["heldout"])) == 164 - 8
+    assert lin["domain"]["n_references"] == 8 and lin["backbone"]["path"] == "tiny"
+    found = run_sources(tmp_path / "samples.jsonl")  # the checkpoint lending the backbone names its references
+    assert found["references"] == lin["references"] == str((run_dir / "references.jsonl").resolve())
+    del lin["references"], lin["heldout"]  # a baseline without a checkpoint: the split comes from its domain
+    (tmp_path / "lineage.json").write_text(json.dumps(lin))
+    found = run_sources(tmp_path / "samples.jsonl")
+    assert len(found["references"]) == 8 and len(found["heldout"]) == 164 - 8 and found["backbone"] == lin["backbone"]
     if method == "few_shot":
         refs = [r["source"]["references"] for r in recs]
         assert all(len(x) == 2 for x in refs) and len({tuple(x) for x in refs}) > 1

@@ -77,9 +77,22 @@ class Curation:
         from domino.core.generation.chat import build_generator
         stage = role if role != "tests" else "code_checks"
         c = self.stage_cfg(stage)
-        return build_generator(c.get(model_key), self.backbone, c.get(gen_key) or {}, f"curation.{stage}.{gen_key}",
+        return build_generator(c.get(model_key), self.run_backbone(c.get(model_key)), c.get(gen_key) or {},
+                               f"curation.{stage}.{gen_key}",
                                logprob=role == "judge" and c.get("mode") == "logprob",
                                shared_engine=self.cfg.get("engine"))
+
+    def run_backbone(self, model_cfg: Any) -> dict | None:
+        """The backbone a model stage without its own `model.path` defaults to: backbone=, else the
+        one the samples' lineage.json names. A lineage written before it named one is refused rather
+        than silently replaced by the default model."""
+        own = model_cfg.get("path") if isinstance(model_cfg, dict) else model_cfg
+        if self.backbone is None and not own and self.found.get("backbone_unknown"):
+            raise ValueError(f"{lineage.lineage_path(self.samples_path)} does not name the backbone the samples "
+                             "were drawn from (written by an older version): rerun the synthesize command that "
+                             "made them (every sample is kept; lineage.json is rewritten), or name the model with "
+                             "backbone=<group> or curation.<stage>.model.path=")
+        return self.backbone
 
     def injected(self, role: str) -> bool:
         g = self.generators
@@ -97,6 +110,7 @@ class Curation:
                 continue
             check_engine(c.get(gen_key) or {}, f"curation.{stage}.{gen_key}",
                          logprob=stage == "judge" and c.get("mode") == "logprob", shared=self.cfg.get("engine"))
+            self.run_backbone(c.get("tests_model" if role == "tests" else "model"))
 
     def model_identity(self, role: str, model_key: str = "model") -> Any:
         g = self.generators
@@ -107,7 +121,7 @@ class Curation:
             return {"injected": fingerprint_of(g)}
         from domino.core.generation.chat import teacher_config
         c = self.stage_cfg(role if role != "tests" else "code_checks")
-        return _backbone_key(teacher_config(c.get(model_key), self.backbone))
+        return _backbone_key(teacher_config(c.get(model_key), self.run_backbone(c.get(model_key))))
 
     def decontam_specs(self) -> list[dict]:
         c = self.stage_cfg("decontaminate")

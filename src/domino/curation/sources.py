@@ -3,8 +3,8 @@ trained on (memorisation) and every evaluation set that will be used (decontamin
 
 A synthesis run records them in its lineage.json (domino.core.lineage), the one provenance channel
 curation reads: a run from a domain prompt inherits the training run's references.jsonl and
-heldout.jsonl, a baseline run (few_shot, zero_shot, magpie) writes its domain's split beside its
-samples; both name the backbone the samples were drawn from.
+heldout.jsonl; a baseline run (few_shot, zero_shot, magpie) names its domain config, from which the
+same split is rebuilt here; both name the backbone the samples were drawn from.
 """
 from __future__ import annotations
 
@@ -22,14 +22,21 @@ BENCHMARK_FORMATS = ("humaneval", "mbpp", "livecodebench", "codecontests")
 
 
 def run_sources(samples_path: str | Path) -> dict[str, Any]:
-    """{"references": path|None, "heldout": path|None, "backbone": dict|None, "fingerprint": str|None}
-    from the lineage.json of the run that wrote `samples_path` (all None for a file without one, or
-    one that another file's lineage describes)."""
+    """{"references": path|records|None, "heldout": path|records|None, "backbone": dict|None,
+    "fingerprint": str|None, "backbone_unknown": bool} from the lineage.json of the run that wrote
+    `samples_path` (all None for a file without one). A lineage that names another sample file of the
+    directory is not this file's; one whose sample file has the same name is (the directory was moved
+    or copied)."""
     lin = lineage.read(samples_path)
-    if lin.get("samples") and Path(lin["samples"]).resolve() != Path(samples_path).resolve():
-        lin = {}  # the lineage of another sample file that shares the directory
+    if lin.get("samples") and Path(lin["samples"]).name != Path(samples_path).name:
+        lin = {}
     out = {"references": lin.get("references"), "heldout": lin.get("heldout"), "backbone": lin.get("backbone"),
-           "fingerprint": lin.get("samples_fingerprint")}
+           "fingerprint": lin.get("samples_fingerprint"),
+           # written before lineage.json named the backbone: the samples' model is unknown here
+           "backbone_unknown": bool(lin.get("samples")) and "backbone" not in lin}
+    if out["references"] is None and lin.get("domain"):
+        from domino.core.domains import load_domain
+        out["references"], out["heldout"] = load_domain(**lin["domain"])
     out["heldout"] = _unless_empty(out["heldout"], lineage.lineage_path(samples_path))
     return out
 

@@ -439,7 +439,8 @@ class Study:
         self.commit("report")
         log.info("study: %d tasks run, %d already done, %.0f s; report: %s", len(executed),
                  done_before, time.perf_counter() - t_start, self.dir / "report.md")
-        return {"executed": executed, "skipped": done_before, "report": report, "dir": str(self.dir)}
+        return {"executed": executed, "n_executed": len(executed), "skipped": done_before, "report": report,
+                "dir": str(self.dir), "output_dir": str(self.dir)}
 
     def commit(self, what: str) -> None:
         """With `study.commit: true`, commit study.dir after each task (only that path), so a
@@ -467,5 +468,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return Study(cfg).run(progress=bool(cfg.get("progress", True)))
     if stage == "report":
         from domino.study.report import write_report
-        return {"report": write_report(Path(cfg.study.dir), cfg.study), "dir": str(cfg.study.dir)}
+        return {"report": write_report(Path(cfg.study.dir), cfg.study), "dir": str(cfg.study.dir),
+                "output_dir": str(cfg.study.dir)}
     raise ValueError(f"stage={stage!r} is not one of ('all', 'report')")

@@ -18,7 +18,6 @@ from domino.core.generation.factory import RUNTIME_KEYS
 from domino.core.generation.params import Generation, SamplingParams, sample_seed
 from domino.core.locking import output_lock
 from domino.core.provenance import git_commit
-from domino.core.records import write_jsonl
 from domino.core.validate import SYNTHESIZE, check_config
 from domino.synthesis.methods import DOMAIN_METHODS, Plan, build_plan, stop_strings
 from domino.synthesis.output import SampleStore, sample_id
@@ -85,8 +84,10 @@ def _sample(c: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     label = str(prompt.meta.get("method") or "domino") if name in DOMAIN_METHODS else name
     bcfg = backbone_config(c, prompt)
     domain = dict(c.get("domain") or {})
-    split = _baseline_split(domain) if name in BASELINES else None
-    references = split[0] if split and name == "few_shot" else None  # held-out stays unseen
+    references = None
+    if name == "few_shot":
+        from domino.core.domains import load_domain
+        references, _ = load_domain(**domain)  # reference split only: held-out stays unseen
 
     def plan_fn(tok, ident):
         if prompt is not None:
@@ -109,9 +110,12 @@ def _sample(c: dict[str, Any], out_dir: Path) -> dict[str, Any]:
                    "backbone_hash": ident["backbone_hash"], "engine": engine.name, "run_seed": seed,
                    **{k: v for k, v in params.to_dict().items() if k != "stop_token_ids"},
                    "fingerprint": store.fingerprint}
-    lineage.write(out_dir, _parent_lineage(prompt), _split_lineage(out_dir, split), samples=str(store.path.resolve()),
-                  samples_method=label, samples_fingerprint=store.fingerprint,
-                  backbone={k: v for k, v in bcfg.items() if k != "cache_dir"})
+    # a baseline's references and held-out split are its domain's: the lineage names the domain
+    # config (curation rebuilds the split from it only when it needs it); a domain prompt's run
+    # inherits its training run's references.jsonl and heldout.jsonl
+    lineage.write(out_dir, _parent_lineage(prompt), samples=str(store.path.resolve()), samples_method=label,
+                  samples_fingerprint=store.fingerprint, backbone={k: v for k, v in bcfg.items() if k != "cache_dir"},
+                  **({"domain": domain} if name in BASELINES and domain else {}))
     log.info("synthesis: method=%s n=%d -> %s (%d already there; resume or extend by rerunning with "
              "output_dir=%s)", label, n, store.path, len(store.done), out_dir)
     try:
@@ -132,33 +136,6 @@ def _sample(c: dict[str, Any], out_dir: Path) -> dict[str, Any]:
 
 
 BASELINES = ("few_shot", "zero_shot", "magpie")
-
-
-def _baseline_split(domain: dict[str, Any]) -> tuple[list[dict], list[dict]] | None:
-    """A baseline's domain split (few_shot draws its examples from the references; curation needs
-    both halves: memorisation and decontamination). None for a domain without records to split."""
-    from domino.core.domains import load_domain
-    if not domain:
-        return None
-    try:
-        return load_domain(**domain)
-    except (FileNotFoundError, ValueError) as e:
-        log.info("synthesis: no reference split recorded for curation (%s)", e)
-        return None
-
-
-def _split_lineage(out_dir: Path, split: tuple[list[dict], list[dict]] | None) -> dict[str, Any]:
-    """A baseline run's own references.jsonl and heldout.jsonl, named in its lineage.json (a run
-    from a domain prompt inherits those of its training run instead)."""
-    if split is None:
-        return {}
-    out = {}
-    for key, recs in zip(("references", "heldout"), split):
-        path = out_dir / f"{key}.jsonl"
-        write_jsonl(path.with_suffix(".tmp"), recs)
-        path.with_suffix(".tmp").replace(path)
-        out[key] = str(path.resolve())
-    return out
 
 
 def _parent_lineage(prompt: DomainPrompt | None) -> dict[str, Any]:

@@ -83,7 +83,7 @@ class DominoModule(L.LightningModule):
         self.save_hyperparameters({"backbone": dict(backbone), "n_references": n_references,
                                    "objective": objective, "prompt": prompt, "optim": optim, "seed": seed})
         self.obj, self.prompt_cfg, self.optim_cfg = objective, prompt, optim
-        # set by the run (domino.core.domains.fingerprint of its references); stored in checkpoints
+        # set by the run (domino.core.domains.reference_fingerprint of its references); stored in checkpoints
         self.reference_fingerprint: str | None = None
         bb = load_backbone(**backbone)
         self.backbone = bb.model
