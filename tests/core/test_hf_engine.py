@@ -72,9 +72,9 @@ def test_cached_logits_equal_uncached_logits(tiny_backbone, D):
     seen_logits = []
 
     class Recording(HFEngine):
-        def _pick(self, logits, seen, step, gens):
+        def _pick(self, logits, seen, lengths, gens):
             seen_logits.append(logits.clone())
-            return super()._pick(logits, seen, step, gens)
+            return super()._pick(logits, seen, lengths, gens)
 
     e = Recording(bb.model, bb.tokenizer, SamplingParams(temperature=1.0, max_new_tokens=8), batch_size=3)
     gens = e.generate_shared(e.prefill(D), [1, 2, 3])
@@ -109,7 +109,7 @@ def test_sampling_is_batch_independent_and_cache_exact(tiny_backbone, D):
                 for step in range(p.max_new_tokens):
                     x = torch.cat([D, bb.embed(torch.tensor(toks, dtype=torch.long))]) if toks else D
                     lg = bb.model(inputs_embeds=x[None], use_cache=False).logits[:, -1].float()
-                    t = int(self._pick(lg, seen, step, [gens[r]])[0])
+                    t = int(self._pick(lg, seen, [step], [gens[r]])[0])
                     seen[0, t] = True
                     toks.append(t)
                 out.append(toks)
@@ -288,3 +288,40 @@ def test_last_logits_equal_the_models_own_and_take_a_contiguous_head(tiny_backbo
             theirs = model(input_ids=ids, attention_mask=mask, logits_to_keep=2).logits.float()
         torch.testing.assert_close(ours, theirs)
         assert ours.shape == (3, 2, theirs.shape[-1])
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=0.0, repetition_penalty=1.5, min_new_tokens=3),
+                                dict(temperature=1.0, top_p=0.9)])
+def test_continuous_batching_equals_each_prompt_alone(tiny_backbone, kw):
+    """generate_many admits prompts shortest first and refills rows as others stop: every prompt
+    gets exactly what it gets decoded alone (greedy with a repetition penalty and a minimum length,
+    or sampled with its own seed), each result is reported once as it finishes, and rows really
+    joined running batches (more prefills than the 3 fixed batches would need). What it saves is
+    measured in bench/decode_refill.py, not asserted: it depends on the lengths."""
+    bb = tiny_backbone
+    tok = bb.tokenizer
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    prompts = [tok(" ".join(words[: 1 + (3 * i) % 11]))["input_ids"] for i in range(9)]
+    seeds = [sample_seed(5, i) for i in range(9)]
+    stops = tuple(range(0, bb.model.config.vocab_size, 5))  # rows stop at different steps
+    e = engine(bb, batch_size=3, max_new_tokens=12, stop_token_ids=stops, **kw)
+    seen = []
+    e.n_forward = e.n_prefill = 0
+    many = e.generate_many(prompts, seeds, on_result=lambda i, g: seen.append((i, g)))
+    assert e.n_prefill > 3
+    assert sorted(i for i, _ in seen) == list(range(9)) and all(many[i] is g for i, g in seen)
+    alone = [e.generate_prompts([p], [s])[0] for p, s in zip(prompts, seeds)]
+    for got, want in zip(many, alone):
+        assert (got.token_ids, got.finish_reason, got.stop_reason) == \
+            (want.token_ids, want.finish_reason, want.stop_reason)
+    assert len({len(g.token_ids) for g in many}) > 1  # the rows really finished at different steps
+
+
+def test_continuous_batching_of_nothing_and_of_fewer_prompts_than_rows(tiny_backbone):
+    e = engine(tiny_backbone, batch_size=8, temperature=0.0, max_new_tokens=4)
+    assert e.generate_many([], []) == []
+    p = tiny_backbone.tokenizer("def f(x):")["input_ids"]
+    assert [g.token_ids for g in e.generate_many([p, p[:2]], [0, 1])] == \
+        [g.token_ids for g in e.generate_prompts([p, p[:2]], [0, 1])]
+    with pytest.raises(ValueError, match="one seed per prompt"):
+        e.generate_many([p], [])

@@ -124,17 +124,20 @@ def test_sampled_completions_depend_on_their_seed_not_their_batch(tmp_path):
     # draw within float rounding of a boundary, where padded and unpadded batches can disagree
     params = SamplingParams(temperature=0.8, top_p=0.95, top_k=50, max_new_tokens=6)
 
-    def run(name, batch_size, n, seed=0):
+    def run(name, batch_size, n, seed=0, refill=False):
         recs, prov = generate_completions(problems, TINY, params, n, seed, tmp_path / name / "completions.jsonl",
-                                          engine={"name": "hf", "batch_size": batch_size})
+                                          engine={"name": "hf", "batch_size": batch_size, "refill": refill})
         return {(r["task_id"], r["sample_idx"]): r for r in recs}, prov
 
     a, prov = run("a", 1, 2)
     b, _ = run("b", 4, 3)
     c, _ = run("c", 4, 2, seed=1)
+    d, _ = run("d", 4, 3, refill=True)  # continuous batching: rows refilled as others stop
     assert len(a) == 6 and len(b) == 9
     # the same sample whatever batch decoded it, and n_samples=3 extends n_samples=2
     assert all(b[k]["output"] == r["output"] and b[k]["gen_key"] == r["gen_key"] for k, r in a.items())
+    assert {k: r["output"] for k, r in d.items()} == {k: r["output"] for k, r in b.items()}
+    assert len((tmp_path / "d" / "completions.jsonl").read_text().splitlines()) == 9  # each stored as it ended
     assert any(a[(t, 0)]["output"] != a[(t, 1)]["output"] for t in {t for t, _ in a})  # samples differ
     assert [r["output"] for r in a.values()] != [r["output"] for r in c.values()]  # another seed
     assert all(r["finish_reason"] in ("stop", "length") and r["n_tokens"] <= 6 for r in a.values())

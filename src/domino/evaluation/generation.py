@@ -165,22 +165,30 @@ def generate_completions(problems: list[dict], backbone_cfg: dict, params: Sampl
         bar = progress() if progress else _NoProgress()
         with bar:
             job = bar.add_task("generate", total=len(todo), rate="")
-            for b in range(0, len(todo), bs):
-                batch = todo[b: b + bs]
-                seeds = [sample_seed(seed, sample_index(t, i)) for t, i in batch]
-                gens = eng.generate_prompts([ids[t] for t, _ in batch], seeds)
-                for (t, i), g in zip(batch, gens):
-                    n_tok += len(g.token_ids)
-                    program = to_program(by_id[t], g.text, chat, style)
-                    # `solution` is EvalPlus's field (the whole program): evalplus.evaluate reads
-                    # this file unchanged; `program` is the same string under this project's name
-                    rec = {"task_id": t, "sample_idx": i, "gen_key": keys[t], "output": g.text,
-                           "finish_reason": g.finish_reason, "n_tokens": len(g.token_ids),
-                           "program": program, "solution": program}
-                    done[(t, i)] = rec
-                    store.add(rec)
+
+            def record(t: str, i: int, g) -> None:
+                nonlocal n_tok
+                n_tok += len(g.token_ids)
+                program = to_program(by_id[t], g.text, chat, style)
+                # `solution` is EvalPlus's field (the whole program): evalplus.evaluate reads
+                # this file unchanged; `program` is the same string under this project's name
+                rec = {"task_id": t, "sample_idx": i, "gen_key": keys[t], "output": g.text,
+                       "finish_reason": g.finish_reason, "n_tokens": len(g.token_ids),
+                       "program": program, "solution": program}
+                done[(t, i)] = rec
+                store.add(rec)
                 rate = n_tok / max(1e-9, time.monotonic() - started)
-                bar.update(job, advance=len(batch), rate=f"{rate:.1f} tok/s")
+                bar.update(job, advance=1, rate=f"{rate:.1f} tok/s")
+
+            seeds = [sample_seed(seed, sample_index(t, i)) for t, i in todo]
+            if ecfg.get("refill") and hasattr(eng, "generate_many"):
+                # continuous batching: finished rows are refilled; each completion is stored as it ends
+                eng.generate_many([ids[t] for t, _ in todo], seeds, on_result=lambda j, g: record(*todo[j], g))
+            else:
+                for b in range(0, len(todo), bs):
+                    gens = eng.generate_prompts([ids[t] for t, _ in todo[b: b + bs]], seeds[b: b + bs])
+                    for (t, i), g in zip(todo[b: b + bs], gens):
+                        record(t, i, g)
         gen_s = time.monotonic() - started
     truncated = sum(r.get("finish_reason") == "length" for r in done.values())
     if truncated:

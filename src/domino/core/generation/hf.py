@@ -5,14 +5,17 @@ the model ONCE; its per-layer keys/values and last logits are kept, and every ba
 fresh DynamicCache filled with those tensors expanded along the batch axis (the cache grows by
 concatenation, so the stored prefix tensors are never mutated). Per-sample prompts (few-shot) are
 left-padded and prefilled per batch. Finished rows are dropped from the batch (and from the cache)
-as soon as they finish, so they cost nothing afterwards.
+as soon as they finish, so they cost nothing afterwards; `generate_many` also refills the freed rows
+with the next prompts (continuous batching), so a batch does not decode for its longest row alone.
 
 Each row draws its random numbers from its own generator seeded by its sample seed, so a sample
 does not depend on which other samples share its batch (up to float rounding).
 """
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -72,6 +75,7 @@ class HFEngine:
         # a stop string of c characters spans at most c tokens (+ slack for partial UTF-8 tokens)
         self._stop_window = max((len(s) for s in params.stop), default=0) + 4
         self.n_forward = 0  # model calls, for tests and benchmarks
+        self.n_prefill = 0  # of which prompt prefills (the rest decode one token per row)
         self._nucleus_k = 256  # top-p candidate count to try first (see _sample)
 
     # ------------------------------------------------------------------ prefixes
@@ -113,9 +117,40 @@ class HFEngine:
     @torch.no_grad()
     def generate_prompts(self, prompts: list[list[int]], seeds: list[int]) -> list[Generation]:
         """One sample per (token-id prompt, seed); prompts are left-padded into one batch."""
-        from transformers import DynamicCache
         if len(prompts) != len(seeds):
             raise ValueError("one seed per prompt")
+        cache, logits, pos, mask = self._prefill_prompts(prompts)
+        return self._decode(cache, logits, pos, mask, seeds)
+
+    @torch.no_grad()
+    def generate_many(self, prompts: list[list[int]], seeds: list[int],
+                      on_result: Callable[[int, Generation], None] | None = None) -> list[Generation]:
+        """One sample per (token-id prompt, seed), at most `batch_size` rows decoding at once, with
+        continuous batching: prompts are admitted shortest first, and once a quarter of the rows
+        have finished, the next prompts are prefilled and join the running batch (their cache
+        left-padded to its length), so a batch no longer decodes for its longest row alone.
+        `on_result(i, generation)` is called as prompt i finishes (results in prompt order too)."""
+        if len(prompts) != len(seeds):
+            raise ValueError("one seed per prompt")
+        pending = deque(sorted(range(len(prompts)), key=lambda i: len(prompts[i])))
+
+        def admit(n_free: int):
+            take = [pending.popleft() for _ in range(min(n_free, len(pending)))]
+            if not take:
+                return None
+            return (*self._prefill_prompts([prompts[i] for i in take]), [seeds[i] for i in take], take)
+
+        first = admit(self.batch_size)
+        if first is None:
+            return []
+        cache, logits, pos, mask, first_seeds, ids = first
+        done = self._decode(cache, logits, pos, mask, first_seeds, ids=ids, admit=admit,
+                            min_free=max(1, self.batch_size // 4), on_result=on_result)
+        return [done[i] for i in range(len(prompts))]
+
+    def _prefill_prompts(self, prompts: list[list[int]]):
+        """(cache, last logits, next positions, attention mask) of left-padded token-id prompts."""
+        from transformers import DynamicCache
         B, T = len(prompts), max(len(p) for p in prompts)
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
         ids = torch.full((B, T), pad, dtype=torch.long, device=self.device)
@@ -128,25 +163,50 @@ class HFEngine:
         logits, out = last_logits(self.model, input_ids=ids, attention_mask=mask, position_ids=position_ids,
                                   past_key_values=cache, use_cache=True)
         self.n_forward += 1
-        return self._decode(out.past_key_values, logits[:, -1], mask.sum(-1), mask, seeds)
+        self.n_prefill += 1
+        return out.past_key_values, logits[:, -1], mask.sum(-1), mask
+
+    def _join(self, cache, mask: torch.Tensor, new_cache, new_mask: torch.Tensor):
+        """The running batch's cache and mask with the new rows' appended below, both left-padded
+        (zeros, masked out) to the longer of the two."""
+        from transformers import DynamicCache
+        L = max(mask.shape[1], new_mask.shape[1])
+
+        def left(t: torch.Tensor, dim: int) -> torch.Tensor:
+            n = L - t.shape[dim]
+            if n == 0:
+                return t
+            shape = list(t.shape)
+            shape[dim] = n
+            return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+        data = [(torch.cat([left(a.keys, 2), left(b.keys, 2)]), torch.cat([left(a.values, 2), left(b.values, 2)]))
+                for a, b in zip(cache.layers, new_cache.layers)]
+        joined = torch.cat([left(mask, 1), left(new_mask, 1)])
+        return DynamicCache(ddp_cache_data=data, config=self.model.config), joined
 
     # ------------------------------------------------------------------ decoding
     def _decode(self, cache, logits: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None,
-                seeds: list[int]) -> list[Generation]:
+                seeds: list[int], ids: list[int] | None = None, admit: Callable | None = None, min_free: int = 1,
+                on_result: Callable[[int, Generation], None] | None = None) -> list[Generation] | dict:
+        """Decode the rows of `cache` (result index `ids[j]` for row j, default j) until each stops.
+        With `admit(n_free)` (continuous batching), whenever at least `min_free` of `batch_size` rows
+        are free, the rows it returns ((cache, logits, pos, mask, seeds, ids), or None when no prompt
+        is left) join the batch; results are then a dict by id."""
         p = self.params
-        B, V = logits.shape
+        V = logits.shape[-1]
         # per-row generators live on the CPU whatever the model's device: a CUDA generator per row
         # costs one kernel launch per row and step (at batch 256 that made sampling slower than
         # transformers' generate on an H100), and CPU draws make a seed's sample device-independent
         gens = None if p.greedy else [torch.Generator().manual_seed(int(s)) for s in seeds]
-        rows = list(range(B))                    # active row j -> original row rows[j]
-        tokens: list[list[int]] = [[] for _ in range(B)]
-        results: list[Generation | None] = [None] * B
-        seen = (torch.zeros((B, V), dtype=torch.bool, device=self.device)
+        rows = list(ids) if ids is not None else list(range(logits.shape[0]))  # row j -> result id rows[j]
+        tokens: dict[int, list[int]] = {r: [] for r in rows}
+        results: dict[int, Generation] = {}
+        seen = (torch.zeros((len(rows), V), dtype=torch.bool, device=self.device)
                 if p.repetition_penalty != 1 else None)
         stop_set = set(self.stop_ids)
-        for step in range(p.max_new_tokens):
-            nxt = self._pick(logits, seen, step, None if gens is None else [gens[r] for r in rows])
+        while rows:
+            nxt = self._pick(logits, seen, [len(tokens[r]) for r in rows], gens)
             if seen is not None:
                 seen[torch.arange(len(rows), device=self.device), nxt] = True
             done = []
@@ -165,24 +225,47 @@ class HFEngine:
                 elif len(tokens[r]) >= p.max_new_tokens:
                     results[r] = self._finish(tokens[r], "length", None)
                     done.append(j)
-            if len(done) == len(rows):
-                break
-            if done:
-                gone = set(done)
-                keep = torch.tensor([j for j in range(len(rows)) if j not in gone], device=self.device)
-                cache.batch_select_indices(keep)
-                nxt, pos = nxt[keep], pos[keep]
-                mask = mask[keep] if mask is not None else None
-                seen = seen[keep] if seen is not None else None
-                rows = [rows[j] for j in keep.tolist()]
-            if mask is not None:
-                mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
-            out = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos[:, None],
-                             past_key_values=cache, use_cache=True)
-            self.n_forward += 1
-            pos = pos + 1
-            logits = out.logits[:, -1].float()
-        return results  # type: ignore[return-value]
+            if on_result is not None:
+                for j in done:
+                    on_result(rows[j], results[rows[j]])
+            keep = [j for j in range(len(rows)) if j not in set(done)]
+            joining = admit(self.batch_size - len(keep)) if admit is not None and \
+                self.batch_size - len(keep) >= min_free else None
+            if keep and done:
+                sel = torch.tensor(keep, device=self.device)
+                cache.batch_select_indices(sel)
+                nxt, pos = nxt[sel], pos[sel]
+                mask = mask[sel] if mask is not None else None
+                seen = seen[sel] if seen is not None else None
+                gens = [gens[j] for j in keep] if gens is not None else None
+                rows = [rows[j] for j in keep]
+            elif not keep:
+                rows = []
+            if rows:
+                if mask is not None:
+                    mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
+                out = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos[:, None],
+                                 past_key_values=cache, use_cache=True)
+                self.n_forward += 1
+                pos = pos + 1
+                logits = out.logits[:, -1].float()
+            if joining is not None:
+                j_cache, j_logits, j_pos, j_mask, j_seeds, j_ids = joining
+                if rows:
+                    cache, mask = self._join(cache, mask, j_cache, j_mask)
+                    logits, pos = torch.cat([logits, j_logits.float()]), torch.cat([pos, j_pos])
+                else:
+                    cache, mask, logits, pos = j_cache, j_mask, j_logits.float(), j_pos
+                if seen is not None:
+                    seen = torch.cat([seen, seen.new_zeros((len(j_ids), V))]) if rows else \
+                        torch.zeros((len(j_ids), V), dtype=torch.bool, device=self.device)
+                if gens is not None or not p.greedy:
+                    gens = (gens if rows else []) + [torch.Generator().manual_seed(int(s)) for s in j_seeds]
+                rows = rows + list(j_ids)
+                tokens.update({r: [] for r in j_ids})
+        if ids is None and admit is None:
+            return [results[r] for r in range(len(results))]
+        return results
 
     def _finish(self, toks: list[int], finish: str, reason) -> Generation:
         return Generation(list(toks), self.tok.decode(toks, skip_special_tokens=True), finish, reason)
@@ -199,17 +282,19 @@ class HFEngine:
         at, s = min(found)
         return text[:at], s
 
-    def _pick(self, logits: torch.Tensor, seen: torch.Tensor | None, step: int,
+    def _pick(self, logits: torch.Tensor, seen: torch.Tensor | None, lengths: list[int],
               gens: list[torch.Generator] | None) -> torch.Tensor:
-        """Next token per row; the processors run in transformers' order (repetition penalty,
-        min length, temperature, top-k, top-p)."""
+        """Next token per row (`lengths`: the tokens each row has so far); the processors run in
+        transformers' order (repetition penalty, min length, temperature, top-k, top-p)."""
         p = self.params
         if seen is not None:
             pen = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
             logits = torch.where(seen, pen, logits)
-        if step < p.min_new_tokens and self.stop_ids:
+        short = [j for j, n in enumerate(lengths) if n < p.min_new_tokens]
+        if short and self.stop_ids:
             logits = logits.clone()
-            logits[:, self.stop_ids] = float("-inf")
+            logits[torch.tensor(short, device=logits.device)[:, None],
+                   torch.tensor(self.stop_ids, device=logits.device)] = float("-inf")
         if gens is None:
             return logits.argmax(-1)
         return self._sample(logits / p.temperature, gens)
