@@ -133,3 +133,17 @@ def test_code_defaults_equal_the_yaml(compose):
     code = {f.name: f.default for f in dataclasses.fields(SamplingParams) if f.name in sampling}
     assert code == {k: (tuple(v) if isinstance(v, list) else v) for k, v in sampling.items() if k in code}
     assert SamplingParams.from_config({}) == SamplingParams()
+    # the sandbox (evaluation's and curation's code checks) and the engines' batch sizes
+    from domino.core.generation.hf import HFEngine
+    from domino.core.sandbox import SandboxConfig
+    ev = OmegaConf.to_container(compose("evaluate", ["backbone=tiny"]))
+    cur = OmegaConf.to_container(compose("curate", ["backbone=tiny"]))["curation"]
+    box = {f.name: f.default for f in dataclasses.fields(SandboxConfig)}
+    for block in (ev["sandbox"], cur["code_checks"]["sandbox"]):
+        assert {k: box[k] for k in block} == block
+    hf = OmegaConf.to_container(compose("synthesize", ["backbone=tiny", "engine=hf"]))["engine"]
+    engine_batch = inspect.signature(HFEngine.__init__).parameters["batch_size"].default
+    assert engine_batch == hf["batch_size"] == ev["engine"]["batch_size"]
+    from domino.core.generation import chat
+    for gen in (cur["judge"]["generation"], cur["responses"]["generation"], cur["code_checks"]["tests_generation"]):
+        assert (gen["batch_size"], gen["seed"]) == (chat.HF_BATCH, chat.SEED)

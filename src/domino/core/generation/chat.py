@@ -24,6 +24,8 @@ from domino.core.embedded import DEFAULT_BACKBONE
 log = logging.getLogger(__name__)
 Conversation = list[dict[str, str]]
 ENGINES = ("hf", "vllm")
+# a generation block's batch size and seed where it names none (conf/curation/default.yaml has the same)
+HF_BATCH, VLLM_BATCH, SEED = 8, 256, 0
 
 
 def messages(user: str, system: str | None = None, assistant: str | None = None) -> Conversation:
@@ -240,18 +242,18 @@ def build_generator(model_cfg: dict[str, Any] | str | None, default_backbone: di
     errors."""
     ecfg = check_engine(gen_cfg, where, logprob, shared_engine)
     bcfg = teacher_config(model_cfg, default_backbone)
-    kw = dict(sampling=gen_cfg.get("sampling"), seed=int(gen_cfg.get("seed", 0)),
+    kw = dict(sampling=gen_cfg.get("sampling"), seed=int(gen_cfg.get("seed", SEED)),
               stop_tokens=gen_cfg.get("stop_tokens"))
     if ecfg["name"] == "vllm":
         log.info("curation: %s on vLLM: %s", where, bcfg.get("path"))
-        return VLLMChatGenerator(bcfg, batch_size=int(gen_cfg.get("batch_size", 256)), ecfg=ecfg, **kw)
+        return VLLMChatGenerator(bcfg, batch_size=int(gen_cfg.get("batch_size", VLLM_BATCH)), ecfg=ecfg, **kw)
     from domino.core.generation.factory import load_model, runtime
     device = runtime(ecfg)
     key = json.dumps({**bcfg, "device": device, "engine_dtype": ecfg.get("dtype")}, sort_keys=True, default=str)
     if key not in _MODELS:
         log.info("curation: loading %s", bcfg.get("path"))
         _MODELS[key] = load_model(bcfg, ecfg)  # on `device`; engine.dtype (null = model.dtype): the one dtype rule
-    return HFChatGenerator(_MODELS[key], batch_size=int(gen_cfg.get("batch_size", 8)), **kw)
+    return HFChatGenerator(_MODELS[key], batch_size=int(gen_cfg.get("batch_size", HF_BATCH)), **kw)
 
 
 def release_models() -> None:
