@@ -5,6 +5,7 @@ tokens drawn from the vocabulary, as synthesis does) on the embedded Qwen2.5-Cod
     .venv/bin/python bench/profile_sampling.py [--batch 64] [--new 40] [--temperature 0.8] [--top-p 0.95]
 
 Prints tokens/s, the nucleus candidate count the search ended at, and the profiler's table.
+`--ckpt <run>/domain_prompt.safetensors` samples from trained domain tokens instead.
 """
 import argparse
 import time
@@ -23,10 +24,15 @@ def main():
     ap.add_argument("--new", type=int, default=40)
     ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--top-p", type=float, default=0.95)
+    ap.add_argument("--ckpt", default=None, help="a trained domain prompt (default: 32 random vocabulary rows)")
     args = ap.parse_args()
     bb = load_backbone(path="embedded:qwen2.5-coder-0.5b-instruct")
-    g = torch.Generator().manual_seed(0)
-    D = bb.model.get_input_embeddings().weight[torch.randint(1000, 100000, (32,), generator=g)].detach().clone()
+    if args.ckpt:
+        from domino.core.domain_prompt import load_domain_prompt
+        D = load_domain_prompt(args.ckpt).tokens.to(bb.model.dtype)
+    else:
+        g = torch.Generator().manual_seed(0)
+        D = bb.model.get_input_embeddings().weight[torch.randint(1000, 100000, (32,), generator=g)].detach().clone()
     p = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.new,
                        min_new_tokens=args.new)
     eng = HFEngine(bb.model, bb.tokenizer, p, batch_size=args.batch)
