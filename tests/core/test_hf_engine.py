@@ -325,3 +325,21 @@ def test_continuous_batching_of_nothing_and_of_fewer_prompts_than_rows(tiny_back
         [g.token_ids for g in e.generate_prompts([p, p[:2]], [0, 1])]
     with pytest.raises(ValueError, match="one seed per prompt"):
         e.generate_many([p], [])
+
+
+def test_kept_buffers_give_the_same_bits_as_fresh_tensors(tiny_backbone):
+    """The sampler's log-normaliser in a kept buffer is torch's logsumexp to the bit (a -inf row
+    entry, as the minimum length puts there, included), and a buffer sized for a larger batch
+    serves a smaller one."""
+    e = engine(tiny_backbone, temperature=0.7, top_p=0.9)
+    g = torch.Generator().manual_seed(1)
+    for rows, scale in ((5, 0.1), (3, 8.0)):
+        x = torch.randn(rows, 5000, generator=g) * scale
+        x[0, :7] = float("-inf")
+        assert torch.equal(e._logsumexp(x), x.logsumexp(-1, keepdim=True))
+    assert e._buffers["exp"].shape == (5, 5000)
+    logits = torch.randn(4, 5000, generator=g) * 3
+    seeds = [sample_seed(1, i) for i in range(4)]
+    fresh = engine(tiny_backbone, temperature=0.7, top_p=0.9)
+    assert torch.equal(e._sample(logits, [torch.Generator().manual_seed(s) for s in seeds]),
+                       fresh._sample(logits, [torch.Generator().manual_seed(s) for s in seeds]))

@@ -77,6 +77,7 @@ class HFEngine:
         self.n_forward = 0  # model calls, for tests and benchmarks
         self.n_prefill = 0  # of which prompt prefills (the rest decode one token per row)
         self._nucleus_k = 256  # top-p candidate count to try first (see _sample)
+        self._buffers: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ prefixes
     def embed_ids(self, ids: list[int]) -> torch.Tensor:
@@ -248,7 +249,8 @@ class HFEngine:
                                  past_key_values=cache, use_cache=True)
                 self.n_forward += 1
                 pos = pos + 1
-                logits = out.logits[:, -1].float()
+                head = out.logits[:, -1]
+                logits = self._buffer("logits", *head.shape).copy_(head)  # fp32, in a kept buffer
             if joining is not None:
                 j_cache, j_logits, j_pos, j_mask, j_seeds, j_ids = joining
                 if rows:
@@ -297,13 +299,30 @@ class HFEngine:
                    torch.tensor(self.stop_ids, device=logits.device)] = float("-inf")
         if gens is None:
             return logits.argmax(-1)
-        return self._sample(logits / p.temperature, gens)
+        return self._sample(logits, gens)
+
+    def _buffer(self, name: str, rows: int, cols: int) -> torch.Tensor:
+        """A (rows, cols) fp32 scratch tensor kept across steps: a fresh full-vocabulary tensor per
+        step and pass cost its allocation and first touch every time."""
+        buf = self._buffers.get(name)
+        if buf is None or buf.shape[0] < rows or buf.shape[1] != cols or buf.device != self.device:
+            buf = self._buffers[name] = torch.empty((rows, cols), dtype=torch.float32, device=self.device)
+        return buf[:rows]
+
+    def _logsumexp(self, x: torch.Tensor) -> torch.Tensor:
+        """x.logsumexp(-1, keepdim=True), the same operations in the same order (so the same bits),
+        with its exp in a kept buffer instead of two fresh full-vocabulary tensors."""
+        m = x.amax(-1, keepdim=True)
+        m = m.masked_fill(m.abs() == float("inf"), 0)
+        tmp = torch.sub(x, m, out=self._buffer("exp", *x.shape)).exp_()
+        return tmp.sum(-1, keepdim=True).log_().add_(m)
 
     def _sample(self, logits: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
-        """Top-k / top-p (transformers' rules) on the smallest candidate set that provably holds the
-        nucleus, then inverse-CDF sampling with one uniform draw per row from that row's generator.
-        A full-vocabulary sort per step cost more than the forward pass on CPU."""
+        """Temperature, then top-k / top-p (transformers' rules) on the smallest candidate set that
+        provably holds the nucleus, then inverse-CDF sampling with one uniform draw per row from that
+        row's generator. A full-vocabulary sort per step cost more than the forward pass on CPU."""
         p, V = self.params, logits.shape[-1]
+        logits = torch.div(logits, p.temperature, out=self._buffer("scaled", *logits.shape))
         idx = None
         if p.top_k or p.top_p < 1:
             # top-p alone: start from the candidate count the previous step needed (distributions
@@ -317,7 +336,7 @@ class HFEngine:
                 if p.top_k:  # top-k renormalises over the kept tokens; top-p then applies within them
                     probs = vals.softmax(-1)
                     break
-                lse = logits.logsumexp(-1, keepdim=True) if lse is None else lse
+                lse = self._logsumexp(logits) if lse is None else lse
                 probs = (vals - lse).exp()
                 # the nucleus lies inside the top K once their mass reaches top_p
                 if K == V or bool((probs.sum(-1) >= p.top_p).all()):
