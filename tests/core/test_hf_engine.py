@@ -343,3 +343,40 @@ def test_kept_buffers_give_the_same_bits_as_fresh_tensors(tiny_backbone):
     fresh = engine(tiny_backbone, temperature=0.7, top_p=0.9)
     assert torch.equal(e._sample(logits, [torch.Generator().manual_seed(s) for s in seeds]),
                        fresh._sample(logits, [torch.Generator().manual_seed(s) for s in seeds]))
+
+
+def test_joined_batches_stay_as_wide_as_their_longest_live_row(tiny_backbone):
+    """Refilling many times: the cache and mask a join builds never grow wider than the longest
+    prompt plus max_new_tokens (the columns no live row uses are cut), and the answers stay those of
+    each prompt alone."""
+    bb = tiny_backbone
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi".split()
+    prompts = [bb.tokenizer(" ".join(words[i % 16: i % 16 + 1 + i % 4]))["input_ids"] for i in range(30)]
+    seeds = list(range(30))
+    widths = []
+
+    class Widths(HFEngine):
+        def _join(self, *args):
+            cache, mask = super()._join(*args)
+            widths.append(mask.shape[1])
+            assert all(layer.keys.shape[2] == mask.shape[1] for layer in cache.layers)
+            return cache, mask
+
+    stops = tuple(range(0, bb.model.config.vocab_size, 4))
+    e = Widths(bb.model, bb.tokenizer, SamplingParams(temperature=0.0, max_new_tokens=12, stop_token_ids=stops),
+               batch_size=4)
+    many = e.generate_many(prompts, seeds)
+    assert len(widths) > 5 and max(widths) <= max(len(p) for p in prompts) + 12, widths
+    assert [g.token_ids for g in many] == [e.generate_prompts([p], [s])[0].token_ids for p, s in zip(prompts, seeds)]
+
+
+def test_a_cache_that_cannot_take_rows_decodes_in_fixed_batches(tiny_backbone, monkeypatch):
+    bb = tiny_backbone
+    prompts = [bb.tokenizer(t)["input_ids"] for t in ("a b", "c", "d e f", "g", "h i")]
+    e = engine(bb, batch_size=2, temperature=0.0, max_new_tokens=5)
+    want = [g.token_ids for g in e.generate_many(prompts, list(range(5)))]
+    monkeypatch.setattr(HFEngine, "can_join", staticmethod(lambda cache: False))
+    seen = []
+    e.n_prefill = 0
+    got = e.generate_many(prompts, list(range(5)), on_result=lambda i, g: seen.append(i))
+    assert [g.token_ids for g in got] == want and sorted(seen) == list(range(5)) and e.n_prefill == 3

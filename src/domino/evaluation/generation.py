@@ -119,7 +119,9 @@ def generate_completions(problems: list[dict], backbone_cfg: dict, params: Sampl
                          seed: int, out_path: Path, engine: Any = "hf", adapter: str | None = None,
                          chat: bool | None = None, resume: str | None = None, batch_size: int | None = None,
                          progress: Callable | None = None, style: str = "evalplus") -> tuple[list[dict], dict]:
-    """Sample `n_samples` outputs per problem, appending each batch to `out_path` as soon as it exists.
+    """Sample `n_samples` outputs per problem, appending each completion to `out_path` as soon as it
+    exists (`engine.refill`: continuous batching on the HF engine; else in fixed batches). Whether a
+    completion was decoded with refill is not part of its key: a resume may mix the two.
     Prompts are text (prompting.build_prompt), tokenised as the model sees them: chat templates
     carry their own special tokens, plain prompts get the tokenizer's (BOS)."""
     from domino.evaluation.prompting import CLOSE_FENCE, build_prompt, opens_fence, to_program, use_chat
@@ -195,7 +197,8 @@ def generate_completions(problems: list[dict], backbone_cfg: dict, params: Sampl
         log.warning("%d of %d completions hit sampling.max_new_tokens=%d (finish_reason=length)",
                     truncated, len(done), params.max_new_tokens)
     provenance = {"model": model_id, "dtype": dtype, "adapter": adapter, "adapter_fingerprint": adapter_fp,
-                  "engine": {k: v for k, v in ecfg.items() if k not in RUNTIME_KEYS},
+                  "engine": {k: v for k, v in ecfg.items() if k not in RUNTIME_KEYS
+                             and not (k == "refill" and ecfg["name"] != "hf")},
                   "chat_template": chat, "prompt_style": style, "sampling": params.to_dict(),
                   "n_samples": n_samples, "seed": seed,
                   "completions_version": COMPLETIONS_VERSION, "reused_completions": reused,

@@ -5,8 +5,8 @@ the model ONCE; its per-layer keys/values and last logits are kept, and every ba
 fresh DynamicCache filled with those tensors expanded along the batch axis (the cache grows by
 concatenation, so the stored prefix tensors are never mutated). Per-sample prompts (few-shot) are
 left-padded and prefilled per batch. Finished rows are dropped from the batch (and from the cache)
-as soon as they finish, so they cost nothing afterwards; `generate_many` also refills the freed rows
-with the next prompts (continuous batching), so a batch does not decode for its longest row alone.
+as soon as they finish; `generate_many` also refills the freed rows with the next prompts
+(continuous batching), so a batch does not decode for its longest row alone.
 
 Each row draws its random numbers from its own generator seeded by its sample seed, so a sample
 does not depend on which other samples share its batch (up to float rounding).
@@ -127,10 +127,11 @@ class HFEngine:
     def generate_many(self, prompts: list[list[int]], seeds: list[int],
                       on_result: Callable[[int, Generation], None] | None = None) -> list[Generation]:
         """One sample per (token-id prompt, seed), at most `batch_size` rows decoding at once, with
-        continuous batching: prompts are admitted shortest first, and once a quarter of the rows
-        have finished, the next prompts are prefilled and join the running batch (their cache
-        left-padded to its length), so a batch no longer decodes for its longest row alone.
-        `on_result(i, generation)` is called as prompt i finishes (results in prompt order too)."""
+        continuous batching: prompts are admitted shortest first, and once a quarter of the
+        `batch_size` slots are free, the next prompts are prefilled and join the running batch
+        (`_join`), so a batch no longer decodes for its longest row alone. `on_result(i,
+        generation)` is called as prompt i finishes (results in prompt order too). A model whose
+        cache cannot take new rows (`can_join`) decodes in fixed batches instead."""
         if len(prompts) != len(seeds):
             raise ValueError("one seed per prompt")
         pending = deque(sorted(range(len(prompts)), key=lambda i: len(prompts[i])))
@@ -145,8 +146,13 @@ class HFEngine:
         if first is None:
             return []
         cache, logits, pos, mask, first_seeds, ids = first
-        done = self._decode(cache, logits, pos, mask, first_seeds, ids=ids, admit=admit,
-                            min_free=max(1, self.batch_size // 4), on_result=on_result)
+        if not self.can_join(cache):  # this model's cache cannot take new rows: fixed batches
+            done = self._decode(cache, logits, pos, mask, first_seeds, ids=ids, on_result=on_result)
+            while (nxt := admit(self.batch_size)) is not None:
+                done.update(self._decode(*nxt[:4], nxt[4], ids=nxt[5], on_result=on_result))
+        else:
+            done = self._decode(cache, logits, pos, mask, first_seeds, ids=ids, admit=admit,
+                                min_free=max(1, self.batch_size // 4), on_result=on_result)
         return [done[i] for i in range(len(prompts))]
 
     def _prefill_prompts(self, prompts: list[list[int]]):
@@ -168,23 +174,34 @@ class HFEngine:
         return out.past_key_values, logits[:, -1], mask.sum(-1), mask
 
     def _join(self, cache, mask: torch.Tensor, new_cache, new_mask: torch.Tensor):
-        """The running batch's cache and mask with the new rows' appended below, both left-padded
-        (zeros, masked out) to the longer of the two."""
+        """The running batch's cache and mask with the new rows' appended below. Each side first
+        loses the leading columns no row of it uses any more (every row's mask is zeros, then
+        ones), then both are left-padded (zeros, masked out) to the longer: the width stays the
+        longest live row's, not everything the batch has decoded since it started."""
         from transformers import DynamicCache
-        L = max(mask.shape[1], new_mask.shape[1])
+        need = (int(mask.sum(-1).max()), int(new_mask.sum(-1).max()))
+        L = max(need)
 
-        def left(t: torch.Tensor, dim: int) -> torch.Tensor:
-            n = L - t.shape[dim]
-            if n == 0:
+        def fit(t: torch.Tensor, dim: int, keep: int) -> torch.Tensor:
+            keep = min(keep, t.shape[dim])  # a sliding-window layer holds fewer positions
+            t = t.narrow(dim, t.shape[dim] - keep, keep)
+            if keep == L:
                 return t
             shape = list(t.shape)
-            shape[dim] = n
+            shape[dim] = L - keep
             return torch.cat([t.new_zeros(shape), t], dim=dim)
 
-        data = [(torch.cat([left(a.keys, 2), left(b.keys, 2)]), torch.cat([left(a.values, 2), left(b.values, 2)]))
+        data = [(torch.cat([fit(a.keys, 2, need[0]), fit(b.keys, 2, need[1])]),
+                 torch.cat([fit(a.values, 2, need[0]), fit(b.values, 2, need[1])]))
                 for a, b in zip(cache.layers, new_cache.layers)]
-        joined = torch.cat([left(mask, 1), left(new_mask, 1)])
+        joined = torch.cat([fit(mask, 1, need[0]), fit(new_mask, 1, need[1])])
         return DynamicCache(ddp_cache_data=data, config=self.model.config), joined
+
+    @staticmethod
+    def can_join(cache) -> bool:
+        """Whether rows can join this cache: plain (or sliding-window) key/value layers only; other
+        layer kinds (indexed, quantised, linear attention) keep state `_join` does not carry."""
+        return all(type(layer).__name__ in ("DynamicLayer", "DynamicSlidingWindowLayer") for layer in cache.layers)
 
     # ------------------------------------------------------------------ decoding
     def _decode(self, cache, logits: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None,
@@ -230,8 +247,8 @@ class HFEngine:
                 for j in done:
                     on_result(rows[j], results[rows[j]])
             keep = [j for j in range(len(rows)) if j not in set(done)]
-            joining = admit(self.batch_size - len(keep)) if admit is not None and \
-                self.batch_size - len(keep) >= min_free else None
+            free = self.batch_size - len(keep)
+            joining = admit(free) if admit is not None and free > 0 and (free >= min_free or not keep) else None
             if keep and done:
                 sel = torch.tensor(keep, device=self.device)
                 cache.batch_select_indices(sel)
@@ -287,7 +304,8 @@ class HFEngine:
     def _pick(self, logits: torch.Tensor, seen: torch.Tensor | None, lengths: list[int],
               gens: list[torch.Generator] | None) -> torch.Tensor:
         """Next token per row (`lengths`: the tokens each row has so far); the processors run in
-        transformers' order (repetition penalty, min length, temperature, top-k, top-p)."""
+        transformers' order (repetition penalty, min length, temperature, top-k, top-p). `logits`
+        may be a kept buffer that the next step overwrites: copy it to keep it."""
         p = self.params
         if seen is not None:
             pen = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
