@@ -193,6 +193,15 @@ def test_qwen_smoke_study_runs_both_parts_and_resumes(tmp_path):
     copy = tmp_path / "committed"
     shutil.copytree(out, copy)
     assert write_loop_report(copy, cfg.study) == loop
+    moved = compose("study", ["experiment=study_qwen_smoke", f"study.work_dir={tmp_path / 'work'}",
+                              "study.dir=" + str(copy), f"paths.root_dir={ROOT}",
+                              "paths.output_dir=" + str(tmp_path / "hydra"), "progress=false"])
+    # adapter weights stay out of git: a scored adapter without them is done, an unscored one is not
+    for f in (copy / "loop" / "adapters" / "domino_r0").glob("adapter_model.*"):
+        f.unlink()
+    assert next(t for t in Study(moved).tasks() if t.name == "finetune domino_r0").done()
+    shutil.rmtree(copy / "loop" / "eval" / "domino_r0")
+    assert not next(t for t in Study(moved).tasks() if t.name == "finetune domino_r0").done()
 
 
 def test_study_commits_its_results_dir_only(tmp_path):

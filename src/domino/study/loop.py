@@ -15,7 +15,8 @@ answers, the SFT record order and LoRA init (finetune seed r).
 
 Everything a report needs lands in study.dir/loop/ (committed): sft/<arm>_r<r>.jsonl (every
 curated record; the first n_records after a seeded shuffle are trained on), curation/<arm>_r<r>.json
-(the funnel), adapters/<arm>_r<r>/ (LoRA), eval/<arm>_r<r>/ (completions, verdicts, summary).
+(the funnel), adapters/<arm>_r<r>/ (LoRA config, provenance, lineage; its weights, ~4 MB at r 8, stay
+out of git: .gitignore), eval/<arm>_r<r>/ (completions, verdicts, summary).
 The test problems are the held-out split minus the texts `data.val_size` used for val/nll_dom
 (which picked learning rates), so no problem that chose a setting scores it.
 """
@@ -258,15 +259,23 @@ def _finetune_task(study: "Study", arm: str, r: int) -> Task:
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(res["artifacts"]["adapter"], tmp)
+        from domino.core.provenance import file_sha256
+        weights = {p.name: file_sha256(p) for p in sorted(tmp.glob("adapter_model.*"))}  # what git does not keep
         write_text_atomic(tmp / "study_sft.json", json.dumps(
-            {"arm": arm, "replicate": r, "n_records": min(n, len(recs)), "n_available": len(recs),
+            {"arm": arm, "replicate": r, "n_records": min(n, len(recs)), "n_available": len(recs), "weights": weights,
              "metrics": res.get("metrics"), "seconds": round(time.perf_counter() - t0, 1)}, indent=1, default=str))
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
         study._record_time(name, time.perf_counter() - t0)
 
-    return Task(name, "finetune", 1e6, run, lambda: (out / "study_sft.json").exists(),
-                lambda: [f"curate {run_name(arm, r)}"], _rank(r))
+    def done() -> bool:
+        # the adapter's weights are not committed (over the repository's file-size limit; the
+        # SFT set and seed reproduce them): without them, an unscored adapter is trained again
+        evaluated = (loop_dir(study) / "eval" / run_name(arm, r) / "summary.json").exists()
+        weights = any(out.glob("adapter_model.*")) or not (out / "adapter_config.json").exists()
+        return (out / "study_sft.json").exists() and (evaluated or weights)
+
+    return Task(name, "finetune", 1e6, run, done, lambda: [f"curate {run_name(arm, r)}"], _rank(r))
 
 
 def _evaluate_task(study: "Study", arm: str, r: int | None, rank: int | None = None) -> Task:
