@@ -500,7 +500,7 @@ def curate(cfg: Any, samples: str | Path | None = None) -> dict[str, Any]:
     samples were drawn from."""
     from domino.core.config import plain
     from domino.core.validate import CURATE, check_config
-    c = plain(cfg) if not isinstance(cfg, dict) else cfg
+    c = plain(cfg)
     if "curation" not in c:
         raise KeyError("the config has no `curation` group: add `- curation: default` to its defaults list")
     check_config(c, CURATE, "curate")

@@ -246,7 +246,8 @@ class HFEngine:
             if on_result is not None:
                 for j in done:
                     on_result(rows[j], results[rows[j]])
-            keep = [j for j in range(len(rows)) if j not in set(done)]
+            gone = set(done)
+            keep = [j for j in range(len(rows)) if j not in gone]
             free = self.batch_size - len(keep)
             joining = admit(free) if admit is not None and free > 0 and (free >= min_free or not keep) else None
             if keep and done:
@@ -278,7 +279,7 @@ class HFEngine:
                 if seen is not None:
                     seen = torch.cat([seen, seen.new_zeros((len(j_ids), V))]) if rows else \
                         torch.zeros((len(j_ids), V), dtype=torch.bool, device=self.device)
-                if gens is not None or not p.greedy:
+                if not p.greedy:
                     gens = (gens if rows else []) + [torch.Generator().manual_seed(int(s)) for s in j_seeds]
                 rows = rows + list(j_ids)
                 tokens.update({r: [] for r in j_ids})
