@@ -8,6 +8,12 @@ prompt (the same for every row of a batch: no padding), so every batch does the 
 token. Reports tokens/s, the model FLOPs per decoded token (2 x non-embedding parameters + the
 untied head, plus attention over the cache) and their rate against the bf16 matmul rate measured in
 the same process; checks that the engine's greedy tokens equal generate's.
+
+Three fractions of the matmul rate for the engine: `engine_frac_of_matmul` counts only the decoded
+tokens' FLOPs over the whole call (prefill included in the time, not in the work);
+`engine_all_frac_of_matmul` counts the prompt tokens' FLOPs too (2 x non-embedding parameters plus
+causal attention each; the head once per row); `decode_frac_of_matmul` is the decoding steps alone
+(the call's time minus that of one prefill of the same batch timed by itself just before).
 """
 import argparse
 import json
@@ -49,10 +55,20 @@ def main():
         eng = HFEngine(model, tok, p, batch_size=B)
         eng.generate_prompts([prompt[:8]] * 2, [0, 0])  # warm-up
         t = time.perf_counter()
+        with torch.no_grad():
+            eng._prefill_prompts([prompt] * B)
+        pre = time.perf_counter() - t
+        t = time.perf_counter()
         ours = eng.generate_prompts([prompt] * B, list(range(B)))
         dt = time.perf_counter() - t
+        cfg = model.config
+        prompt_fl = B * (2 * layers * args.prompt + 4 * cfg.num_hidden_layers * cfg.hidden_size
+                         * args.prompt * (args.prompt + 1) // 2) + B * 2 * cfg.hidden_size * cfg.vocab_size
         row = {"batch": B, "engine_s": round(dt, 2), "engine_tok_s": round(B * args.new / dt, 1),
-               "engine_frac_of_matmul": round(B * args.new * fl / dt / peak, 3)}
+               "engine_frac_of_matmul": round(B * args.new * fl / dt / peak, 3),
+               "engine_all_frac_of_matmul": round((B * args.new * fl + prompt_fl) / dt / peak, 3),
+               "prefill_s": round(pre, 2), "decode_tok_s": round(B * args.new / (dt - pre), 1),
+               "decode_frac_of_matmul": round(B * args.new * fl / (dt - pre) / peak, 3)}
         if not args.skip_generate:
             ids = torch.tensor([prompt] * B)
             with torch.no_grad():

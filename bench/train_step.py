@@ -1,10 +1,15 @@
-"""Training-step speed and memory: objective.impl=straightforward vs efficient.
+"""Training-step speed and memory on the CPU: the default objective path (`efficient`) against the
+straightforward oracle (`straightforward`) and the released code's computation (`released`,
+bench/released.py: B^2 + 2B batch-1 forwards through the HF model with labels).
 
-    python bench/train_step.py [--shapes 4x64x256,3x256x512] [--reps 3] [--impls straightforward,efficient]
+    python bench/train_step.py [--shapes 4x64x256,3x256x512] [--reps 3] [--impls straightforward,efficient,released]
+                               [--backbone embedded|embedded:qwen2.5-coder-0.5b-instruct] [--dtype float32|bfloat16]
 
 A shape BxKxL is B references, k = l = K soft tokens, texts of L random tokens (uniform over the
 vocabulary, every text full length: no padding). One step = forward + backward of
-`combine(...)["loss"]` (paper form) on the embedded SmolLM2-135M backbone, fp32, CPU.
+`combine(...)["loss"]` (paper form) on an embedded backbone (default SmolLM2-135M, fp32), CPU.
+Each subprocess runs two steps: the first (cold: first touch of its memory) and a second (warm:
+what every later step of a training run costs); both times are reported.
 
 Every (shape, impl, repetition) runs in a fresh subprocess, interleaved (rep 0: s,e; rep 1: e,s;
 ...), so that each step's peak memory can be read from the kernel: peak RSS of the process
@@ -48,13 +53,14 @@ def rss_kb() -> int:
     raise RuntimeError("no VmRSS")
 
 
-def gemm_rate(h: int, inter: int, vocab: int, M: int = 2048) -> float:
-    """fp32 GFLOP/s over the model's GEMM shapes (q/o, mlp up/down, lm head), flop-weighted."""
+def gemm_rate(h: int, inter: int, vocab: int, M: int = 2048, dtype=None) -> float:
+    """GFLOP/s in `dtype` (default fp32) over the model's GEMM shapes (q/o, mlp up/down, lm head),
+    flop-weighted."""
     import torch
     shapes = [(M, h, h), (M, h, inter), (M, inter, h), (M // 4, h, vocab)]
     flops = secs = 0.0
     for m, k, n in shapes:
-        a, b = torch.randn(m, k), torch.randn(k, n)
+        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
         a @ b
         t = time.perf_counter()
         for _ in range(3):
@@ -72,7 +78,7 @@ def model_flops(cfg, n_layer_params: int, impl: str, B: int, k: int, L: int) -> 
     def causal(past, n):  # (query, key) pairs of n queries after `past` cached keys
         return n * past + n * (n + 1) // 2
 
-    if impl == "straightforward":
+    if impl in ("straightforward", "released"):  # the same sequences, batched or one by one
         tokens = B * (k + L) + (B * B + B) * (k + l + L)
         head = tokens
         pairs = B * causal(0, k + L) + (B * B + B) * causal(0, k + l + L)
@@ -91,41 +97,47 @@ def model_flops(cfg, n_layer_params: int, impl: str, B: int, k: int, L: int) -> 
             "fwd": lin + attn, "bwd": lin + 2 * attn, "step": 2 * lin + 3 * attn}
 
 
-def child(impl: str, B: int, k: int, L: int, seed: int) -> dict:
+def child(impl: str, B: int, k: int, L: int, seed: int, backbone: str = "embedded", dtype: str = "float32") -> dict:
     import torch
+    from released import released_nll  # bench/released.py
 
     from domino.core.backbone import load_backbone
     from domino.training.objective import combine, straightforward_nll
     from domino.training.objective_cached import cached_nll
 
-    bb = load_backbone(path="embedded")
+    bb = load_backbone(path=backbone, dtype=dtype)
     model, cfg = bb.model, bb.model.config
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, cfg.vocab_size, (B, L), generator=g)
     am = torch.ones_like(ids)
-    W = model.get_input_embeddings().weight.detach()
-    D = W[torch.randint(0, W.shape[0], (k,), generator=g)].clone().requires_grad_()
+    W = model.get_input_embeddings().weight.detach().float()
+    D = W[torch.randint(0, W.shape[0], (k,), generator=g)].clone().requires_grad_()  # trainable: fp32
     S = W[torch.randint(0, W.shape[0], (B * k,), generator=g)].view(B, k, -1).clone().requires_grad_()
-    fn = straightforward_nll if impl == "straightforward" else cached_nll
+    fn = {"straightforward": straightforward_nll, "efficient": cached_nll, "released": released_nll}[impl]
     layer_params = sum(p.numel() for p in model.get_decoder().layers.parameters())
-    rate = gemm_rate(cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size)
+    rate = gemm_rate(cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, dtype=model.dtype)
     rss0, max0 = rss_kb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    ru0 = resource.getrusage(resource.RUSAGE_SELF)
-    t0 = time.perf_counter()
-    dom, mat = fn(model, D, S, ids, am)
-    loss = combine(dom, mat, form="paper")["loss"]
-    t1 = time.perf_counter()
-    loss.backward()
-    t2 = time.perf_counter()
-    ru1 = resource.getrusage(resource.RUSAGE_SELF)
-    max1 = ru1.ru_maxrss
-    cpu = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
+    steps = []
+    for _ in range(2):  # cold, then warm
+        D.grad = S.grad = None
+        ru0 = resource.getrusage(resource.RUSAGE_SELF)
+        t0 = time.perf_counter()
+        dom, mat = fn(model, D, S, ids, am)
+        loss = combine(dom, mat, form="paper")["loss"]
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        ru1 = resource.getrusage(resource.RUSAGE_SELF)
+        steps.append({"step_s": t2 - t0, "fwd_s": t1 - t0, "bwd_s": t2 - t1,
+                      "cpu_s": (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)})
+    max1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     fl = model_flops(cfg, layer_params, impl, B, k, L)
-    return {"impl": impl, "B": B, "k": k, "l": k, "L": L, "loss": loss.item(),
-            "step_s": t2 - t0, "fwd_s": t1 - t0, "bwd_s": t2 - t1, "cpu_s": cpu,
+    cold, warm = steps
+    return {"impl": impl, "B": B, "k": k, "l": k, "L": L, "backbone": backbone, "dtype": str(model.dtype),
+            "loss": loss.item(), **cold, "warm": warm,
             "peak_rss_delta_mib": (max1 - rss0) / 1024, "peak_before_step_exceeded": max1 > max0,
             "gemm_gflops": rate, "flops": fl,
-            "achieved_fraction": fl["step"] / (t2 - t0) / (rate * 1e9),
+            "achieved_fraction": fl["step"] / warm["step_s"] / (rate * 1e9),
             "threads": torch.get_num_threads(), "torch": torch.__version__,
             "grad_norm": {"D": D.grad.norm().item(), "S": S.grad.norm().item()}}
 
@@ -134,13 +146,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma list of BxKxL")
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--impls", default="straightforward,efficient")
+    ap.add_argument("--impls", default="straightforward,efficient,released")
+    ap.add_argument("--backbone", default="embedded", help="backbone.path (an embedded model)")
+    ap.add_argument("--dtype", default="float32")
     ap.add_argument("--out", default=str(ROOT / "bench/results/train_step.json"))
     ap.add_argument("--_child", nargs=5, metavar=("IMPL", "B", "K", "L", "SEED"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a._child:
         impl, B, k, L, seed = a._child
-        print("RESULT " + json.dumps(child(impl, int(B), int(k), int(L), int(seed))), flush=True)
+        r = child(impl, int(B), int(k), int(L), int(seed), a.backbone, a.dtype)
+        print("RESULT " + json.dumps(r), flush=True)
         return
 
     impls = a.impls.split(",")
@@ -149,7 +164,8 @@ def main() -> None:
         B, k, L = (int(x) for x in shape.lower().split("x"))
         for rep in range(a.reps):
             for impl in (impls if rep % 2 == 0 else impls[::-1]):
-                cmd = [sys.executable, __file__, "--_child", impl, str(B), str(k), str(L), "0"]
+                cmd = [sys.executable, __file__, "--_child", impl, str(B), str(k), str(L), "0",
+                       "--backbone", a.backbone, "--dtype", a.dtype]
                 p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
                                    env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
                 line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
@@ -160,7 +176,8 @@ def main() -> None:
                     continue
                 r = json.loads(line[0][len("RESULT "):])
                 samples.append(r)
-                print(f"{shape} {impl} rep {rep}: {r['step_s']:.1f} s, peak +{r['peak_rss_delta_mib']:.0f} MiB, "
+                print(f"{shape} {impl} rep {rep}: {r['step_s']:.1f} s cold, {r['warm']['step_s']:.1f} s warm, "
+                      f"peak +{r['peak_rss_delta_mib']:.0f} MiB, "
                       f"loss {r['loss']:.6f}, gemm {r['gemm_gflops']:.1f} GFLOP/s", flush=True)
 
     rows = []
@@ -172,17 +189,23 @@ def main() -> None:
                   and "error" not in s]
             if not ok:
                 continue
-            med = lambda key: statistics.median(s[key] for s in ok)  # noqa: E731
-            row[impl] = {"n": len(ok), "step_s": med("step_s"), "cpu_s": med("cpu_s"),
-                         "peak_rss_delta_mib": med("peak_rss_delta_mib"), "loss": ok[0]["loss"],
-                         "gemm_gflops": med("gemm_gflops"), "achieved_fraction": med("achieved_fraction"),
+            med = lambda f: statistics.median(f(s) for s in ok)  # noqa: E731
+            row[impl] = {"n": len(ok), "step_s": med(lambda s: s["step_s"]),
+                         "warm_step_s": med(lambda s: s["warm"]["step_s"]),
+                         "warm_cpu_s": med(lambda s: s["warm"]["cpu_s"]),
+                         "peak_rss_delta_mib": med(lambda s: s["peak_rss_delta_mib"]), "loss": ok[0]["loss"],
+                         "gemm_gflops": med(lambda s: s["gemm_gflops"]),
+                         "achieved_fraction": med(lambda s: s["achieved_fraction"]),
                          "model_tflop_step": ok[0]["flops"]["step"] / 1e12}
-        if "straightforward" in row and "efficient" in row:
-            s, e = row["straightforward"], row["efficient"]
-            row["speedup"] = s["step_s"] / e["step_s"]
-            row["speedup_cpu_time"] = s["cpu_s"] / e["cpu_s"]
-            row["memory_ratio"] = e["peak_rss_delta_mib"] / s["peak_rss_delta_mib"]
-            row["loss_abs_diff"] = abs(s["loss"] - e["loss"])
+        if "efficient" in row:  # how many times faster the default path is than each other computation
+            e = row["efficient"]
+            row["vs"] = {other: {"cold": row[other]["step_s"] / e["step_s"],
+                                 "warm": row[other]["warm_step_s"] / e["warm_step_s"],
+                                 "warm_cpu_time": row[other]["warm_cpu_s"] / e["warm_cpu_s"],
+                                 "model_flops": row[other]["model_tflop_step"] / e["model_tflop_step"],
+                                 "memory": e["peak_rss_delta_mib"] / row[other]["peak_rss_delta_mib"],
+                                 "loss_abs_diff": abs(row[other]["loss"] - e["loss"])}
+                         for other in impls if other != "efficient" and other in row}
         rows.append(row)
 
     out = {"command": "python bench/train_step.py " + " ".join(sys.argv[1:]), "machine": {
@@ -190,20 +213,22 @@ def main() -> None:
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=2))
     print(f"\nwrote {a.out}\n")
-    print("| B | k=l | L | impl | step s (median) | CPU s | peak RSS Δ MiB | model TFLOP/step | GEMM GFLOP/s "
-          "| achieved | loss |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"{a.backbone}, {a.dtype}\n")
+    print("| B | k=l | L | impl | cold step s | warm step s | warm CPU s | peak RSS Δ MiB | model TFLOP/step "
+          "| GEMM GFLOP/s | achieved (warm) | loss |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         for impl in impls:
             if impl in row:
                 r = row[impl]
                 print(f"| {row['B']} | {row['k']} | {row['L']} | {impl} (n={r['n']}) | {r['step_s']:.1f} "
-                      f"| {r['cpu_s']:.1f} | {r['peak_rss_delta_mib']:.0f} | {r['model_tflop_step']:.2f} "
-                      f"| {r['gemm_gflops']:.1f} | {100 * r['achieved_fraction']:.0f}% | {r['loss']:.6f} |")
-        if "speedup" in row:
-            print(f"|  |  |  | **efficient vs straightforward** | **{row['speedup']:.2f}× faster** "
-                  f"| **{row['speedup_cpu_time']:.2f}×** | **{row['memory_ratio']:.2f}× memory** |  |  |  "
-                  f"| Δ {row['loss_abs_diff']:.1e} |")
+                      f"| {r['warm_step_s']:.1f} | {r['warm_cpu_s']:.1f} | {r['peak_rss_delta_mib']:.0f} "
+                      f"| {r['model_tflop_step']:.2f} | {r['gemm_gflops']:.1f} | {100 * r['achieved_fraction']:.0f}% "
+                      f"| {r['loss']:.6f} |")
+        for other, v in row.get("vs", {}).items():
+            print(f"|  |  |  | **efficient vs {other}** | **{v['cold']:.2f}×** | **{v['warm']:.2f}×** "
+                  f"| {v['warm_cpu_time']:.2f}× | {v['memory']:.2f}× memory | {v['model_flops']:.2f}× fewer |  |  "
+                  f"| Δ {v['loss_abs_diff']:.1e} |")
 
 
 if __name__ == "__main__":

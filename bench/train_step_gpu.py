@@ -48,10 +48,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from released import released_nll  # noqa: E402  bench/released.py
 from train_step import model_flops  # noqa: E402
 
 from domino.core.backbone import freeze  # noqa: E402
-from domino.training.objective import NLL, combine, straightforward_nll  # noqa: E402
+from domino.training.objective import combine, straightforward_nll  # noqa: E402
 from domino.training.objective_cached import cached_nll  # noqa: E402
 
 SHAPES = {
@@ -77,28 +78,6 @@ def build_model(name: str, device: str, dtype: torch.dtype, attn: str):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     freeze(model)
     return model
-
-
-def released_nll(model, domain, samples, input_ids, attention_mask):
-    """B^2 + 2B forwards of one sequence each through the HF model with labels (see the docstring)."""
-    emb = model.get_input_embeddings()(input_ids)
-    B = input_ids.shape[0]
-
-    def one(prefix, j):
-        T = int(attention_mask[j].sum())
-        x = torch.cat([prefix.to(emb.dtype), emb[j, :T]], dim=0)[None]
-        labels = torch.cat([input_ids.new_full((prefix.shape[0],), -100), input_ids[j, :T]])[None]
-        loss = model(inputs_embeds=x, labels=labels, use_cache=False).loss  # mean over the T text tokens
-        return loss.float() * T
-
-    count = attention_mask.sum(1).float()
-    dom = torch.stack([one(domain, j) for j in range(B)])
-    mat = torch.stack([torch.stack([one(torch.cat([domain, samples[i]]), j) for j in range(B)])
-                       for i in range(B)])
-    pos = torch.stack([one(torch.cat([domain, samples[i]]), i) for i in range(B)])
-    eye = torch.eye(B, dtype=torch.bool, device=input_ids.device)
-    mat = torch.where(eye, torch.diag_embed(pos), mat)
-    return NLL(dom, count), NLL(mat, count.unsqueeze(0).expand(B, B).clone())
 
 
 def set_ckpt(model, on: bool):

@@ -328,16 +328,12 @@ def test_continuous_batching_of_nothing_and_of_fewer_prompts_than_rows(tiny_back
 
 
 def test_kept_buffers_give_the_same_bits_as_fresh_tensors(tiny_backbone):
-    """The sampler's log-normaliser in a kept buffer is torch's logsumexp to the bit (a -inf row
-    entry, as the minimum length puts there, included), and a buffer sized for a larger batch
-    serves a smaller one."""
+    """Sampling from kept buffers (used for a larger batch first, then a smaller one) draws the
+    same tokens as a fresh engine (the log-normaliser's bits: tests/core/test_scratch.py)."""
     e = engine(tiny_backbone, temperature=0.7, top_p=0.9)
     g = torch.Generator().manual_seed(1)
-    for rows, scale in ((5, 0.1), (3, 8.0)):
-        x = torch.randn(rows, 5000, generator=g) * scale
-        x[0, :7] = float("-inf")
-        assert torch.equal(e._logsumexp(x), x.logsumexp(-1, keepdim=True))
-    assert e._buffers["exp"].shape == (5, 5000)
+    e._sample(torch.randn(6, 5000, generator=g), [torch.Generator().manual_seed(s) for s in range(6)])
+    assert e._scratch._buffers["scaled"].shape == (6, 5000)
     logits = torch.randn(4, 5000, generator=g) * 3
     seeds = [sample_seed(1, i) for i in range(4)]
     fresh = engine(tiny_backbone, temperature=0.7, top_p=0.9)
@@ -380,3 +376,93 @@ def test_a_cache_that_cannot_take_rows_decodes_in_fixed_batches(tiny_backbone, m
     e.n_prefill = 0
     got = e.generate_many(prompts, list(range(5)), on_result=lambda i, g: seen.append(i))
     assert [g.token_ids for g in got] == want and sorted(seen) == list(range(5)) and e.n_prefill == 3
+
+
+def test_buffered_layer_holds_what_a_dynamic_layer_holds():
+    """Appending past the capacity (it doubles), dropping rows and repeating them: the buffered
+    layer's keys/values equal DynamicLayer's at every step, and while the capacity lasts an append
+    writes into the same buffer (no copy of the whole cache)."""
+    from transformers.cache_utils import DynamicLayer
+
+    from domino.core.generation.hf import buffered_layer_class
+    g = torch.Generator().manual_seed(0)
+    k0, v0 = torch.randn(3, 2, 5, 4, generator=g), torch.randn(3, 2, 5, 4, generator=g)
+    ref = DynamicLayer()
+    ref.update(k0, v0)
+    buf = buffered_layer_class()(k0, v0, capacity=7)
+    storage = buf._k.data_ptr()
+    for step in range(6):
+        if step == 3:
+            for layer in (ref, buf):
+                layer.batch_select_indices(torch.tensor([0, 2]))
+            storage = buf._k.data_ptr()
+        kn, vn = torch.randn(ref.keys.shape[0], 2, 1, 4, generator=g), torch.randn(ref.keys.shape[0], 2, 1, 4,
+                                                                                   generator=g)
+        want, got = ref.update(kn, vn), buf.update(kn, vn)
+        assert all(torch.equal(a, b) for a, b in zip(want, got)) and buf.get_seq_length() == ref.get_seq_length()
+        if step in (0, 1, 3):  # room left: written in place
+            assert buf._k.data_ptr() == storage
+    assert buf._k.shape[2] >= 11  # grew past 7 (doubling)
+    for layer in (ref, buf):
+        layer.batch_repeat_interleave(2)
+    assert torch.equal(ref.keys, buf.keys) and torch.equal(ref.values, buf.values)
+
+
+def test_decoding_with_buffered_caches_gives_the_same_tokens(tiny_backbone, D, monkeypatch):
+    """Shared prefix (sampled), left-padded prompts (greedy) and continuous batching: the same
+    tokens with the buffered cache as with transformers' concatenating DynamicCache."""
+    from domino.core.generation import hf
+    bb = tiny_backbone
+    prompts = [bb.tokenizer(t)["input_ids"] for t in ("a b c", "d", "e f", "g h i j", "k")]
+    stops = tuple(range(0, bb.model.config.vocab_size, 7))
+
+    def run():
+        s = engine(bb, batch_size=3, temperature=1.0, top_p=0.9, max_new_tokens=10)
+        g = engine(bb, batch_size=3, temperature=0.0, max_new_tokens=10, stop_token_ids=stops)
+        return ([x.token_ids for x in s.generate_shared(s.prefill(D), [1, 2, 3])],
+                [x.token_ids for x in g.generate_prompts(prompts[:3], [0, 1, 2])],
+                [x.token_ids for x in g.generate_many(prompts, list(range(5)))])
+
+    with_buffers = run()
+    monkeypatch.setattr(hf, "buffered", lambda cache, spare: cache)
+    assert run() == with_buffers
+
+
+def test_grouped_kv_heads_decode_as_packed_queries_with_the_same_tokens(tiny_backbone, monkeypatch):
+    """A model with fewer key/value heads than query heads (as Qwen2.5 and SmolLM2), on the CPU
+    under SDPA: every one-token step runs the query heads packed per key/value head (no
+    `enable_gqa`), shared-prefix and left-padded batches alike, and decodes the tokens the unpacked
+    path decodes (fp32)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(vocab_size=tiny_backbone.model.config.vocab_size, hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    tok = tiny_backbone.tokenizer
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kw):
+        calls.append((q.shape[1], q.shape[2], bool(kw.get("enable_gqa"))))
+        return sdpa(q, k, v, *args, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    prompts = [tok(t)["input_ids"] for t in ("a b c", "d", "e f")]
+
+    def run(pack):
+        e = HFEngine(model, tok, SamplingParams(temperature=0.0, max_new_tokens=6, stop_token_ids=(-1,)),
+                     batch_size=3)
+        assert e._pack_gqa
+        e._pack_gqa = pack
+        calls.clear()
+        prefix = e.prefill(model.get_input_embeddings().weight[:4].detach())
+        out = ([g.token_ids for g in e.generate_shared(prefix, [0, 1, 2])],
+               [g.token_ids for g in e.generate_prompts(prompts, [0, 1, 2])])
+        return out, [c for c in calls if c[1] in (1, 2) and c[0] in (2, 4)]  # the one-token steps
+
+    packed, steps = run(True)
+    assert steps and all(c == (2, 2, False) for c in steps), steps  # 2 kv heads x 2 packed queries
+    unpacked, steps = run(False)
+    assert any(c == (4, 1, True) for c in steps)  # the unpadded batch went through enable_gqa
+    assert packed == unpacked

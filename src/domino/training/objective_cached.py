@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from domino.core.scratch import Scratch
 from domino.training.objective import NLL, embed_texts
 
 # fp32 logits materialised at once by the fused head (elements): 2**26 * 4 B = 256 MiB
@@ -60,15 +61,26 @@ class _LinearCrossEntropy(torch.autograd.Function):
         need_grad = ctx.needs_input_grad[0]
         nll = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         grad = torch.empty_like(hidden) if need_grad else None
+        # every chunk's (chunk x vocab) tensors live in kept buffers: fresh ones cost their
+        # allocation and page faults each time (on a CPU as much as the softmax itself)
+        scratch, V, dev = Scratch(), weight.shape[0], hidden.device
         for s in range(0, hidden.shape[0], chunk):
-            logits = F.linear(hidden[s:s + chunk], weight, bias).float()
-            t = target[s:s + chunk]
-            lse = torch.logsumexp(logits, dim=-1)
+            h, t = hidden[s:s + chunk], target[s:s + chunk]
+            n = h.shape[0]
+            out = scratch.get("head", n, V, dtype=torch.result_type(h, weight), device=dev)
+            if bias is None:
+                torch.mm(h, weight.t(), out=out)
+            else:
+                torch.addmm(bias, h, weight.t(), out=out)
+            logits = out if out.dtype == torch.float32 else scratch.get("logits", n, V, device=dev).copy_(out)
+            lse = scratch.logsumexp(logits).squeeze(1)
             nll[s:s + chunk] = lse - logits.gather(1, t[:, None]).squeeze(1)
             if need_grad:
                 p = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-                p[torch.arange(t.shape[0], device=t.device), t] -= 1.0
-                grad[s:s + chunk] = p.to(hidden.dtype) @ weight
+                p[torch.arange(n, device=dev), t] -= 1.0
+                if p.dtype != hidden.dtype:
+                    p = scratch.get("p", n, V, dtype=hidden.dtype, device=dev).copy_(p)
+                torch.mm(p, weight, out=grad[s:s + chunk])
         ctx.save_for_backward(grad)
         return nll
 

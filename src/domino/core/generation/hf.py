@@ -2,8 +2,11 @@
 
 A shared prefix (the domain tokens D, or a text prompt every sample starts from) is run through
 the model ONCE; its per-layer keys/values and last logits are kept, and every batch starts from a
-fresh DynamicCache filled with those tensors expanded along the batch axis (the cache grows by
-concatenation, so the stored prefix tensors are never mutated). Per-sample prompts (few-shot) are
+fresh cache filled with those tensors expanded along the batch axis (the stored prefix tensors
+are never mutated). While a batch decodes, each layer's keys/values live in a buffer with spare
+columns (`BufferedLayer`): a step writes one column instead of re-copying the whole cache as
+`DynamicCache`'s concatenation does (on a 2-core CPU that copy made a decoding step ~1.7x slower
+at batch 64). Per-sample prompts (few-shot) are
 left-padded and prefilled per batch. Finished rows are dropped from the batch (and from the cache)
 as soon as they finish; `generate_many` also refills the freed rows with the next prompts
 (continuous batching), so a batch does not decode for its longest row alone.
@@ -13,6 +16,7 @@ does not depend on which other samples share its batch (up to float rounding).
 """
 from __future__ import annotations
 
+import functools
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable
@@ -21,6 +25,7 @@ import torch
 from torch import nn
 
 from domino.core.generation.params import Generation, SamplingParams
+from domino.core.scratch import Scratch
 
 
 @dataclass
@@ -50,6 +55,66 @@ def last_logits(model: nn.Module, keep: int = 1, **inputs):
     return logits, out
 
 
+@functools.cache
+def buffered_layer_class():
+    """`BufferedLayer`, defined on first use (transformers is imported only when decoding)."""
+    from transformers.cache_utils import DynamicLayer
+
+    class BufferedLayer(DynamicLayer):
+        """A `DynamicLayer` whose keys/values are views of (B, H, capacity, D) buffers: `update`
+        writes the new columns into the spare capacity (doubling it when full) instead of
+        concatenating a fresh copy of the whole cache every step. The views hold the very values
+        `DynamicLayer` would, so attention reads the same numbers."""
+
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int):
+            super().__init__()
+            self.device = keys.device
+            self.is_initialized = True
+            self._fill(keys, values, capacity)
+
+        def _fill(self, keys: torch.Tensor, values: torch.Tensor, capacity: int) -> None:
+            T = keys.shape[-2]
+            capacity = max(capacity, T)
+            self._k = keys.new_empty((*keys.shape[:2], capacity, keys.shape[-1]))
+            self._v = values.new_empty((*values.shape[:2], capacity, values.shape[-1]))
+            self._k[:, :, :T].copy_(keys)
+            self._v[:, :, :T].copy_(values)
+            self.keys, self.values = self._k[:, :, :T], self._v[:, :, :T]
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+            T, t = self.keys.shape[-2], key_states.shape[-2]
+            if T + t > self._k.shape[-2]:
+                self._fill(self.keys, self.values, max(2 * self._k.shape[-2], T + t))
+            self._k[:, :, T:T + t].copy_(key_states)
+            self._v[:, :, T:T + t].copy_(value_states)
+            self.keys, self.values = self._k[:, :, :T + t], self._v[:, :, :T + t]
+            return self.keys, self.values
+
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            self._fill(self.keys[indices], self.values[indices], self._k.shape[-2])
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            self._fill(self.keys.repeat_interleave(repeats, dim=0),
+                       self.values.repeat_interleave(repeats, dim=0), self._k.shape[-2])
+
+        def reset(self) -> None:
+            super().reset()
+            self._k = self._v = None
+
+    return BufferedLayer
+
+
+def buffered(cache, spare: int):
+    """`cache` with each plain `DynamicLayer` replaced by a `BufferedLayer` holding its keys/values
+    plus `spare` free columns (other layer kinds, e.g. sliding windows, are left as they are)."""
+    from transformers.cache_utils import DynamicLayer
+    BufferedLayer = buffered_layer_class()
+    for i, layer in enumerate(cache.layers):
+        if type(layer) is DynamicLayer and layer.is_initialized and layer.keys.numel():
+            cache.layers[i] = BufferedLayer(layer.keys, layer.values, layer.keys.shape[-2] + spare)
+    return cache
+
+
 def eos_token_ids(model: nn.Module, tokenizer) -> list[int]:
     ids = set()
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -77,7 +142,12 @@ class HFEngine:
         self.n_forward = 0  # model calls, for tests and benchmarks
         self.n_prefill = 0  # of which prompt prefills (the rest decode one token per row)
         self._nucleus_k = 256  # top-p candidate count to try first (see _sample)
-        self._buffers: dict[str, torch.Tensor] = {}
+        self._scratch = Scratch()  # full-vocabulary fp32 tensors kept across steps
+        cfg = model.config
+        heads, kv = getattr(cfg, "num_attention_heads", None), getattr(cfg, "num_key_value_heads", None)
+        # see _step_mask
+        self._pack_gqa = (self.device.type == "cpu" and getattr(cfg, "_attn_implementation", None) == "sdpa"
+                          and heads is not None and kv is not None and kv < heads)
 
     # ------------------------------------------------------------------ prefixes
     def embed_ids(self, ids: list[int]) -> torch.Tensor:
@@ -201,7 +271,8 @@ class HFEngine:
     def can_join(cache) -> bool:
         """Whether rows can join this cache: plain (or sliding-window) key/value layers only; other
         layer kinds (indexed, quantised, linear attention) keep state `_join` does not carry."""
-        return all(type(layer).__name__ in ("DynamicLayer", "DynamicSlidingWindowLayer") for layer in cache.layers)
+        return all(type(layer).__name__ in ("DynamicLayer", "BufferedLayer", "DynamicSlidingWindowLayer")
+                   for layer in cache.layers)
 
     # ------------------------------------------------------------------ decoding
     def _decode(self, cache, logits: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None,
@@ -213,6 +284,8 @@ class HFEngine:
         is left) join the batch; results are then a dict by id."""
         p = self.params
         V = logits.shape[-1]
+        spare = min(p.max_new_tokens, 256)  # free columns per buffer; they double when used up
+        cache = buffered(cache, spare)
         # per-row generators live on the CPU whatever the model's device: a CUDA generator per row
         # costs one kernel launch per row and step (at batch 256 that made sampling slower than
         # transformers' generate on an H100), and CPU draws make a seed's sample device-independent
@@ -263,8 +336,8 @@ class HFEngine:
             if rows:
                 if mask is not None:
                     mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
-                out = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos[:, None],
-                                 past_key_values=cache, use_cache=True)
+                out = self.model(input_ids=nxt[:, None], attention_mask=self._step_mask(mask, cache, len(rows)),
+                                 position_ids=pos[:, None], past_key_values=cache, use_cache=True)
                 self.n_forward += 1
                 pos = pos + 1
                 head = out.logits[:, -1]
@@ -273,9 +346,10 @@ class HFEngine:
                 j_cache, j_logits, j_pos, j_mask, j_seeds, j_ids = joining
                 if rows:
                     cache, mask = self._join(cache, mask, j_cache, j_mask)
+                    cache = buffered(cache, spare)
                     logits, pos = torch.cat([logits, j_logits.float()]), torch.cat([pos, j_pos])
                 else:
-                    cache, mask, logits, pos = j_cache, j_mask, j_logits.float(), j_pos
+                    cache, mask, logits, pos = buffered(j_cache, spare), j_mask, j_logits.float(), j_pos
                 if seen is not None:
                     seen = torch.cat([seen, seen.new_zeros((len(j_ids), V))]) if rows else \
                         torch.zeros((len(j_ids), V), dtype=torch.bool, device=self.device)
@@ -286,6 +360,21 @@ class HFEngine:
         if ids is None and admit is None:
             return [results[r] for r in range(len(results))]
         return results
+
+    def _step_mask(self, mask: torch.Tensor | None, cache, n: int):
+        """The attention mask of a one-token decoding step. With grouped key/value heads under SDPA
+        on a CPU it is the (n, 1, 1, keys) boolean mask (all true for an unpadded batch, else what
+        transformers builds from `mask`): given a mask, transformers runs each key/value head's
+        query heads as one packed query block; without one it asks SDPA for `enable_gqa`, whose CPU
+        kernel took ~7x longer a call at batch 64 on the 0.5B (bench/README.md). Not for caches with
+        sliding-window (or other) layers, whose masks differ per layer."""
+        if not self._pack_gqa or not all(type(layer).__name__ in ("DynamicLayer", "BufferedLayer")
+                                         for layer in cache.layers):
+            return mask
+        if mask is None:
+            keys = cache.get_seq_length() + 1
+            return torch.ones((n, 1, 1, keys), dtype=torch.bool, device=self.device)
+        return mask[:, None, None, :].bool()
 
     def _finish(self, toks: list[int], finish: str, reason) -> Generation:
         return Generation(list(toks), self.tok.decode(toks, skip_special_tokens=True), finish, reason)
@@ -323,18 +412,7 @@ class HFEngine:
     def _buffer(self, name: str, rows: int, cols: int) -> torch.Tensor:
         """A (rows, cols) fp32 scratch tensor kept across steps: a fresh full-vocabulary tensor per
         step and pass cost its allocation and first touch every time."""
-        buf = self._buffers.get(name)
-        if buf is None or buf.shape[0] < rows or buf.shape[1] != cols or buf.device != self.device:
-            buf = self._buffers[name] = torch.empty((rows, cols), dtype=torch.float32, device=self.device)
-        return buf[:rows]
-
-    def _logsumexp(self, x: torch.Tensor) -> torch.Tensor:
-        """x.logsumexp(-1, keepdim=True), the same operations in the same order (so the same bits),
-        with its exp in a kept buffer instead of two fresh full-vocabulary tensors."""
-        m = x.amax(-1, keepdim=True)
-        m = m.masked_fill(m.abs() == float("inf"), 0)
-        tmp = torch.sub(x, m, out=self._buffer("exp", *x.shape)).exp_()
-        return tmp.sum(-1, keepdim=True).log_().add_(m)
+        return self._scratch.get(name, rows, cols, device=self.device)
 
     def _sample(self, logits: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
         """Temperature, then top-k / top-p (transformers' rules) on the smallest candidate set that
@@ -355,7 +433,7 @@ class HFEngine:
                 if p.top_k:  # top-k renormalises over the kept tokens; top-p then applies within them
                     probs = vals.softmax(-1)
                     break
-                lse = self._logsumexp(logits) if lse is None else lse
+                lse = self._scratch.logsumexp(logits) if lse is None else lse
                 probs = (vals - lse).exp()
                 # the nucleus lies inside the top K once their mass reaches top_p
                 if K == V or bool((probs.sum(-1) >= p.top_p).all()):
