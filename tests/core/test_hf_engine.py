@@ -379,9 +379,10 @@ def test_a_cache_that_cannot_take_rows_decodes_in_fixed_batches(tiny_backbone, m
 
 
 def test_buffered_layer_holds_what_a_dynamic_layer_holds():
-    """Appending past the capacity (it doubles), dropping rows and repeating them: the buffered
-    layer's keys/values equal DynamicLayer's at every step, and while the capacity lasts an append
-    writes into the same buffer (no copy of the whole cache)."""
+    """Appending past the spare columns (rebuilt with `spare` more), dropping rows, a reorder that
+    replaces the views behind its back, repeating rows and a reset: the buffered layer's
+    keys/values equal DynamicLayer's at every step; while room lasts an append writes into the same
+    buffer (no copy of the whole cache), and it never holds more than the keys plus `spare`."""
     from transformers.cache_utils import DynamicLayer
 
     from domino.core.generation.hf import buffered_layer_class
@@ -389,23 +390,29 @@ def test_buffered_layer_holds_what_a_dynamic_layer_holds():
     k0, v0 = torch.randn(3, 2, 5, 4, generator=g), torch.randn(3, 2, 5, 4, generator=g)
     ref = DynamicLayer()
     ref.update(k0, v0)
-    buf = buffered_layer_class()(k0, v0, capacity=7)
+    buf = buffered_layer_class()(k0, v0, spare=2)
     storage = buf._k.data_ptr()
-    for step in range(6):
+    for step in range(8):
         if step == 3:
             for layer in (ref, buf):
                 layer.batch_select_indices(torch.tensor([0, 2]))
             storage = buf._k.data_ptr()
-        kn, vn = torch.randn(ref.keys.shape[0], 2, 1, 4, generator=g), torch.randn(ref.keys.shape[0], 2, 1, 4,
-                                                                                   generator=g)
+        if step == 6:  # an inherited method that swaps the views for new tensors
+            for layer in (ref, buf):
+                layer.reorder_cache(torch.tensor([1, 0]))
+        n = ref.keys.shape[0]
+        kn, vn = torch.randn(n, 2, 1, 4, generator=g), torch.randn(n, 2, 1, 4, generator=g)
         want, got = ref.update(kn, vn), buf.update(kn, vn)
         assert all(torch.equal(a, b) for a, b in zip(want, got)) and buf.get_seq_length() == ref.get_seq_length()
-        if step in (0, 1, 3):  # room left: written in place
+        if step in (0, 1, 3, 4):  # room left: written in place
             assert buf._k.data_ptr() == storage
-    assert buf._k.shape[2] >= 11  # grew past 7 (doubling)
+        assert buf._k.shape[2] <= buf.keys.shape[2] + 2
     for layer in (ref, buf):
         layer.batch_repeat_interleave(2)
     assert torch.equal(ref.keys, buf.keys) and torch.equal(ref.values, buf.values)
+    for layer in (ref, buf):
+        layer.reset()
+    assert all(torch.equal(a, b) for a, b in zip(ref.update(k0, v0), buf.update(k0, v0)))
 
 
 def test_decoding_with_buffered_caches_gives_the_same_tokens(tiny_backbone, D, monkeypatch):
@@ -448,21 +455,39 @@ def test_grouped_kv_heads_decode_as_packed_queries_with_the_same_tokens(tiny_bac
         return sdpa(q, k, v, *args, **kw)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
-    prompts = [tok(t)["input_ids"] for t in ("a b c", "d", "e f")]
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+    prompts = [tok(" ".join(words[: 1 + (3 * i) % 9]))["input_ids"] for i in range(7)]
+    stops = tuple(range(0, cfg.vocab_size, 9))  # rows stop at different steps: dropped rows, joins
+    from domino.core.generation import hf
+    kinds = []
+    real_buffered = hf.buffered
+
+    def spy_buffered(cache, spare):
+        cache = real_buffered(cache, spare)
+        kinds.extend(type(layer).__name__ for layer in cache.layers)
+        return cache
+
+    monkeypatch.setattr(hf, "buffered", spy_buffered)
 
     def run(pack):
-        e = HFEngine(model, tok, SamplingParams(temperature=0.0, max_new_tokens=6, stop_token_ids=(-1,)),
+        e = HFEngine(model, tok, SamplingParams(temperature=0.0, max_new_tokens=10, stop_token_ids=stops),
                      batch_size=3)
         assert e._pack_gqa
-        e._pack_gqa = pack
+        e._pack_gqa, e.kv_spare = pack, 2  # 2 spare columns: the buffers are rebuilt as rows decode
         calls.clear()
+        e.n_forward = e.n_prefill = 0
         prefix = e.prefill(model.get_input_embeddings().weight[:4].detach())
         out = ([g.token_ids for g in e.generate_shared(prefix, [0, 1, 2])],
-               [g.token_ids for g in e.generate_prompts(prompts, [0, 1, 2])])
-        return out, [c for c in calls if c[1] in (1, 2) and c[0] in (2, 4)]  # the one-token steps
+               [g.token_ids for g in e.generate_prompts(prompts[:3], [0, 1, 2])],
+               [g.token_ids for g in e.generate_many(prompts, list(range(7)))])
+        steps = e.n_forward - e.n_prefill - 1  # one-token decoding forwards (not the prefix's, not prompts')
+        return out, [c for c in calls if c[0] == 2 or c[1] == 1], steps * cfg.num_hidden_layers
 
-    packed, steps = run(True)
-    assert steps and all(c == (2, 2, False) for c in steps), steps  # 2 kv heads x 2 packed queries
-    unpacked, steps = run(False)
-    assert any(c == (4, 1, True) for c in steps)  # the unpadded batch went through enable_gqa
+    packed, steps, n = run(True)
+    # every decoding step's attention in every layer: 2 kv heads x 2 packed queries, no enable_gqa
+    assert n > 10 and steps.count((2, 2, False)) == n
+    unpacked, steps, _ = run(False)
+    assert any(c == (4, 1, True) for c in steps)  # unpadded batches went through enable_gqa
     assert packed == unpacked
+    assert len({len(t) for t in packed[2]}) > 1  # rows really stopped at different steps
+    assert kinds and set(kinds) == {"BufferedLayer"}

@@ -42,7 +42,9 @@ from torch.utils.checkpoint import checkpoint
 from domino.core.scratch import Scratch
 from domino.training.objective import NLL, embed_texts
 
-# fp32 logits materialised at once by the fused head (elements): 2**26 * 4 B = 256 MiB
+# fp32 logits materialised at once by the fused head (elements): 2**26 * 4 B = 256 MiB; its kept
+# buffers (logits, their exponentials, and for a bf16 model the bf16 head output and softmax) hold
+# up to ~768 MiB during the head's forward, freed when it returns
 LOGIT_BUDGET = 2 ** 26
 
 

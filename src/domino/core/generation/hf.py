@@ -62,15 +62,19 @@ def buffered_layer_class():
 
     class BufferedLayer(DynamicLayer):
         """A `DynamicLayer` whose keys/values are views of (B, H, capacity, D) buffers: `update`
-        writes the new columns into the spare capacity (doubling it when full) instead of
-        concatenating a fresh copy of the whole cache every step. The views hold the very values
-        `DynamicLayer` would, so attention reads the same numbers."""
+        writes the new columns into the spare capacity instead of concatenating a fresh copy of
+        the whole cache every step; when the spare columns are used up the buffer is rebuilt with
+        `spare` more (so it never holds more than what is needed plus `spare`). The views hold the
+        very values `DynamicLayer` would, so attention reads the same numbers. Anything that
+        replaces the views behind its back (an inherited reorder, offload, reset) is noticed by
+        `update`, which then rebuilds the buffer from the tensors it finds."""
 
-        def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int):
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor, spare: int):
             super().__init__()
             self.device = keys.device
             self.is_initialized = True
-            self._fill(keys, values, capacity)
+            self.spare = max(1, int(spare))
+            self._fill(keys, values, keys.shape[-2] + self.spare)
 
         def _fill(self, keys: torch.Tensor, values: torch.Tensor, capacity: int) -> None:
             T = keys.shape[-2]
@@ -81,10 +85,18 @@ def buffered_layer_class():
             self._v[:, :, :T].copy_(values)
             self.keys, self.values = self._k[:, :, :T], self._v[:, :, :T]
 
+        def _owns_views(self) -> bool:
+            return (self._k is not None and self.keys is not None and self.keys.data_ptr() == self._k.data_ptr()
+                    and self.values.data_ptr() == self._v.data_ptr() and self.keys.device == self._k.device)
+
         def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+            if not self.is_initialized or self.keys is None:  # after reset(): start from these states
+                self.device, self.is_initialized = key_states.device, True
+                self._fill(key_states, value_states, key_states.shape[-2] + self.spare)
+                return self.keys, self.values
             T, t = self.keys.shape[-2], key_states.shape[-2]
-            if T + t > self._k.shape[-2]:
-                self._fill(self.keys, self.values, max(2 * self._k.shape[-2], T + t))
+            if not self._owns_views() or T + t > self._k.shape[-2]:
+                self._fill(self.keys, self.values, T + t + self.spare)
             self._k[:, :, T:T + t].copy_(key_states)
             self._v[:, :, T:T + t].copy_(value_states)
             self.keys, self.values = self._k[:, :, :T + t], self._v[:, :, :T + t]
@@ -104,6 +116,16 @@ def buffered_layer_class():
     return BufferedLayer
 
 
+def _transformers_packs_gqa() -> bool:
+    """Whether transformers' SDPA attention packs a one-token query's heads per key/value head when
+    given a mask (older versions repeat the keys/values instead: correct, but no faster)."""
+    try:
+        from transformers.integrations import sdpa_attention
+    except ImportError:
+        return False
+    return hasattr(sdpa_attention, "pack_gqa")
+
+
 def buffered(cache, spare: int):
     """`cache` with each plain `DynamicLayer` replaced by a `BufferedLayer` holding its keys/values
     plus `spare` free columns (other layer kinds, e.g. sliding windows, are left as they are)."""
@@ -111,7 +133,7 @@ def buffered(cache, spare: int):
     BufferedLayer = buffered_layer_class()
     for i, layer in enumerate(cache.layers):
         if type(layer) is DynamicLayer and layer.is_initialized and layer.keys.numel():
-            cache.layers[i] = BufferedLayer(layer.keys, layer.values, layer.keys.shape[-2] + spare)
+            cache.layers[i] = BufferedLayer(layer.keys, layer.values, spare)
     return cache
 
 
@@ -143,11 +165,12 @@ class HFEngine:
         self.n_prefill = 0  # of which prompt prefills (the rest decode one token per row)
         self._nucleus_k = 256  # top-p candidate count to try first (see _sample)
         self._scratch = Scratch()  # full-vocabulary fp32 tensors kept across steps
+        self.kv_spare = 256  # most free key/value columns a decoding batch's buffers hold (BufferedLayer)
         cfg = model.config
         heads, kv = getattr(cfg, "num_attention_heads", None), getattr(cfg, "num_key_value_heads", None)
         # see _step_mask
         self._pack_gqa = (self.device.type == "cpu" and getattr(cfg, "_attn_implementation", None) == "sdpa"
-                          and heads is not None and kv is not None and kv < heads)
+                          and heads is not None and kv is not None and kv < heads and _transformers_packs_gqa())
 
     # ------------------------------------------------------------------ prefixes
     def embed_ids(self, ids: list[int]) -> torch.Tensor:
@@ -284,7 +307,7 @@ class HFEngine:
         is left) join the batch; results are then a dict by id."""
         p = self.params
         V = logits.shape[-1]
-        spare = min(p.max_new_tokens, 256)  # free columns per buffer; they double when used up
+        spare = min(p.max_new_tokens, self.kv_spare)  # free columns per buffer, added again when used up
         cache = buffered(cache, spare)
         # per-row generators live on the CPU whatever the model's device: a CUDA generator per row
         # costs one kernel launch per row and step (at batch 256 that made sampling slower than
