@@ -203,6 +203,18 @@ def test_qwen_smoke_study_runs_both_parts_and_resumes(tmp_path):
     shutil.rmtree(copy / "loop" / "eval" / "domino_r0")
     assert not next(t for t in Study(moved).tasks() if t.name == "finetune domino_r0").done()
 
+    # a new machine: the committed results without the work dir (no checkpoints). A finished run
+    # whose sample sets all exist is not trained again; one with a sample set missing is.
+    elsewhere = compose("study", ["experiment=study_qwen_smoke", f"study.work_dir={tmp_path / 'new_machine'}",
+                                  "study.dir=" + str(copy), f"paths.root_dir={ROOT}",
+                                  "paths.output_dir=" + str(tmp_path / "hydra"), "progress=false"])
+    trains = {t.name: t for t in Study(elsewhere).tasks() if t.kind == "train"}
+    assert trains and all(t.done() for t in trains.values()), [n for n, t in trains.items() if not t.done()]
+    (copy / "samples" / "released_domino_s0_e2.jsonl").unlink()
+    trains = {t.name: t for t in Study(elsewhere).tasks() if t.kind == "train"}
+    assert not trains["train released_domino seed 0"].done()
+    assert trains["train released_soft_prompt seed 0"].done() and trains["sweep tuned_domino seed 100 lr1e-1"].done()
+
 
 def test_study_commits_its_results_dir_only(tmp_path):
     import subprocess

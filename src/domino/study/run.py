@@ -170,11 +170,20 @@ class Study:
         def where(lr) -> Path:
             return self.sweep_dir(config, seed, lr) if separate else self.run_dir(config, seed, lr)
 
+        def record(lr) -> Path:  # committed under study.dir, unlike the run itself
+            return self.dir / ("sweep" if separate else "diagnostics") / f"{config}_s{seed}_{self.lr_tag(lr)}.json"
+
         def done() -> bool:
             try:
-                return (where(lr_fn()) / "study_done.json").exists()
+                lr = lr_fn()
             except RuntimeError:  # its learning rate is not picked yet
                 return False
+            if (where(lr) / "study_done.json").exists():
+                return True
+            # another machine (or a cleaned work dir): the run's checkpoints are gone, but its
+            # committed record says it finished; once every task that reads them is done, nothing
+            # needs it again. A consumer still pending (a sample set) trains it again, same seed.
+            return record(lr).exists() and self._consumers_done(name)
 
         def run() -> None:
             lr = lr_fn()
@@ -187,8 +196,7 @@ class Study:
                                       points=[epochs] if separate else None)
             result = run_stage("train", compose("train", ov))
             dt = time.perf_counter() - t0
-            self._collect_diagnostics(config, seed, lr, out, (self.dir / "sweep" / f"{config}_s{seed}_{self.lr_tag(lr)}"
-                                                              ".json") if separate else None)
+            self._collect_diagnostics(config, seed, lr, out, record(lr))
             write_text_atomic(out / "study_done.json", json.dumps({"metrics": result["metrics"], "seconds": dt}))
             self._record_time(f"{name} {self.lr_tag(lr).replace('_', ' ')}", dt)
 
@@ -203,8 +211,14 @@ class Study:
     def is_contrastive(self, config: str) -> bool:
         return config_method(list(self.s.configs[config]))[1]
 
+    def _consumers_done(self, name: str) -> bool:
+        """Whether every task of this study that needs task `name` is done (False when none does,
+        or before `tasks()` has built the list)."""
+        users = [t for t in getattr(self, "_tasks", []) if name in t.needs()]
+        return bool(users) and all(t.done() for t in users)
+
     def _collect_diagnostics(self, config: str, seed: int, lr: tuple[float, float], run: Path,
-                             out: Path | None = None) -> None:
+                             out: Path) -> None:
         """<dir>/diagnostics/<config>_s<seed>_lr<lr>.json: the diagnostics at every point plus the
         per-epoch validation NLL and the per-step training terms from the CSV log."""
         diag = read_jsonl(run / "diagnostics.jsonl") if (run / "diagnostics.jsonl").exists() else []
@@ -218,7 +232,6 @@ class Study:
                     if kept:
                         kept["epoch"] = int(float(row["epoch"])) if row.get("epoch") else None
                         steps.append(kept)
-        out = out or self.dir / "diagnostics" / f"{config}_s{seed}_{self.lr_tag(lr)}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out, json.dumps({"config": config, "seed": seed, "lr_domain": lr[0], "lr_sample": lr[1],
                                            "points": diag, "log": steps}, indent=0))
@@ -395,6 +408,7 @@ class Study:
         if s.get("sft"):
             from domino.study.loop import loop_tasks
             tasks += loop_tasks(self)
+        self._tasks = tasks  # what a train task's done() asks about its consumers
         return tasks
 
     def run(self, progress: bool = True) -> dict[str, Any]:
