@@ -216,6 +216,18 @@ def test_qwen_smoke_study_runs_both_parts_and_resumes(tmp_path):
     assert trains["train released_soft_prompt seed 0"].done() and trains["sweep tuned_domino seed 100 lr1e-1"].done()
 
 
+def test_loop_report_names_runs_trained_on_fewer_records_than_the_rest():
+    from domino.study.loop_report import render
+    funnel = {"set": "s", "n_samples": 200, "n_sft": 90}
+    rep = {"test_problems": 3, "val_problems_excluded": 1, "n_records": 64, "arms": {}, "comparisons": [],
+           "rule": "r", "curation": {"a_r0": {**funnel, "n_trained": 64}, "b_r0": {**funnel, "n_trained": 64}}}
+    assert "every SFT run trains on 64 records." in render(rep)
+    rep["curation"]["references_r0"] = {"set": "references", "answers": 120, "n_sft": 49, "n_trained": 49}
+    md = render(rep)
+    assert "except where curation kept fewer: references_r0 on 49" in md
+    assert "| references_r0 | references | 120 answers | 49 | 49 |" in md
+
+
 def test_study_commits_its_results_dir_only(tmp_path):
     import subprocess
 

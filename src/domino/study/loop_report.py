@@ -108,6 +108,8 @@ def compute(study_dir: Path, s: Any) -> dict[str, Any]:
     for f in sorted((loop / "curation").glob("*.json")) if (loop / "curation").exists() else []:
         d = json.loads(f.read_text())
         funnels[f.stem] = {k: d.get(k) for k in ("set", "n_samples", "n_sft", "n_problems", "answers", "passed")}
+        meta = loop / "adapters" / f.stem / "study_sft.json"  # what the run trained on: at most n_records
+        funnels[f.stem]["n_trained"] = json.loads(meta.read_text()).get("n_records") if meta.exists() else None
     pilot = json.loads((study_dir / "pilot.json").read_text()) if (study_dir / "pilot.json").exists() else None
     clean = {n: {k: v for k, v in a.items() if not k.startswith("_")} for n, a in arms.items()}
     missing = {}
@@ -131,10 +133,14 @@ def _pct(x: float | None, sign: bool = False) -> str:
 
 
 def render(rep: dict) -> str:
+    short = {n: f["n_trained"] for n, f in rep["curation"].items()
+             if f.get("n_trained") is not None and f["n_trained"] < rep["n_records"]}
+    records = f"every SFT run trains on {rep['n_records']} records" if not short else (
+        f"every SFT run trains on {rep['n_records']} records except where curation kept fewer: "
+        + ", ".join(f"{n} on {k}" for n, k in short.items()) + " (a smaller SFT set: not size-matched)")
     out = ["# Part B: does SFT on each arm's data raise Pass@1?", "",
            f"Greedy Pass@1 on {rep['test_problems']} held-out HumanEval problems ({rep['val_problems_excluded']} "
-           f"held-out problems that picked learning rates are excluded); every SFT arm trains on "
-           f"{rep['n_records']} records.", ""]
+           f"held-out problems that picked learning rates are excluded); {records}.", ""]
     if rep.get("pilot"):
         p = rep["pilot"]
         out += ["## Pilot", "", "| regime | s_drift | max S move (init std) | l(x_i|D,S_i) | l(x_i|D) | gain (init) | "
@@ -170,11 +176,12 @@ def render(rep: dict) -> str:
                 + "; ".join(f"{n} {_pct(c['diff'], True)} [{_pct(c['ci'][0], True)}, {_pct(c['ci'][1], True)}]"
                             f"{' (interval alone fires)' if c['fires'] else ''}" for n, c in checks.items()) + "."]
     if rep["curation"]:
-        out += ["", "## SFT data", "", "| run | source | in | SFT records |", "|---|---|---|---|"]
+        out += ["", "## SFT data", "", "| run | source | in | kept by curation | trained on |", "|---|---|---|---|---|"]
         for n, f in rep["curation"].items():
             src = f.get("set")
             inn = f.get("n_samples") if f.get("n_samples") is not None else f"{f.get('answers')} answers"
-            out.append(f"| {n} | {src} | {inn} | {f.get('n_sft')} |")
+            trained = "-" if f.get("n_trained") is None else f["n_trained"]
+            out.append(f"| {n} | {src} | {inn} | {f.get('n_sft')} | {trained} |")
     out += ["", "## Decision rule", "", "```", rep["rule"], "```", ""]
     return "\n".join(out)
 
