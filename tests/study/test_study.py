@@ -226,6 +226,10 @@ def test_loop_report_names_runs_trained_on_fewer_records_than_the_rest():
     md = render(rep)
     assert "except where curation kept fewer: references_r0 on 49" in md
     assert "| references_r0 | references | 120 answers | 49 | 49 |" in md
+    assert "## How the answers fail" not in md
+    rep["outcomes"] = {"base": {"passed": 63, "failed": 50, "error": 15, "timeout": 0, "truncated": 12,
+                                "new_tokens": 38483}}
+    assert "| base | 63 | 50 | 15 | 0 | 12 | 38483 |" in render(rep)
 
 
 def test_study_commits_its_results_dir_only(tmp_path):

@@ -25,6 +25,8 @@ import numpy as np
 
 from domino.core.records import read_jsonl, write_text_atomic
 
+OUTCOMES = ("passed", "failed", "error", "timeout")
+
 
 def _verdicts(run_dir: Path, test: list[str]) -> np.ndarray | None:
     path = run_dir / "results.jsonl"
@@ -110,6 +112,13 @@ def compute(study_dir: Path, s: Any) -> dict[str, Any]:
         funnels[f.stem] = {k: d.get(k) for k in ("set", "n_samples", "n_sft", "n_problems", "answers", "passed")}
         meta = loop / "adapters" / f.stem / "study_sft.json"  # what the run trained on: at most n_records
         funnels[f.stem]["n_trained"] = json.loads(meta.read_text()).get("n_records") if meta.exists() else None
+    outcomes = {}  # where the answers fail: wrong (failed), crashed (error), hung (timeout), cut off
+    for f in sorted((loop / "eval").glob("*/summary.json")) if (loop / "eval").exists() else []:
+        m = json.loads(f.read_text())
+        if isinstance(m.get("outcomes"), dict):
+            outcomes[f.parent.name] = {**{k: int(m["outcomes"].get(k, 0)) for k in OUTCOMES},
+                                       "truncated": m.get("truncated_completions"),
+                                       "new_tokens": (m.get("generation") or {}).get("new_tokens")}
     pilot = json.loads((study_dir / "pilot.json").read_text()) if (study_dir / "pilot.json").exists() else None
     clean = {n: {k: v for k, v in a.items() if not k.startswith("_")} for n, a in arms.items()}
     missing = {}
@@ -121,7 +130,7 @@ def compute(study_dir: Path, s: Any) -> dict[str, Any]:
     return {"rule": __doc__.split("Decision rule", 1)[1].strip(), "test_problems": len(test),
             "val_problems_excluded": len(sp.get("val", [])), "arms": clean, "missing_arms": missing,
             "comparisons": comparisons,
-            "curation": funnels, "n_records": int(s.sft.n_records),
+            "curation": funnels, "n_records": int(s.sft.n_records), "outcomes": outcomes,
             "pilot": None if pilot is None else {k: pilot[k] for k in ("chosen", "why", "rule")} | {
                 "regimes": {r: {k: v for k, v in d.items() if k != "points"} for r, d in pilot["regimes"].items()}}}
 
@@ -182,6 +191,15 @@ def render(rep: dict) -> str:
             inn = f.get("n_samples") if f.get("n_samples") is not None else f"{f.get('answers')} answers"
             trained = "-" if f.get("n_trained") is None else f["n_trained"]
             out.append(f"| {n} | {src} | {inn} | {f.get('n_sft')} | {trained} |")
+    if rep.get("outcomes"):
+        out += ["", "## How the answers fail", "",
+                "Per run, over the test problems: passed; failed (a test's assertion: a wrong answer); error (an "
+                "exception: syntax, a missing name); timeout; and answers cut off at the token cap.", "",
+                "| run | " + " | ".join(OUTCOMES) + " | cut off | new tokens |", "|---|" + "---|" * (len(OUTCOMES) + 2)]
+        for n, o in rep["outcomes"].items():
+            out.append(f"| {n} | " + " | ".join(str(o[k]) for k in OUTCOMES)
+                       + f" | {'-' if o['truncated'] is None else o['truncated']} | "
+                       f"{'-' if o['new_tokens'] is None else o['new_tokens']} |")
     out += ["", "## Decision rule", "", "```", rep["rule"], "```", ""]
     return "\n".join(out)
 
