@@ -186,7 +186,7 @@ def test_qwen_smoke_study_runs_both_parts_and_resumes(tmp_path):
     md = (out / "loop_report.md").read_text()
     for section in ("## Pilot", "## Pass@1", "## Between arms", "## SFT data", "## Decision rule"):
         assert section in md
-    assert (out / "report.md").exists() and (out / "final_bars.png").exists()
+    assert (out / "report.md").exists() and (out / "final_bars.png").exists() and (out / "loop_pass1.png").exists()
 
     again = Study(cfg).run(progress=False)
     assert again["executed"] == []

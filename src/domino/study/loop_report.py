@@ -211,4 +211,6 @@ def write_loop_report(study_dir: str | Path, s: Any) -> dict:
     rep = compute(study_dir, s)
     write_text_atomic(study_dir / "loop_report.json", json.dumps(rep, indent=1, default=float))
     write_text_atomic(study_dir / "loop_report.md", render(rep))
+    from domino.study.plots import loop_pass1
+    loop_pass1(study_dir / "loop_pass1.png", rep)
     return rep

@@ -86,6 +86,47 @@ def final_bars(path: Path, report: dict) -> Path | None:
     return path
 
 
+def loop_pass1(path: Path, loop: dict) -> Path | None:
+    """Part B: Pass@1 per arm (bar: mean over replicates, dots: each replicate, line: the base
+    model), and each arm's paired difference from the base model with its 95% interval beside the
+    effect the design can detect (shaded: +-detectable)."""
+    arms = {n: a for n, a in loop.get("arms", {}).items() if a.get("pass@1") is not None}
+    if not arms:
+        return None
+    plt, fig, axes = panel_grid(2, (5.0, 3.4), cols=2)
+    ax = axes[0, 0]
+    names = list(arms)
+    ax.bar(range(len(names)), [100 * arms[n]["pass@1"] for n in names],
+           color=[plt.cm.tab10(i % 10) for i in range(len(names))], alpha=0.8)
+    for j, n in enumerate(names):
+        reps = list(arms[n]["replicates"].values())
+        ax.scatter([j] * len(reps), [100 * v for v in reps], color="black", s=10, zorder=3)
+    if "base" in arms:
+        ax.axhline(100 * arms["base"]["pass@1"], color="gray", ls="--", lw=1)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel("greedy Pass@1 (%)", fontsize=8)
+    ax.set_title(f"Pass@1 on {loop.get('test_problems')} held-out problems", fontsize=9)
+    ax = axes[0, 1]
+    vs = [(n, a["vs_base"]) for n, a in arms.items() if a.get("vs_base")]
+    for j, (n, v) in enumerate(vs):
+        d, (lo, hi) = 100 * v["diff"], v["ci"]
+        ax.errorbar([j], [d], yerr=[[d - 100 * lo], [100 * hi - d]], fmt="o", capsize=4,
+                    color="black" if v["verdict"] in ("A better", "B better") else "gray")
+        ax.fill_between([j - 0.3, j + 0.3], -100 * v["detectable"], 100 * v["detectable"], color="tab:blue", alpha=0.12)
+    ax.axhline(0, color="gray", lw=1)
+    ax.set_xticks(range(len(vs)))
+    ax.set_xticklabels([n for n, _ in vs], rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel("paired difference vs base (points)", fontsize=8)
+    ax.set_title("vs base: 95% bootstrap interval; shaded: detectable effect", fontsize=9)
+    for a in axes.flat:
+        a.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_all(out_dir: Path, report: dict, tsne_res: dict | None, opt: dict) -> list[Path]:
     figs = [_lines(out_dir / "memorisation_vs_epoch.png", report["curves"], MEM, "Memorisation vs epoch"),
             _lines(out_dir / "alignment_vs_epoch.png", report["curves"], ALIGN, "Alignment and coverage vs epoch"),
