@@ -116,9 +116,12 @@ def compute(study_dir: Path, s: Any) -> dict[str, Any]:
     for f in sorted((loop / "eval").glob("*/summary.json")) if (loop / "eval").exists() else []:
         m = json.loads(f.read_text())
         if isinstance(m.get("outcomes"), dict):
+            comp = f.parent / "completions.jsonl"  # every completion (a resumed run's summary counts its last part)
             outcomes[f.parent.name] = {**{k: int(m["outcomes"].get(k, 0)) for k in OUTCOMES},
+                                       "other": sum(int(v) for k, v in m["outcomes"].items() if k not in OUTCOMES),
                                        "truncated": m.get("truncated_completions"),
-                                       "new_tokens": (m.get("generation") or {}).get("new_tokens")}
+                                       "tokens": sum(int(r.get("n_tokens") or 0) for r in read_jsonl(comp))
+                                       if comp.exists() else None}
     pilot = json.loads((study_dir / "pilot.json").read_text()) if (study_dir / "pilot.json").exists() else None
     clean = {n: {k: v for k, v in a.items() if not k.startswith("_")} for n, a in arms.items()}
     missing = {}
@@ -194,12 +197,14 @@ def render(rep: dict) -> str:
     if rep.get("outcomes"):
         out += ["", "## How the answers fail", "",
                 "Per run, over the test problems: passed; failed (a test's assertion: a wrong answer); error (an "
-                "exception: syntax, a missing name); timeout; and answers cut off at the token cap.", "",
-                "| run | " + " | ".join(OUTCOMES) + " | cut off | new tokens |", "|---|" + "---|" * (len(OUTCOMES) + 2)]
+                "exception: syntax, a missing name); timeout; other (the sandbox itself failed); answers cut off "
+                "at the token cap; and the tokens of all its completions.", "",
+                "| run | " + " | ".join(OUTCOMES) + " | other | cut off | tokens |",
+                "|---|" + "---|" * (len(OUTCOMES) + 3)]
         for n, o in rep["outcomes"].items():
-            out.append(f"| {n} | " + " | ".join(str(o[k]) for k in OUTCOMES)
+            out.append(f"| {n} | " + " | ".join(str(o[k]) for k in (*OUTCOMES, "other"))
                        + f" | {'-' if o['truncated'] is None else o['truncated']} | "
-                       f"{'-' if o['new_tokens'] is None else o['new_tokens']} |")
+                       f"{'-' if o['tokens'] is None else o['tokens']} |")
     out += ["", "## Decision rule", "", "```", rep["rule"], "```", ""]
     return "\n".join(out)
 

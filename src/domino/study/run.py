@@ -369,8 +369,14 @@ class Study:
                     and seed == self.sweep_seed(config))
 
         def after_training(config: str, seed: int):
-            own = not reused(config, seed)
-            return lambda: picked(config)() + ([f"train {config} seed {seed}"] if own else [])
+            def needs() -> list[str]:
+                if not reused(config, seed):
+                    return picked(config)() + [f"train {config} seed {seed}"]
+                try:  # the winning sweep run is this seed's run: name it once the pick is known
+                    return picked(config)() + [f"train {config} seed {seed} {self.lr_tag(self.lr_of(config))}"]
+                except RuntimeError:
+                    return picked(config)()
+            return needs
 
         # per group (the configs with their own sweep, then those that borrow a rate): train, sample
         # the final point, (after the first group: the baselines,) then the curve points; so the main
@@ -480,8 +486,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     stage = cfg.get("stage") or "all"
     if stage == "all":
         return Study(cfg).run(progress=bool(cfg.get("progress", True)))
-    if stage == "report":
+    if stage == "report":  # both reports from the committed files alone
         from domino.study.report import write_report
-        return {"report": write_report(Path(cfg.study.dir), cfg.study), "dir": str(cfg.study.dir),
-                "output_dir": str(cfg.study.dir)}
+        report = write_report(Path(cfg.study.dir), cfg.study)
+        if cfg.study.get("sft"):
+            from domino.study.loop_report import write_loop_report
+            report["loop"] = write_loop_report(Path(cfg.study.dir), cfg.study)
+        return {"report": report, "dir": str(cfg.study.dir), "output_dir": str(cfg.study.dir)}
     raise ValueError(f"stage={stage!r} is not one of ('all', 'report')")
