@@ -84,12 +84,10 @@ def compute(study_dir: Path, s: Any) -> dict[str, Any]:
         arms[arm] = {"replicates": means, "pass@1": float(vec.mean()),
                      "spread": float(max(means.values()) - min(means.values())) if len(reps) > 1 else None,
                      "_vec": vec, "_reps": reps}
+    # every adapter's study_sft.json (records trained on, seconds), by run name: read once
+    sft_meta = {p.parent.name: json.loads(p.read_text()) for p in sorted((loop / "adapters").glob("*/study_sft.json"))}
     for name, a in arms.items():
-        sft = {}
-        for r in a["replicates"]:
-            meta = loop / "adapters" / f"{name}_r{r}" / "study_sft.json"
-            if meta.exists():
-                sft[r] = json.loads(meta.read_text())
+        sft = {r: sft_meta[f"{name}_r{r}"] for r in a["replicates"] if f"{name}_r{r}" in sft_meta}
         a["sft"] = {r: {k: m.get(k) for k in ("n_records", "n_available", "seconds")} for r, m in sft.items()}
         if name != "base" and "base" in arms:
             pr = paired(a["_vec"], arms["base"]["_vec"], n_boot, seed, level)
@@ -110,8 +108,7 @@ def compute(study_dir: Path, s: Any) -> dict[str, Any]:
     for f in sorted((loop / "curation").glob("*.json")) if (loop / "curation").exists() else []:
         d = json.loads(f.read_text())
         funnels[f.stem] = {k: d.get(k) for k in ("set", "n_samples", "n_sft", "n_problems", "answers", "passed")}
-        meta = loop / "adapters" / f.stem / "study_sft.json"  # what the run trained on: at most n_records
-        funnels[f.stem]["n_trained"] = json.loads(meta.read_text()).get("n_records") if meta.exists() else None
+        funnels[f.stem]["n_trained"] = sft_meta.get(f.stem, {}).get("n_records")  # at most n_records
     outcomes = {}  # where the answers fail: wrong (failed), crashed (error), hung (timeout), cut off
     for f in sorted((loop / "eval").glob("*/summary.json")) if (loop / "eval").exists() else []:
         m = json.loads(f.read_text())
@@ -147,9 +144,9 @@ def _pct(x: float | None, sign: bool = False) -> str:
 def render(rep: dict) -> str:
     short = {n: f["n_trained"] for n, f in rep["curation"].items()
              if f.get("n_trained") is not None and f["n_trained"] < rep["n_records"]}
-    records = f"every SFT run trains on {rep['n_records']} records" if not short else (
-        f"every SFT run trains on {rep['n_records']} records except where curation kept fewer: "
-        + ", ".join(f"{n} on {k}" for n, k in short.items()) + " (a smaller SFT set: not size-matched)")
+    records = f"every SFT run trains on {rep['n_records']} records" + ("" if not short else (
+        " except where curation kept fewer: " + ", ".join(f"{n} on {k}" for n, k in short.items())
+        + " (a smaller SFT set: not size-matched)"))
     out = ["# Part B: does SFT on each arm's data raise Pass@1?", "",
            f"Greedy Pass@1 on {rep['test_problems']} held-out HumanEval problems ({rep['val_problems_excluded']} "
            f"held-out problems that picked learning rates are excluded); {records}.", ""]

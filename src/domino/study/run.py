@@ -157,6 +157,12 @@ class Study:
                 f"trainer.max_epochs={epochs}", f"export_epochs=[{','.join(map(str, points))}]",
                 "diagnostics=true", f"paths.output_dir={run}", f"paths.root_dir={self.root}"]
 
+    def train_name(self, config: str, seed: int, lr: tuple[float, float] | None = None,
+                   separate: bool = False) -> str:
+        """A training task's name: `train <config> seed <seed>`, plus the rate of a sweep point
+        (`lr`), named `sweep ...` when the sweep runs apart from the result runs."""
+        return f"{'sweep' if separate else 'train'} {config} seed {seed}" + (f" {self.lr_tag(lr)}" if lr else "")
+
     def train_task(self, config: str, seed: int, lr_fn: Callable[[], tuple[float, float]], n_refs: int,
                    seq: int, sweep_point: bool = False, needs: Callable[[], list[str]] = _nothing) -> Task:
         domino = self.is_contrastive(config)
@@ -164,8 +170,7 @@ class Study:
         separate = sweep_point and self.sweep_separate
         epochs = self.sweep_epochs if separate else self.epochs
         cost = epochs * n_refs * seq * 3 * ((batch + 1) if domino else 1)
-        name = f"{'sweep' if separate else 'train'} {config} seed {seed}" + (
-            f" {self.lr_tag(lr_fn())}" if sweep_point else "")
+        name = self.train_name(config, seed, lr_fn() if sweep_point else None, separate)
 
         def where(lr) -> Path:
             return self.sweep_dir(config, seed, lr) if separate else self.run_dir(config, seed, lr)
@@ -371,9 +376,9 @@ class Study:
         def after_training(config: str, seed: int):
             def needs() -> list[str]:
                 if not reused(config, seed):
-                    return picked(config)() + [f"train {config} seed {seed}"]
+                    return picked(config)() + [self.train_name(config, seed)]
                 try:  # the winning sweep run is this seed's run: name it once the pick is known
-                    return picked(config)() + [f"train {config} seed {seed} {self.lr_tag(self.lr_of(config))}"]
+                    return picked(config)() + [self.train_name(config, seed, self.lr_of(config))]
                 except RuntimeError:
                     return picked(config)()
             return needs
@@ -447,15 +452,7 @@ class Study:
                     self.write_data(next(p.parent for sub in ("pilot", "sweep", "runs")
                                          for p in (self.work / sub).rglob("heldout.jsonl")))
                 self.commit(t.name)
-        from domino.study.report import write_report
-        t0 = time.perf_counter()
-        report = write_report(self.dir, self.s)
-        self._record_time("report", time.perf_counter() - t0)
-        if self.s.get("sft"):
-            from domino.study.loop_report import write_loop_report
-            t0 = time.perf_counter()
-            report["loop"] = write_loop_report(self.dir, self.s)
-            self._record_time("loop report", time.perf_counter() - t0)
+        report = write_reports(self.dir, self.s, self._record_time)
         self.commit("report")
         log.info("study: %d tasks run, %d already done, %.0f s; report: %s", len(executed),
                  done_before, time.perf_counter() - t_start, self.dir / "report.md")
@@ -480,6 +477,23 @@ class Study:
             log.warning("study: could not commit %s after %s: %s", self.dir, what, e)
 
 
+def write_reports(study_dir: Path, s: DictConfig, record_time: Callable[[str, float], None] | None = None) -> dict:
+    """Part A's report and, for a study with an SFT loop, Part B's (under the key `loop`), from
+    study_dir's files alone; `record_time(name, seconds)` gets each one's wall time."""
+    from domino.study.report import write_report
+    t0 = time.perf_counter()
+    report = write_report(study_dir, s)
+    if record_time:
+        record_time("report", time.perf_counter() - t0)
+    if s.get("sft"):
+        from domino.study.loop_report import write_loop_report
+        t0 = time.perf_counter()
+        report["loop"] = write_loop_report(study_dir, s)
+        if record_time:
+            record_time("loop report", time.perf_counter() - t0)
+    return report
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     from domino.core import attempt
     attempt.accept(cfg.paths.output_dir)  # the study's own Hydra run dir: its record and log
@@ -487,10 +501,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if stage == "all":
         return Study(cfg).run(progress=bool(cfg.get("progress", True)))
     if stage == "report":  # both reports from the committed files alone
-        from domino.study.report import write_report
-        report = write_report(Path(cfg.study.dir), cfg.study)
-        if cfg.study.get("sft"):
-            from domino.study.loop_report import write_loop_report
-            report["loop"] = write_loop_report(Path(cfg.study.dir), cfg.study)
-        return {"report": report, "dir": str(cfg.study.dir), "output_dir": str(cfg.study.dir)}
+        return {"report": write_reports(Path(cfg.study.dir), cfg.study), "dir": str(cfg.study.dir),
+                "output_dir": str(cfg.study.dir)}
     raise ValueError(f"stage={stage!r} is not one of ('all', 'report')")
