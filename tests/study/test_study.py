@@ -165,6 +165,9 @@ def test_qwen_smoke_study_runs_both_parts_and_resumes(tmp_path):
     # then replicate 1 of every arm (the headline's spread), still before the rest of Part A
     last_r1 = max(ex.index(f"evaluate {a}_r1") for a in ("domino", "soft_prompt", "few_shot", "zero_shot"))
     assert last_r1 < ex.index("train tuned_bounded seed 0")
+    # and Part B's report is written (committed) at once, not only at the study's end
+    last_eval = max(i for i, t in enumerate(ex) if t.startswith("evaluate "))
+    assert ex[last_eval + 1] == "loop report" and last_eval + 1 < ex.index("train tuned_bounded seed 0")
 
     # a one-rate config (the released recipe) waits for no sweep; a swept one waits for the pick
     needs = {t.name: t.needs() for t in Study(cfg).tasks()}

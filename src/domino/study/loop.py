@@ -126,7 +126,21 @@ def loop_tasks(study: "Study") -> list[Task]:
     for r in replicates(study):
         for arm in study.s.sft.arms:
             tasks += [_curate_task(study, arm, r), _finetune_task(study, arm, r), _evaluate_task(study, arm, r)]
-    return tasks
+    return tasks + [_report_task(study, [t.name for t in tasks if t.kind == "evaluate"])]
+
+
+def _report_task(study: "Study", evaluations: list[str]) -> Task:
+    """Part B's report as soon as its last Pass@1 exists, so it is committed while Part A goes on
+    (the study's end writes it again, with Part A's)."""
+    def run() -> None:
+        from domino.study.loop_report import write_loop_report
+        t0 = time.perf_counter()
+        write_loop_report(study.dir, study.s)
+        study._record_time("loop report", time.perf_counter() - t0)
+
+    # the lowest rank of what it needs: lending it raises nothing, and it runs right after the last
+    return Task("loop report", "report", 0.0, run, lambda: (study.dir / "loop_report.json").exists(),
+                lambda: ["evaluate base", *evaluations], _rank(max(replicates(study))))
 
 
 def _sft_path(study: "Study", arm: str, r: int) -> Path:
