@@ -287,3 +287,54 @@ def test_pilot_verdict_needs_the_sample_tokens_to_move_and_to_beat_their_init():
     assert v["pos_gain_over_dom"] > 0.01 and not v["own_text_more_likely"] and not v["works"]
     assert not verdict([init, {**learnt, "s_drift": 1e-4}], rule)["works"]  # S did not move
     assert not verdict([init, {**learnt, "nll_pos": 1.6}], rule)["works"]  # own text less likely
+
+
+def _loop_dir(tmp_path, runs: dict[str, list[int]], test=("t0", "t1", "t2", "t3")):
+    """study.dir/loop with split.json and, per run, a summary and per-problem verdicts (c of n=1)."""
+    loop = tmp_path / "loop"
+    loop.mkdir(parents=True, exist_ok=True)
+    (loop / "split.json").write_text(json.dumps({"references": ["r"], "val": ["v"], "test": list(test)}))
+    for name, cs in runs.items():
+        d = loop / "eval" / name
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "summary.json").write_text("{}")
+        (d / "results.jsonl").write_text("".join(json.dumps({"task_id": t, "c": c, "n": 1}) + "\n"
+                                                 for t, c in zip(test, cs)))
+    return loop
+
+
+def test_loop_report_pairs_replicates_and_names_unscored_ones(tmp_path):
+    from omegaconf import OmegaConf
+
+    from domino.study.loop_report import compute, render
+    s = OmegaConf.create({"sft": {"arms": {"a": {}, "b": {}}, "replicates": 2, "n_records": 4,
+                                  "compare": [["a", "b"], ["a", "base"]]}, "bootstrap": {"n": 200, "seed": 0}})
+    _loop_dir(tmp_path, {"base": [1, 0, 0, 0], "a_r0": [1, 1, 1, 1], "a_r1": [1, 1, 0, 0], "b_r0": [1, 0, 0, 0]})
+    rep = compute(tmp_path, s)
+    assert rep["arms"]["b"]["missing_replicates"] == [1] and rep["arms"]["a"]["missing_replicates"] == []
+    ab = next(c for c in rep["comparisons"] if c["b"] == "b")
+    assert sorted(round(p["diff"], 2) for p in ab["pairings"]) == [0.25, 0.75]  # a_r1 - b_r0, a_r0 - b_r0
+    assert ab["verdict"].startswith("not counted")  # b has one replicate: no spread
+    a_base = next(c for c in rep["comparisons"] if c["b"] == "base")
+    assert [p["b_rep"] for p in a_base["pairings"]] == ["-", "-"]
+    md = render(rep)
+    assert "| b | 25.0 | 25.0, r1 not scored |" in md and "+25.0 to +75.0 (" in md
+    # a problem scored twice, one outside the test set, or a malformed count is an error naming the file
+    bad = tmp_path / "loop" / "eval" / "a_r1" / "results.jsonl"
+    good = bad.read_text()
+    bad.write_text(good + json.dumps({"task_id": "t0", "c": 1, "n": 1}) + "\n")
+    with pytest.raises(ValueError, match=r"a_r1/results.jsonl:5: t0 is scored twice"):
+        compute(tmp_path, s)
+    bad.write_text(good + json.dumps({"task_id": "v", "c": 1, "n": 1}) + "\n")
+    with pytest.raises(ValueError, match="outside the test set"):
+        compute(tmp_path, s)
+    bad.write_text(good.replace('"c": 1, "n": 1', '"c": 2, "n": 1', 1))
+    with pytest.raises(ValueError, match=r"results.jsonl:1: t0: expected 0 <= c <= n"):
+        compute(tmp_path, s)
+
+
+def test_loop_report_marks_a_replicate_check_whose_interval_touches_zero():
+    from domino.study.loop_report import _fires
+    assert _fires({"fires": False, "ci": [0.0, 0.094]}) == " (interval touches 0)"
+    assert _fires({"fires": False, "ci": [-0.01, 0.09]}) == ""
+    assert _fires({"fires": True, "ci": [0.01, 0.09]}) == " (interval alone fires)"

@@ -12,6 +12,9 @@ Decision rule (fixed before the run; docs/study.md):
   replicate has no spread: its differences are reported, never counted.
 - Sanity check: the same rule applied to replicate 0 against replicate 1 of one arm must not fire;
   where the interval alone would fire, replicate noise exceeds what the problem sample shows.
+  (Two single replicates have no spread, so of the rule only the interval can fire: the check fires
+  where the interval alone excludes 0, as computed since the code's first version, before any result.
+  This sentence was added on 2026-12-03 after a review found the wording above ambiguous.)
 - Detectable effect: 2.8 standard errors of the paired difference (80% power, two-sided 5%), from the
   observed per-problem discordance; a null reads "no effect above that".
 """
@@ -29,13 +32,26 @@ OUTCOMES = ("passed", "failed", "error", "timeout")
 
 
 def _verdicts(run_dir: Path, test: list[str]) -> np.ndarray | None:
+    """A run's per-problem pass rate in `test` order; None if it is not scored yet. A problem missing,
+    scored twice or not in the test set, or a malformed count, is an error (a paired comparison over
+    silently different problem sets would be biased)."""
     path = run_dir / "results.jsonl"
     if not (run_dir / "summary.json").exists() or not path.exists():
         return None
-    by_task = {r["task_id"]: float(r["c"]) / max(1, int(r["n"])) for r in read_jsonl(path)}
+    by_task: dict[str, float] = {}
+    for i, r in enumerate(read_jsonl(path), 1):
+        t, c, n = r.get("task_id"), r.get("c"), r.get("n")
+        if t in by_task:
+            raise ValueError(f"{path}:{i}: {t} is scored twice")
+        if not isinstance(n, int) or not isinstance(c, int) or n < 1 or not 0 <= c <= n:
+            raise ValueError(f"{path}:{i}: {t}: expected 0 <= c <= n and n >= 1, got c={c!r} n={n!r}")
+        by_task[t] = c / n
     missing = [t for t in test if t not in by_task]
     if missing:
         raise ValueError(f"{path}: no verdict for {len(missing)} test problems (e.g. {missing[0]})")
+    extra = sorted(set(by_task) - set(test))
+    if extra:
+        raise ValueError(f"{path}: {len(extra)} problems outside the test set (e.g. {extra[0]})")
     return np.array([by_task[t] for t in test], np.float64)
 
 
@@ -50,6 +66,20 @@ def paired(a: np.ndarray, b: np.ndarray, n: int, seed: int, level: float = 0.95)
     return {"diff": float(d.mean()), "ci": [float(lo), float(hi)], "ci_excludes_zero": bool(lo > 0 or hi < 0),
             "se": float(se), "detectable": float(2.8 * se), "n_problems": int(len(d)),
             "a_only": int(((a > b)).sum()), "b_only": int(((b > a)).sum())}
+
+
+def _pairings(a: dict, b: dict, n: int, seed: int, level: float) -> list[dict]:
+    """Beside the rule, not part of it: the difference for every pairing of one replicate of A with
+    one of B (the base model is its one run), each with its own interval over problems. With two
+    replicates an arm-mean difference can rest on one lucky pairing; this shows whether it does."""
+    ra, rb = a.get("_reps") or {"-": a["_vec"]}, b.get("_reps") or {"-": b["_vec"]}
+    out = []
+    for i, va in ra.items():
+        for j, vb in rb.items():
+            p = paired(va, vb, n, seed, level)
+            out.append({"a_rep": str(i), "b_rep": str(j), "diff": p["diff"], "ci": p["ci"],
+                        "ci_excludes_zero": p["ci_excludes_zero"]})
+    return out
 
 
 def decide(p: dict, floor: float | None) -> str:
@@ -82,6 +112,7 @@ def compute(study_dir: Path, s: Any) -> dict[str, Any]:
         means = {str(r): float(v.mean()) for r, v in reps.items()}
         vec = np.mean(list(reps.values()), axis=0)
         arms[arm] = {"replicates": means, "pass@1": float(vec.mean()),
+                     "missing_replicates": [r for r in range(int(s.sft.replicates)) if r not in reps],
                      "spread": float(max(means.values()) - min(means.values())) if len(reps) > 1 else None,
                      "_vec": vec, "_reps": reps}
     # every adapter's study_sft.json (records trained on, seconds), by run name: read once
@@ -103,7 +134,8 @@ def compute(study_dir: Path, s: Any) -> dict[str, Any]:
             pr = paired(arms[x]["_vec"], arms[y]["_vec"], n_boot, seed, level)
             fa, fb = arms[x]["spread"], arms[y]["spread"]
             floor = None if fa is None or fb is None else max(fa, fb)
-            comparisons.append({"a": x, "b": y, **pr, "floor": floor, "verdict": decide(pr, floor)})
+            comparisons.append({"a": x, "b": y, **pr, "floor": floor, "verdict": decide(pr, floor),
+                                "pairings": _pairings(arms[x], arms[y], n_boot, seed, level)})
     funnels = {}
     for f in sorted((loop / "curation").glob("*.json")) if (loop / "curation").exists() else []:
         d = json.loads(f.read_text())
@@ -141,6 +173,20 @@ def _pct(x: float | None, sign: bool = False) -> str:
     return f"{100 * x:+.1f}" if sign else f"{100 * x:.1f}"
 
 
+def _pairing_range(ps: list[dict]) -> str:
+    if not ps:
+        return "-"
+    d = [p["diff"] for p in ps]
+    span = _pct(d[0], True) if len(d) == 1 else f"{_pct(min(d), True)} to {_pct(max(d), True)}"
+    return f"{span} ({sum(p['ci_excludes_zero'] for p in ps)} of {len(ps)} exclude 0)"
+
+
+def _fires(c: dict) -> str:
+    if c["fires"]:
+        return " (interval alone fires)"
+    return " (interval touches 0)" if 0.0 in (c["ci"][0], c["ci"][1]) else ""
+
+
 def render(rep: dict) -> str:
     short = {n: f["n_trained"] for n, f in rep["curation"].items()
              if f.get("n_trained") is not None and f["n_trained"] < rep["n_records"]}
@@ -167,23 +213,31 @@ def render(rep: dict) -> str:
             "|---|---|---|---|---|---|---|"]
     for name, a in rep["arms"].items():
         vb = a.get("vs_base")
-        reps = ", ".join(_pct(v) for v in a["replicates"].values())
+        reps = ", ".join([_pct(v) for v in a["replicates"].values()]
+                         + [f"r{r} not scored" for r in a.get("missing_replicates") or []])
         out.append(f"| {name} | {_pct(a['pass@1'])} | {reps} | {_pct(a['spread'])} | "
                    + (f"{_pct(vb['diff'], True)} [{_pct(vb['ci'][0], True)}, {_pct(vb['ci'][1], True)}] | "
                       f"{_pct(vb['detectable'])} | {vb['verdict']} |" if vb else "- | - | - |"))
     for name, why in rep.get("missing_arms", {}).items():
         out.append(f"| {name} | - | - | - | - | - | {why} |")
+    out += ["", "vs base: the arm minus the base model, paired over problems (\"A better\": the arm); the floor "
+            "is the arm's replicate spread."]
     if rep["comparisons"]:
-        out += ["", "## Between arms", "", "| A | B | A - B [95% CI] | floor | detectable | verdict |",
-                "|---|---|---|---|---|---|"]
+        out += ["", "## Between arms", "", "| A | B | A - B [95% CI] | floor | detectable | verdict "
+                "| by replicate pairing |", "|---|---|---|---|---|---|---|"]
         for c in rep["comparisons"]:
             out.append(f"| {c['a']} | {c['b']} | {_pct(c['diff'], True)} [{_pct(c['ci'][0], True)}, "
-                       f"{_pct(c['ci'][1], True)}] | {_pct(c['floor'])} | {_pct(c['detectable'])} | {c['verdict']} |")
+                       f"{_pct(c['ci'][1], True)}] | {_pct(c['floor'])} | {_pct(c['detectable'])} | {c['verdict']} "
+                       f"| {_pairing_range(c.get('pairings') or [])} |")
+        out += ["", "floor: the larger replicate spread of A and B; a difference counts only where its interval "
+                "excludes 0 and it exceeds the floor (\"A better\": the first arm). By replicate pairing (beside "
+                "the rule, not part of it): the range of A - B over every pairing of one replicate of A with one of "
+                "B, and in how many of them the pairing's own interval excludes 0."]
     checks = {n: a["self_check"] for n, a in rep["arms"].items() if a.get("self_check")}
     if checks:
         out += ["", "Sanity check, replicate 0 vs replicate 1 of the same arm (must not count): "
                 + "; ".join(f"{n} {_pct(c['diff'], True)} [{_pct(c['ci'][0], True)}, {_pct(c['ci'][1], True)}]"
-                            f"{' (interval alone fires)' if c['fires'] else ''}" for n, c in checks.items()) + "."]
+                            f"{_fires(c)}" for n, c in checks.items()) + "."]
     if rep["curation"]:
         out += ["", "## SFT data", "", "| run | source | in | kept by curation | trained on |", "|---|---|---|---|---|"]
         for n, f in rep["curation"].items():
