@@ -201,6 +201,11 @@ def test_qwen_smoke_study_runs_both_parts_and_resumes(tmp_path):
     for section in ("## Pilot", "## Pass@1", "## Between arms", "## SFT data", "## Decision rule"):
         assert section in md
     assert (out / "report.md").exists() and (out / "final_bars.png").exists() and (out / "loop_pass1.png").exists()
+    part_a = (out / "report.md").read_text()
+    wall = part_a[part_a.index("## Wall time"):]
+    for kind in ("pilot", "learning-rate sweep", "training", "sampling", "curation", "SFT", "Pass@1 evaluation"):
+        assert f"\n| {kind} | " in wall, kind  # every kind of task is in the study's wall time, not only training
+    assert "s_drift" in part_a and "d_drift" in part_a  # the sample tokens' drift beside D's
 
     again = Study(cfg).run(progress=False)
     assert again["executed"] == []

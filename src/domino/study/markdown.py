@@ -6,6 +6,11 @@ from typing import Any
 TFIDF_FIT = {"references": "training references only",
              "references+heldout": "training references and the held-out split"}
 VERDICT = {"a": "**{a} better**", "b": "**{b} better**", "none": "no detectable difference"}
+# the mechanism's diagnostics (src/domino/training/diagnostics.py), in report order; val/nll_dom is every epoch's
+DIAG_KEYS = ["nll_dom_train", "nll_dom_heldout", "nll_pos", "nll_neg", "contrast_gap", "d_drift", "s_drift",
+             "s_move_max_std"]
+TASK_KINDS = {"pilot": "pilot", "sweep": "learning-rate sweep", "train": "training", "sample": "sampling",
+              "curate": "curation", "finetune": "SFT", "evaluate": "Pass@1 evaluation", "loop": "Part B report"}
 
 
 def _f(v: Any, digits: int = 3) -> str:
@@ -123,9 +128,10 @@ def render(report: dict, figures: list[str]) -> str:
         for mid in ("mem_ngram_mean", "mem_cos_mean@backbone", "mmd2@backbone", "coverage@backbone"):
             if mid in metrics:
                 out.append(f"- `{config}` {mid}: {_points(metrics[mid])}")
-    out += ["", "Diagnostics at the picked learning rate (mean over seeds [min–max]):", ""]
+    if report["diagnostics"]:
+        out += ["", "Diagnostics at the picked learning rate (mean over seeds [min–max]):", ""]
     for config, keys in report["diagnostics"].items():
-        for k in ("nll_dom_train", "nll_dom_heldout", "nll_pos", "contrast_gap", "d_drift"):
+        for k in DIAG_KEYS + ["val/nll_dom"]:
             if k in keys:
                 out.append(f"- `{config}` {k}: {_points(keys[k])}")
     out.append("")
@@ -142,10 +148,13 @@ def render(report: dict, figures: list[str]) -> str:
 
     t = report["timing_s"]
     tasks = t.get("tasks", {})
-    parts = {"learning-rate sweep and training": sum(v for k, v in tasks.items() if k.startswith("train")),
-             "sampling": sum(v for k, v in tasks.items() if k.startswith("sample")),
-             "report: embedding": t["report"]["embed"],
-             "report: metrics + half-sampling": t["report"]["metrics_and_bootstrap"]}
+    parts: dict[str, float] = {}
+    for k, v in tasks.items():  # one row per kind of task (pilot, sweep, train, sample, curate, ...)
+        if k.split()[0] != "report":  # an earlier report's own time: this one's is in the rows below
+            kind = TASK_KINDS.get(k.split()[0], k.split()[0])
+            parts[kind] = parts.get(kind, 0.0) + v
+    parts |= {"report: embedding": t["report"]["embed"],
+              "report: metrics + half-sampling": t["report"]["metrics_and_bootstrap"]}
     out += ["", "## Wall time on this machine", "", "| part | wall time |", "|---|---|"]
     out += [f"| {k} | {_hms(v)} |" for k, v in parts.items()]
     out += [f"| **total** | **{_hms(sum(parts.values()))}** |", "",

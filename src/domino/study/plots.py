@@ -16,7 +16,8 @@ ALIGN = [("mmd2@backbone", "MMD², backbone ↓"), ("mmd2@tfidf", "MMD², TF-IDF
 DIAG = [("nll_dom_train", "l(x|D), training texts"), ("nll_dom_heldout", "l(x|D), held-out texts"),
         ("nll_pos", "l(x_i|D,S_i): own sample tokens"), ("nll_neg", "l(x_j|D,S_i), j != i"),
         ("contrast_gap", "contrast gap l(x_j|D,S_i) - l(x_i|D,S_i)"),
-        ("d_drift", "||D - D0|| / ||D0||"), ("val/nll_dom", "val/nll_dom (every epoch)")]
+        ("d_drift", "||D - D0|| / ||D0||"), ("s_drift", "||S - S0|| / ||S0||"),
+        ("val/nll_dom", "val/nll_dom (every epoch)")]
 
 
 def _lines(path: Path, data: dict, panels: list[tuple[str, str]], title: str, xlabel: str = "epoch") -> Path | None:

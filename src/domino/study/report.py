@@ -23,12 +23,11 @@ from domino.core.records import read_jsonl
 from domino.data_quality import metrics as Q
 from domino.data_quality.compute import compute_report, embed_cached, jsonable, options
 from domino.study import stats as S
+from domino.study.markdown import DIAG_KEYS
 
 log = logging.getLogger(__name__)
 CURVE_METRICS = [("mem_ngram_mean", None), ("mem_cos_mean", "backbone"), ("mem_cos_mean", "tfidf"),
                  ("mmd2", "backbone"), ("mmd2", "tfidf"), ("coverage", "backbone"), ("coverage", "tfidf")]
-DIAG_KEYS = ["nll_dom_train", "nll_dom_heldout", "nll_pos", "nll_neg", "contrast_gap", "d_drift", "s_drift",
-             "s_move_max_std"]
 
 
 class TfidfEmbedder:
