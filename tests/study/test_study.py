@@ -196,8 +196,13 @@ def test_qwen_smoke_study_runs_both_parts_and_resumes(tmp_path):
         assert (out / "loop" / "eval" / f"{arm}_r1" / "completions.jsonl").exists()
     assert loop["missing_arms"] == {"references": "no SFT records"}  # the tiny model's answers never pass
     assert {(c["a"], c["b"]) for c in loop["comparisons"]} == {("domino", "base"), ("domino", "zero_shot"),
-                                                               ("domino", "soft_prompt")}
+                                                               ("domino", "soft_prompt"), ("domino_tuned", "domino")}
+    # an arm added after the design was fixed: the same rule, marked, never silently one of the questions
+    assert loop["extension"]["arms"] == ["domino_tuned"] and loop["arms"]["domino_tuned"]["vs_base"]
+    assert [c["extension"] for c in loop["comparisons"]] == [False, False, False, True]
     md = (out / "loop_report.md").read_text()
+    assert "| domino_tuned † |" in md and "† An extension, not part of the design fixed before the run" in md
+    assert "| domino |" in md and "| domino † |" not in md
     for section in ("## Pilot", "## Pass@1", "## Between arms", "## SFT data", "## Decision rule"):
         assert section in md
     assert (out / "report.md").exists() and (out / "final_bars.png").exists() and (out / "loop_pass1.png").exists()
@@ -209,6 +214,12 @@ def test_qwen_smoke_study_runs_both_parts_and_resumes(tmp_path):
 
     again = Study(cfg).run(progress=False)
     assert again["executed"] == []
+    # a report written before a run was scored (an arm added later) is stale: the report task runs again
+    stale = json.loads((out / "loop_report.json").read_text())
+    del stale["arms"]["domino_tuned"]
+    (out / "loop_report.json").write_text(json.dumps(stale))
+    assert Study(cfg).run(progress=False)["executed"] == ["loop report"]
+    assert json.loads((out / "loop_report.json").read_text()) == loop
     copy = tmp_path / "committed"
     shutil.copytree(out, copy)
     assert write_loop_report(copy, cfg.study) == loop
@@ -343,3 +354,13 @@ def test_loop_report_marks_a_replicate_check_whose_interval_touches_zero():
     assert _fires({"fires": False, "ci": [0.0, 0.094]}) == " (interval touches 0)"
     assert _fires({"fires": False, "ci": [-0.01, 0.09]}) == ""
     assert _fires({"fires": True, "ci": [0.01, 0.09]}) == " (interval alone fires)"
+
+
+def test_an_extension_arm_must_be_an_arm():
+    from omegaconf import OmegaConf
+
+    from domino.study.loop_report import extension_arms
+    s = OmegaConf.create({"sft": {"arms": {"domino": {"config": "x"}}, "extension": {"arms": ["domino", "dommino"]}}})
+    with pytest.raises(ValueError, match=r"study.sft.extension.arms: \['dommino'\]"):
+        extension_arms(s)
+    assert extension_arms(OmegaConf.create({"sft": {"arms": {"domino": {"config": "x"}}}})) == []

@@ -139,8 +139,24 @@ def _report_task(study: "Study", evaluations: list[str]) -> Task:
         study._record_time("loop report", time.perf_counter() - t0)
 
     # the lowest rank of what it needs: lending it raises nothing, and it runs right after the last
-    return Task("loop report", "report", 0.0, run, lambda: (study.dir / "loop_report.json").exists(),
+    return Task("loop report", "report", 0.0, run, lambda: _report_is_current(study),
                 lambda: ["evaluate base", *evaluations], _rank(max(replicates(study))))
+
+
+def _report_is_current(study: "Study") -> bool:
+    """The committed loop report covers every scored run (an arm added later, or a replicate scored
+    after the report was written, makes it stale)."""
+    path = study.dir / "loop_report.json"
+    if not path.exists():
+        return False
+    arms = json.loads(path.read_text()).get("arms", {})
+    for arm in arm_names(study):
+        for r in [None] if arm == "base" else replicates(study):
+            run = loop_dir(study) / "eval" / run_name(arm, r)
+            scored = (run / "summary.json").exists() and (run / "results.jsonl").exists()
+            if scored and ("-" if r is None else str(r)) not in arms.get(arm, {}).get("replicates", {}):
+                return False
+    return True
 
 
 def _sft_path(study: "Study", arm: str, r: int) -> Path:

@@ -90,6 +90,16 @@ def decide(p: dict, floor: float | None) -> str:
     return "no detectable difference"
 
 
+def extension_arms(s: Any) -> list[str]:
+    """Arms added after the design was fixed (`study.sft.extension.arms`): reported under the same rule,
+    marked as such, and never part of the questions fixed before the run."""
+    ext = (s.sft.get("extension") or {}).get("arms") or []
+    unknown = [a for a in ext if a not in s.sft.arms]
+    if unknown:
+        raise ValueError(f"study.sft.extension.arms: {unknown} are not arms of study.sft.arms ({list(s.sft.arms)})")
+    return [str(a) for a in ext]
+
+
 def compute(study_dir: Path, s: Any) -> dict[str, Any]:
     loop = study_dir / "loop"
     sp = json.loads((loop / "split.json").read_text())
@@ -97,6 +107,7 @@ def compute(study_dir: Path, s: Any) -> dict[str, Any]:
     boot = dict(s.get("bootstrap") or {})
     n_boot, seed, level = int(boot.get("n", 2000)), int(boot.get("seed", 0)), float(boot.get("level", 0.95))
     arms: dict[str, dict] = {}
+    ext = extension_arms(s)
     base = _verdicts(loop / "eval" / "base", test)
     if base is not None:
         arms["base"] = {"replicates": {"-": float(base.mean())}, "pass@1": float(base.mean()), "spread": 0.0,
@@ -135,7 +146,8 @@ def compute(study_dir: Path, s: Any) -> dict[str, Any]:
             fa, fb = arms[x]["spread"], arms[y]["spread"]
             floor = None if fa is None or fb is None else max(fa, fb)
             comparisons.append({"a": x, "b": y, **pr, "floor": floor, "verdict": decide(pr, floor),
-                                "pairings": _pairings(arms[x], arms[y], n_boot, seed, level)})
+                                "pairings": _pairings(arms[x], arms[y], n_boot, seed, level),
+                                "extension": x in ext or y in ext})
     funnels = {}
     for f in sorted((loop / "curation").glob("*.json")) if (loop / "curation").exists() else []:
         d = json.loads(f.read_text())
@@ -159,7 +171,12 @@ def compute(study_dir: Path, s: Any) -> dict[str, Any]:
             files = sorted((loop / "eval").glob(f"{arm}_r*/summary.json")) if (loop / "eval").exists() else []
             skipped = [json.loads(f.read_text()).get("skipped") for f in files]
             missing[arm] = skipped[0] if any(skipped) else "not evaluated yet"
+    extension = None
+    if ext:
+        e = dict(s.sft.extension)
+        extension = {"arms": ext, "added": str(e.get("added") or ""), "why": str(e.get("why") or "")}
     return {"rule": __doc__.split("Decision rule", 1)[1].strip(), "test_problems": len(test),
+            "extension": extension,
             "val_problems_excluded": len(sp.get("val", [])), "arms": clean, "missing_arms": missing,
             "comparisons": comparisons,
             "curation": funnels, "n_records": int(s.sft.n_records), "outcomes": outcomes,
@@ -209,24 +226,31 @@ def render(rep: dict) -> str:
                        f"{d['nll_dom_train']:.4f} | {d['pos_gain_over_dom']:+.4f} ({g0:+.4f}) | "
                        f"{d['own_text_more_likely']} | {d['works']} |")
         out += ["", f"Chosen: {p['why']}.", ""]
+    ext = (rep.get("extension") or {}).get("arms") or []
+    mark = {n: (n + " †" if n in ext else n) for n in [*rep["arms"], *rep.get("missing_arms", {})]}
     out += ["## Pass@1", "", "| arm | Pass@1 | replicates | spread | vs base [95% CI] | detectable | verdict |",
             "|---|---|---|---|---|---|---|"]
     for name, a in rep["arms"].items():
         vb = a.get("vs_base")
         reps = ", ".join([_pct(v) for v in a["replicates"].values()]
                          + [f"r{r} not scored" for r in a.get("missing_replicates") or []])
-        out.append(f"| {name} | {_pct(a['pass@1'])} | {reps} | {_pct(a['spread'])} | "
+        out.append(f"| {mark[name]} | {_pct(a['pass@1'])} | {reps} | {_pct(a['spread'])} | "
                    + (f"{_pct(vb['diff'], True)} [{_pct(vb['ci'][0], True)}, {_pct(vb['ci'][1], True)}] | "
                       f"{_pct(vb['detectable'])} | {vb['verdict']} |" if vb else "- | - | - |"))
     for name, why in rep.get("missing_arms", {}).items():
-        out.append(f"| {name} | - | - | - | - | - | {why} |")
+        out.append(f"| {mark[name]} | - | - | - | - | - | {why} |")
     out += ["", "vs base: the arm minus the base model, paired over problems (\"A better\": the arm); the floor "
             "is the arm's replicate spread."]
+    if ext:
+        e = rep["extension"]
+        out += ["", f"† An extension, not part of the design fixed before the run: added {e['added']}. {e['why']} "
+                "The same rule applies; its comparisons are marked † below."]
     if rep["comparisons"]:
         out += ["", "## Between arms", "", "| A | B | A - B [95% CI] | floor | detectable | verdict "
                 "| by replicate pairing |", "|---|---|---|---|---|---|---|"]
         for c in rep["comparisons"]:
-            out.append(f"| {c['a']} | {c['b']} | {_pct(c['diff'], True)} [{_pct(c['ci'][0], True)}, "
+            a, b = mark.get(c["a"], c["a"]), mark.get(c["b"], c["b"])
+            out.append(f"| {a} | {b} | {_pct(c['diff'], True)} [{_pct(c['ci'][0], True)}, "
                        f"{_pct(c['ci'][1], True)}] | {_pct(c['floor'])} | {_pct(c['detectable'])} | {c['verdict']} "
                        f"| {_pairing_range(c.get('pairings') or [])} |")
         out += ["", "floor: the larger replicate spread of A and B; a difference counts only where its interval "
