@@ -146,14 +146,14 @@ def _report_task(study: "Study", evaluations: list[str]) -> Task:
 def _report_is_current(study: "Study") -> bool:
     """The committed loop report covers every scored run (an arm added later, or a replicate scored
     after the report was written, makes it stale)."""
+    from domino.study.loop_report import is_scored
     path = study.dir / "loop_report.json"
     if not path.exists():
         return False
     arms = json.loads(path.read_text()).get("arms", {})
     for arm in arm_names(study):
         for r in [None] if arm == "base" else replicates(study):
-            run = loop_dir(study) / "eval" / run_name(arm, r)
-            scored = (run / "summary.json").exists() and (run / "results.jsonl").exists()
+            scored = is_scored(loop_dir(study) / "eval" / run_name(arm, r))
             if scored and ("-" if r is None else str(r)) not in arms.get(arm, {}).get("replicates", {}):
                 return False
     return True

@@ -31,12 +31,17 @@ from domino.core.records import read_jsonl, write_text_atomic
 OUTCOMES = ("passed", "failed", "error", "timeout")
 
 
+def is_scored(run_dir: Path) -> bool:
+    """An evaluation run that has finished: its summary and its per-problem results exist."""
+    return (run_dir / "summary.json").exists() and (run_dir / "results.jsonl").exists()
+
+
 def _verdicts(run_dir: Path, test: list[str]) -> np.ndarray | None:
     """A run's per-problem pass rate in `test` order; None if it is not scored yet. A problem missing,
     scored twice or not in the test set, or a malformed count, is an error (a paired comparison over
     silently different problem sets would be biased)."""
     path = run_dir / "results.jsonl"
-    if not (run_dir / "summary.json").exists() or not path.exists():
+    if not is_scored(run_dir):
         return None
     by_task: dict[str, float] = {}
     for i, r in enumerate(read_jsonl(path), 1):
