@@ -25,7 +25,7 @@ OBJECTIVE = {"name": "domino", "lambda": 1.0, "w_dom": 1.0, "form": "paper", "be
              "chunk_size": None, "negatives": None}
 PROMPT = {"k": 8, "l": 8, "init": "sample_vocab", "init_text": None, "domain_head": False,
           "domain_head_hidden": 256, "sample_rank": None}
-OPTIM = {"lr_domain": 3e-2, "lr_sample": 9e-2, "weight_decay": 0.0, "warmup_steps": 2}
+OPTIM = {"lr_domain": 3e-3, "lr_sample": 3e-3, "weight_decay": 0.0, "warmup_steps": 2}
 
 
 def nll_fn(impl: str):
