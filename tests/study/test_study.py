@@ -124,16 +124,39 @@ def test_smoke_study_produces_every_field_and_plot_and_resumes(tmp_path):
     for key in ("summary", "comparisons", "claims", "curves", "diagnostics", "sets"):
         assert recomputed[key] == report[key], key
 
-    # a new machine (no work dir, no checkpoints): every training run is done while the sample sets
-    # that read it are committed; with one missing, the run that made it is trained again first
-    # (here the seed-0 sweep winner, which this design reuses as the seed-0 result)
+    # a new machine (no work dir, no checkpoints): every training run is done, and a missing sample
+    # set is made again from the committed copy of D (<dir>/prompts/), the same tensor the run exported
     elsewhere = _study_cfg(tmp_path, [f"study.dir={copy}", f"study.work_dir={tmp_path / 'new_machine'}"])
     assert all(t.done() for t in Study(elsewhere).tasks() if t.kind == "train")
+    _check_committed_prompts(Study(cfg), Study(elsewhere), "soft_prompt", 0, epoch=1)
     (copy / "samples" / "soft_prompt_s0_e1.jsonl").unlink()
     st = Study(elsewhere)
     tasks = {t.name: t for t in st.tasks()}
     winner = f"train soft_prompt seed 0 {st.lr_tag(st.lr_of('soft_prompt'))}"
-    assert winner in tasks["sample soft_prompt_s0_e1"].needs() and not tasks[winner].done()
+    assert winner in tasks["sample soft_prompt_s0_e1"].needs() and tasks[winner].done()
+    again = st.run(progress=False)
+    assert again["executed"] == ["sample soft_prompt_s0_e1"]
+    remade, first_made = (d / "samples" / "soft_prompt_s0_e1.jsonl" for d in (copy, out))
+    assert remade.read_text() == first_made.read_text()
+    # a study committed before the copy existed: with a sample set missing, the run that made it is
+    # trained again first (here the seed-0 sweep winner, which this design reuses as the seed-0 result)
+    shutil.rmtree(copy / "prompts")
+    (copy / "samples" / "soft_prompt_s0_e1.jsonl").unlink()
+    tasks = {t.name: t for t in Study(elsewhere).tasks()}
+    assert not tasks[winner].done()
+
+
+def _check_committed_prompts(here, elsewhere, config: str, seed: int, epoch: int) -> None:
+    """The committed copy of D is the tensor the run exported, with its metadata, and is what a
+    sample set on another machine reads."""
+    from domino.core.domain_prompt import load_domain_prompt
+    lr = here.lr_of(config)
+    ran, kept = here.prompt_path(config, seed, lr, epoch), here.prompt_path(config, seed, lr, epoch, committed=True)
+    assert ran.exists() and kept.exists() and kept.stat().st_size < 2 ** 20
+    a, b = load_domain_prompt(ran), load_domain_prompt(kept)
+    assert torch.equal(a.tokens, b.tokens) and a.meta == b.meta
+    kept_there = elsewhere.prompt_path(config, seed, lr, epoch, committed=True)
+    assert elsewhere.sampling_prompt(config, seed, lr, epoch) == kept_there
 
 
 # ------------------------------------------------------------------ the Qwen study's structure (Part A + B)
@@ -249,6 +272,10 @@ def test_qwen_smoke_study_runs_both_parts_and_resumes(tmp_path):
     trains = {t.name: t for t in Study(elsewhere).tasks() if t.kind == "train"}
     assert trains and all(t.done() for t in trains.values()), [n for n, t in trains.items() if not t.done()]
     (copy / "samples" / "released_domino_s0_e2.jsonl").unlink()
+    trains = {t.name: t for t in Study(elsewhere).tasks() if t.kind == "train"}
+    assert trains["train released_domino seed 0"].done()  # its sample set reads the committed D
+    st = Study(elsewhere)
+    shutil.rmtree(copy / "prompts" / f"released_domino_s0_{st.lr_tag(st.lr_of('released_domino'))}")
     trains = {t.name: t for t in Study(elsewhere).tasks() if t.kind == "train"}
     assert not trains["train released_domino seed 0"].done()
     assert trains["train released_soft_prompt seed 0"].done() and trains["sweep tuned_domino seed 100 lr1e-1"].done()

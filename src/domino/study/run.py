@@ -25,6 +25,8 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf
 
 from domino.core.config import compose
+from domino.core.domain_prompt import EXPORT, META
+from domino.core.lineage import FILE
 from domino.core.records import read_jsonl, write_jsonl, write_text_atomic
 from domino.study.tasks import Task, _nothing, schedule
 
@@ -90,11 +92,38 @@ class Study:
     def sweep_dir(self, config: str, seed: int, lr: tuple[float, float]) -> Path:
         return self.work / "sweep" / config / f"seed{seed}_{self.lr_tag(lr)}"
 
-    def prompt_path(self, config: str, seed: int, lr: float | tuple[float, float], epoch: int) -> Path:
+    def prompt_path(self, config: str, seed: int, lr: float | tuple[float, float], epoch: int,
+                    committed: bool = False) -> Path:
+        """The domain prompt D a run exported after `epoch`: in the run's work dir, or (`committed`)
+        its copy under <dir>/prompts/, which a new machine samples from without training again."""
+        if committed:
+            return self.dir / "prompts" / f"{config}_s{seed}_{self.lr_tag(lr)}" / f"epoch_{epoch:03d}" / EXPORT
         run = self.run_dir(config, seed, lr)
         if epoch == self.epochs:
-            return run / "domain_prompt.safetensors"
-        return run / "points" / f"epoch_{epoch:03d}" / "domain_prompt.safetensors"
+            return run / EXPORT
+        return run / "points" / f"epoch_{epoch:03d}" / EXPORT
+
+    def sampling_prompt(self, config: str, seed: int, lr: float | tuple[float, float], epoch: int) -> Path:
+        """What a sample set reads: the committed copy of D where there is one, else the work dir's."""
+        kept = self.prompt_path(config, seed, lr, epoch, committed=True)
+        return kept if kept.exists() else self.prompt_path(config, seed, lr, epoch)
+
+    def commit_prompts(self, config: str, seed: int, lr: tuple[float, float]) -> None:
+        """Copy D at every export point, with its metadata and lineage, under <dir>/prompts/ (D alone:
+        k x hidden fp32, 115 KB for k = 32 on the 0.5B; the S_i and checkpoints stay in the work dir).
+        The metadata file goes last: it is what marks a copy complete (`load_domain_prompt`)."""
+        for epoch in self.points:
+            src, dst = self.prompt_path(config, seed, lr, epoch), self.prompt_path(config, seed, lr, epoch, True)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            for name in (FILE, EXPORT, META):
+                if (src.parent / name).exists():
+                    tmp = dst.parent / (name + ".tmp")
+                    shutil.copyfile(src.parent / name, tmp)
+                    tmp.replace(dst.parent / name)
+
+    def prompts_committed(self, config: str, seed: int, lr: tuple[float, float]) -> bool:
+        return all(self.prompt_path(config, seed, lr, e, committed=True).with_name(META).exists()
+                   for e in self.points)
 
     @staticmethod
     def set_name(config: str, seed: int, epoch: int | None = None) -> str:
@@ -186,9 +215,12 @@ class Study:
             if (where(lr) / "study_done.json").exists():
                 return True
             # another machine (or a cleaned work dir): the run's checkpoints are gone, but its
-            # committed record says it finished; once every task that reads them is done, nothing
-            # needs it again. A consumer still pending (a sample set) trains it again, same seed.
-            return record(lr).exists() and self._consumers_done(name)
+            # committed record says it finished. Its sample sets read the committed copy of D; a
+            # run committed without one (studies before the copy existed) is needed again only
+            # while a task that reads it (a sample set) is pending, and then trains again, same seed.
+            if not record(lr).exists():
+                return False
+            return (not separate and self.prompts_committed(config, seed, lr)) or self._consumers_done(name)
 
         def run() -> None:
             lr = lr_fn()
@@ -201,6 +233,8 @@ class Study:
                                       points=[epochs] if separate else None)
             result = run_stage("train", compose("train", ov))
             dt = time.perf_counter() - t0
+            if not separate:
+                self.commit_prompts(config, seed, lr)
             self._collect_diagnostics(config, seed, lr, out, record(lr))
             write_text_atomic(out / "study_done.json", json.dumps({"metrics": result["metrics"], "seconds": dt}))
             self._record_time(f"{name} {self.lr_tag(lr).replace('_', ' ')}", dt)
@@ -365,7 +399,7 @@ class Study:
         def trained(config: str, seed: int, epoch: int):
             def ov() -> list[str]:
                 return [f"seed={seed}",
-                        f"ckpt={self.prompt_path(config, seed, self.lr_of(config), epoch)}"]
+                        f"ckpt={self.sampling_prompt(config, seed, self.lr_of(config), epoch)}"]
             return ov
 
         def reused(config: str, seed: int) -> bool:
