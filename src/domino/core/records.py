@@ -153,6 +153,21 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     os.replace(tmp, path)
 
 
+def publish_files(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, names: Iterable[str]) -> None:
+    """Copy the files `names` of `src_dir` into `dst_dir`, replacing it whole: they are copied into
+    `<dst_dir>.tmp` first and renamed, so a reader (or a rerun after a kill) finds all of them or
+    no `dst_dir`. A missing file raises FileNotFoundError before `dst_dir` is touched."""
+    import shutil
+    src, dst = Path(src_dir), Path(dst_dir)
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in names:
+        shutil.copy2(src / name, tmp / name)
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)
+
+
 def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> int:
     """Write records atomically (temp file + rename); returns the count."""
     path = Path(path)

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from domino.core.config import compose
-from domino.core.records import read_jsonl, write_jsonl, write_text_atomic
+from domino.core.records import publish_files, read_jsonl, write_jsonl, write_text_atomic
 from domino.study.tasks import Task
 
 if TYPE_CHECKING:
@@ -326,13 +326,7 @@ def _evaluate_task(study: "Study", arm: str, r: int | None, rank: int | None = N
                                    "benchmark.task_ids=[" + ",".join(json.dumps(t) for t in test) + "]",
                                    f"paths.output_dir={work}", f"paths.root_dir={study.root}"])
         summary = run_stage("evaluate", cfg)["metrics"]
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for f in ("completions.jsonl", "results.jsonl", "summary.json", "summary.md"):
-            shutil.copy2(work / f, tmp / f)
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)
+        publish_files(work, out, ("completions.jsonl", "results.jsonl", "summary.json", "summary.md"))
         study._record_time(name, time.perf_counter() - t0)
         log.info("study: %s pass@1 %.4f", run_name(arm, r), summary.get("pass@1", float("nan")))
 

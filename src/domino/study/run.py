@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from domino.core.config import compose
 from domino.core.domain_prompt import EXPORT, META
 from domino.core.lineage import FILE
-from domino.core.records import read_jsonl, write_jsonl, write_text_atomic
+from domino.core.records import publish_files, read_jsonl, write_jsonl, write_text_atomic
 from domino.study.tasks import Task, _nothing, schedule
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,10 @@ class Study:
     def run_dir(self, config: str, seed: int, lr: float | tuple[float, float]) -> Path:
         return self.work / "runs" / config / f"seed{seed}_{self.lr_tag(lr)}"
 
+    def run_tag(self, config: str, seed: int, lr: float | tuple[float, float]) -> str:
+        """<config>_s<seed>_<lr tag>: the name of a run's committed record and of its committed D."""
+        return f"{config}_s{seed}_{self.lr_tag(lr)}"
+
     def lr_tag(self, lr: float | tuple[float, float]) -> str:
         """lr<lr_domain>, plus _ls<lr_sample> where lr_sample is not the default ratio x lr_domain."""
         lr_d, lr_s = lr if isinstance(lr, tuple) else (lr, lr * self.default_ratio)
@@ -97,7 +101,7 @@ class Study:
         """The domain prompt D a run exported after `epoch`: in the run's work dir, or (`committed`)
         its copy under <dir>/prompts/, which a new machine samples from without training again."""
         if committed:
-            return self.dir / "prompts" / f"{config}_s{seed}_{self.lr_tag(lr)}" / f"epoch_{epoch:03d}" / EXPORT
+            return self.dir / "prompts" / self.run_tag(config, seed, lr) / f"epoch_{epoch:03d}" / EXPORT
         run = self.run_dir(config, seed, lr)
         if epoch == self.epochs:
             return run / EXPORT
@@ -110,16 +114,12 @@ class Study:
 
     def commit_prompts(self, config: str, seed: int, lr: tuple[float, float]) -> None:
         """Copy D at every export point, with its metadata and lineage, under <dir>/prompts/ (D alone:
-        k x hidden fp32, 115 KB for k = 32 on the 0.5B; the S_i and checkpoints stay in the work dir).
-        The metadata file goes last: it is what marks a copy complete (`load_domain_prompt`)."""
+        k x hidden fp32, 115 KB for k = 32 on the 0.5B; the S_i and checkpoints stay in the work dir),
+        each point's directory whole or not at all (a point's export has no lineage file of its own)."""
         for epoch in self.points:
-            src, dst = self.prompt_path(config, seed, lr, epoch), self.prompt_path(config, seed, lr, epoch, True)
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            for name in (FILE, EXPORT, META):
-                if (src.parent / name).exists():
-                    tmp = dst.parent / (name + ".tmp")
-                    shutil.copyfile(src.parent / name, tmp)
-                    tmp.replace(dst.parent / name)
+            src = self.prompt_path(config, seed, lr, epoch).parent
+            publish_files(src, self.prompt_path(config, seed, lr, epoch, committed=True).parent,
+                          [n for n in (FILE, EXPORT, META) if (src / n).exists()])
 
     def prompts_committed(self, config: str, seed: int, lr: tuple[float, float]) -> bool:
         return all(self.prompt_path(config, seed, lr, e, committed=True).with_name(META).exists()
@@ -205,7 +205,7 @@ class Study:
             return self.sweep_dir(config, seed, lr) if separate else self.run_dir(config, seed, lr)
 
         def record(lr) -> Path:  # committed under study.dir, unlike the run itself
-            return self.dir / ("sweep" if separate else "diagnostics") / f"{config}_s{seed}_{self.lr_tag(lr)}.json"
+            return self.dir / ("sweep" if separate else "diagnostics") / f"{self.run_tag(config, seed, lr)}.json"
 
         def done() -> bool:
             try:
