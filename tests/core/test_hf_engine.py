@@ -252,24 +252,37 @@ def test_top_k_top_p_keep_exactly_transformers_candidates(tiny_backbone, top_k, 
     assert abs(draws.count(top) / 4000 - float(probs[top])) < 0.03
 
 
-@pytest.mark.parametrize("start_k", [256, 1024, 4096, 16384])
-def test_top_p_sample_does_not_depend_on_where_the_nucleus_search_starts(tiny_backbone, start_k):
-    """The engine starts the top-p candidate search from the previous step's size; the nucleus,
-    its order and so the drawn token are the same from any start (flat and peaked rows mixed)."""
+def _full_sort_top_p(logits: torch.Tensor, temperature: float, top_p: float, seeds: list[int]) -> torch.Tensor:
+    """Oracle: top-p over the whole vocabulary sorted (ties in token order), inverse-CDF draw."""
+    s = logits.float() / temperature
+    vals, idx = s.sort(dim=-1, descending=True, stable=True)
+    probs = (vals - s.logsumexp(-1, keepdim=True)).exp()
+    probs = probs * ((probs.cumsum(-1) - probs) < top_p)
+    cdf = probs.cumsum(-1)
+    u = torch.cat([torch.rand(1, generator=torch.Generator().manual_seed(x)) for x in seeds])
+    pick = torch.searchsorted(cdf, ((1 - u) * cdf[:, -1]).unsqueeze(-1)).squeeze(-1)
+    return idx.gather(-1, pick[:, None]).squeeze(-1)
+
+
+@pytest.mark.parametrize("start_tau", [0.4, 1e-2, 1e-4, 1e-7, 0.0])
+def test_top_p_sample_does_not_depend_on_where_the_nucleus_search_starts(tiny_backbone, start_tau):
+    """The engine looks for top-p candidates among tokens above a probability from the previous
+    step; the nucleus, its order and so the drawn token are those of a sort of the whole
+    vocabulary, from any start (flat and peaked rows mixed, and bf16 logits, which tie often)."""
     V = len(tiny_backbone.tokenizer)
     g = torch.Generator().manual_seed(0)
-    logits = torch.randn(16, V, generator=g) * torch.tensor([0.1, 0.5, 2.0, 8.0]).repeat(4)[:, None]
-    seeds = [sample_seed(0, i) for i in range(16)]
-
-    def draw(k0):
-        e = HFEngine(tiny_backbone.model, tiny_backbone.tokenizer, SamplingParams(temperature=1.0, top_p=0.9))
-        e._nucleus_k = k0
-        return e._sample(logits.clone(), [torch.Generator().manual_seed(s) for s in seeds]), e._nucleus_k
-
-    want, _ = draw(256)
-    got, k_next = draw(start_k)
-    assert torch.equal(got, want)
-    assert 256 <= k_next <= V
+    flat_to_peaked = torch.tensor([0.1, 0.5, 2.0, 8.0]).repeat(8)[:, None]
+    logits = torch.randn(32, V, generator=g) * flat_to_peaked
+    logits[16:] = logits[16:].bfloat16().float()  # ties, as a bf16 head gives them
+    seeds = [sample_seed(0, i) for i in range(32)]
+    e = HFEngine(tiny_backbone.model, tiny_backbone.tokenizer, SamplingParams(temperature=0.8, top_p=0.9))
+    e._nucleus_tau = start_tau
+    got = e._sample(logits.clone(), [torch.Generator().manual_seed(s) for s in seeds])
+    assert torch.equal(got, _full_sort_top_p(logits, 0.8, 0.9, seeds))
+    assert 0 < e._nucleus_tau <= 0.5
+    # a row sampled alone draws what it drew in the batch
+    alone = e._sample(logits[5:6].clone(), [torch.Generator().manual_seed(seeds[5])])
+    assert int(alone) == int(got[5])
 
 
 def test_last_logits_equal_the_models_own_and_take_a_contiguous_head(tiny_backbone):
