@@ -4,10 +4,14 @@ tokens drawn from the vocabulary, as synthesis does) on the embedded Qwen2.5-Cod
 
     .venv/bin/python bench/profile_sampling.py [--batch 64] [--new 40] [--temperature 0.8] [--top-p 0.95]
 
-Prints tokens/s, the nucleus candidate count the search ended at, and the profiler's table.
+Prints tokens/s, where the nucleus search ended, and the profiler's table.
 `--ckpt <run>/domain_prompt.safetensors` samples from trained domain tokens instead.
+`--repeats N` times N unprofiled batches instead (median; no table), and `--out F` writes them as
+JSON; run it with `PYTHONPATH=<a checkout of an older commit>/src` for that commit's figure.
 """
 import argparse
+import json
+import statistics
 import time
 
 import torch
@@ -25,6 +29,8 @@ def main():
     ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--top-p", type=float, default=0.95)
     ap.add_argument("--ckpt", default=None, help="a trained domain prompt (default: 32 random vocabulary rows)")
+    ap.add_argument("--repeats", type=int, default=0, help="time this many unprofiled batches instead")
+    ap.add_argument("--out", default=None)
     args = ap.parse_args()
     bb = load_backbone(path="embedded:qwen2.5-coder-0.5b-instruct")
     if args.ckpt:
@@ -38,12 +44,31 @@ def main():
     eng = HFEngine(bb.model, bb.tokenizer, p, batch_size=args.batch)
     prefix = eng.prefill(D)
     eng.generate_shared(prefix, [0, 1])  # warm-up
+    # where the top-p search ended: a probability floor (this engine) or a candidate count (older)
+    search = lambda: getattr(eng, "_nucleus_tau", None) or getattr(eng, "_nucleus_k", None)  # noqa: E731
+    if args.repeats:
+        times = []
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            gens = eng.generate_shared(prefix, list(range(args.batch)))
+            times.append(time.perf_counter() - t)
+        tokens = sum(len(g.token_ids) for g in gens)
+        med = statistics.median(times)
+        row = {"batch": args.batch, "new": args.new, "ckpt": args.ckpt, "temperature": args.temperature,
+               "top_p": args.top_p, "seconds": times, "median_s": med, "tokens": tokens,
+               "tok_s": tokens / med, "search_end": search(), "threads": torch.get_num_threads(),
+               "domino": __import__("domino").__file__}
+        print(json.dumps(row))
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(row, f, indent=1)
+        return
     t = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         eng.generate_shared(prefix, list(range(args.batch)))
     dt = time.perf_counter() - t
     print(f"{args.batch} rows x {args.new} tokens: {dt:.1f} s (profiled), {args.batch * args.new / dt:.0f} tok/s; "
-          f"nucleus candidates at the end: {eng._nucleus_k}")
+          f"top-p search ended at: {search()}")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
 
 
