@@ -22,6 +22,15 @@ from domino.core.generation.hf import HFEngine
 from domino.core.generation.params import SamplingParams
 
 
+def search_end(eng):
+    """Where the top-p search ended: a probability floor (the smallest of the last step's rows now,
+    one for all rows at 98ef5d1) or a candidate count (3212542 and older)."""
+    tau = getattr(eng, "_nucleus_tau", None)
+    if isinstance(tau, dict):
+        return min(tau.values(), default=None)
+    return tau if tau is not None else getattr(eng, "_nucleus_k", None)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=64)
@@ -44,8 +53,7 @@ def main():
     eng = HFEngine(bb.model, bb.tokenizer, p, batch_size=args.batch)
     prefix = eng.prefill(D)
     eng.generate_shared(prefix, [0, 1])  # warm-up
-    # where the top-p search ended: a probability floor (this engine) or a candidate count (older)
-    search = lambda: getattr(eng, "_nucleus_tau", None) or getattr(eng, "_nucleus_k", None)  # noqa: E731
+    search = lambda: search_end(eng)  # noqa: E731
     if args.repeats:
         times = []
         for _ in range(args.repeats):

@@ -264,10 +264,10 @@ def _full_sort_top_p(logits: torch.Tensor, temperature: float, top_p: float, see
     return idx.gather(-1, pick[:, None]).squeeze(-1)
 
 
-@pytest.mark.parametrize("start_tau", [0.4, 1e-2, 1e-4, 1e-7, 0.0])
+@pytest.mark.parametrize("start_tau", [0.4, 1e-2, 1e-4, 1e-7, 0.0, "mixed"])
 def test_top_p_sample_does_not_depend_on_where_the_nucleus_search_starts(tiny_backbone, start_tau):
-    """The engine looks for top-p candidates among tokens above a probability from the previous
-    step; the nucleus, its order and so the drawn token are those of a sort of the whole
+    """The engine looks for top-p candidates among tokens above a probability from the row's
+    previous step; the nucleus, its order and so the drawn token are those of a sort of the whole
     vocabulary, from any start (flat and peaked rows mixed, and bf16 logits, which tie often)."""
     V = len(tiny_backbone.tokenizer)
     g = torch.Generator().manual_seed(0)
@@ -276,10 +276,13 @@ def test_top_p_sample_does_not_depend_on_where_the_nucleus_search_starts(tiny_ba
     logits[16:] = logits[16:].bfloat16().float()  # ties, as a bf16 head gives them
     seeds = [sample_seed(0, i) for i in range(32)]
     e = HFEngine(tiny_backbone.model, tiny_backbone.tokenizer, SamplingParams(temperature=0.8, top_p=0.9))
-    e._nucleus_tau = start_tau
-    got = e._sample(logits.clone(), [torch.Generator().manual_seed(s) for s in seeds])
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    starts = [0.4, 1e-3, 1e-7, 0.0] * 8 if start_tau == "mixed" else [start_tau] * 32
+    e._nucleus_tau = {id(gen): t for gen, t in zip(gens, starts)}
+    got = e._sample(logits.clone(), gens)
     assert torch.equal(got, _full_sort_top_p(logits, 0.8, 0.9, seeds))
-    assert 0 < e._nucleus_tau <= 0.5
+    assert set(e._nucleus_tau) == {id(gen) for gen in gens}  # one start per live row, for the next step
+    assert all(0 < t <= 0.5 for t in e._nucleus_tau.values())
     # a row sampled alone draws what it drew in the batch
     alone = e._sample(logits[5:6].clone(), [torch.Generator().manual_seed(seeds[5])])
     assert int(alone) == int(got[5])

@@ -164,7 +164,7 @@ class HFEngine:
         self._stop_window = max((len(s) for s in params.stop), default=0) + 4
         self.n_forward = 0  # model calls, for tests and benchmarks
         self.n_prefill = 0  # of which prompt prefills (the rest decode one token per row)
-        self._nucleus_tau = 1e-4  # top-p candidates: tokens of at least this probability first (_top_set)
+        self._nucleus_tau: dict[int, float] = {}  # per row (by its generator's id): where _top_p_pick starts
         self._scratch = Scratch()  # full-vocabulary fp32 tensors kept across steps
         self.kv_spare = 256  # most free key/value columns a decoding batch's buffers hold (BufferedLayer)
         cfg = model.config
@@ -425,8 +425,8 @@ class HFEngine:
             pen = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
             logits = torch.where(seen, pen, logits)
         short = [j for j, n in enumerate(lengths) if n < p.min_new_tokens]
-        if short and self.stop_ids:
-            logits = logits.clone()
+        if short and self.stop_ids:  # a copy in a kept buffer (a fresh one costs its page faults)
+            logits = self._buffer("min_length", *logits.shape).copy_(logits)
             logits[torch.tensor(short, device=logits.device)[:, None],
                    torch.tensor(self.stop_ids, device=logits.device)] = float("-inf")
         if gens is None:
@@ -439,63 +439,91 @@ class HFEngine:
         return self._scratch.get(name, rows, cols, device=self.device)
 
     def _sample(self, logits: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
-        """Temperature, then top-k / top-p (transformers' rules) on a candidate set that provably
-        holds the nucleus, then inverse-CDF sampling with one uniform draw per row from that row's
-        generator. A full-vocabulary sort per step cost more than the forward pass on CPU, and so
-        did a `topk` of the thousands of candidates a flat distribution's nucleus needs."""
+        """Temperature, then top-k / top-p (transformers' rules), then inverse-CDF sampling with one
+        uniform draw per row from that row's generator. Top-p alone works on a candidate set that
+        provably holds the nucleus (_top_p_pick): a full-vocabulary sort per step cost more than the
+        forward pass on CPU, and so did a `topk` of the thousands of candidates a flat distribution's
+        nucleus needs."""
         p = self.params
         logits = torch.div(logits, p.temperature, out=self._buffer("scaled", *logits.shape))
-        idx = None
+        u = torch.cat([torch.rand(1, generator=g) for g in gens]).to(self.device)
+        if p.top_p < 1 and not p.top_k:
+            return self._top_p_pick(logits, self._scratch.logsumexp(logits), u, gens)
         if p.top_k:
             vals, idx = logits.topk(min(logits.shape[-1], p.top_k), dim=-1)  # descending
-            probs = vals.softmax(-1)  # top-k renormalises over the kept tokens; top-p applies within
-        elif p.top_p < 1:
-            lse = self._scratch.logsumexp(logits)
-            vals, idx = self._top_set(logits, lse)
-            probs = (vals - lse).exp()
-        else:
-            probs = logits.softmax(-1)
-        if p.top_p < 1:
-            # keep a token while the mass strictly above it is < top_p (always keeps the first)
-            probs = probs * ((probs.cumsum(-1) - probs) < p.top_p)
-        cdf = probs.cumsum(-1)
-        u = torch.cat([torch.rand(1, generator=g) for g in gens]).to(self.device)
+            return self._draw(vals.softmax(-1), idx, u)  # top-k renormalises; top-p applies within
+        return self._draw(logits.softmax(-1), None, u)
+
+    def _nucleus(self, probs: torch.Tensor) -> torch.Tensor:
+        """`probs` (rows in descending order) with the tokens outside each row's top-p nucleus zeroed:
+        a token stays while the mass strictly above it is < top_p (the first always stays)."""
+        top_p = self.params.top_p
+        return probs if top_p >= 1 else probs * ((probs.cumsum(-1) - probs) < top_p)
+
+    def _draw(self, probs: torch.Tensor, idx: torch.Tensor | None, u: torch.Tensor) -> torch.Tensor:
+        """Row j's token: the first position of its nucleus whose cumulative mass reaches (1 - u[j])
+        of the nucleus's mass (`probs` in descending order, `idx` their token ids or None)."""
+        cdf = self._nucleus(probs).cumsum(-1)
         # (1 - u) is in (0, 1]: the first index whose cdf reaches it has non-zero probability
         pick = torch.searchsorted(cdf, ((1 - u) * cdf[:, -1]).unsqueeze(-1)).squeeze(-1)
         pick = pick.clamp_(max=cdf.shape[-1] - 1)
         return pick if idx is None else idx.gather(-1, pick[:, None]).squeeze(-1)
 
-    def _top_set(self, scaled: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scaled logits in descending order, their token ids), (B, K) padded with -inf, of every
-        token whose probability exp(scaled - lse) is at least tau on its row, for a tau at which
-        that set carries at least top_p of every row's mass. Such a set is a top set holding the
-        whole nucleus, and it is sorted with ties in token order, so the nucleus, its order and the
-        drawn token do not depend on tau nor on the other rows. tau starts from half the smallest
-        nucleus probability of the previous step (distributions change slowly) and drops 16x while
-        a row's set falls short. Finding the set is two passes over the vocabulary (a comparison,
-        then the positions of the hits), sorting it costs what its size costs: no `topk` over a
-        large K (100 ms a step at batch 64 over 151,936 logits with K = 4,096 on a 2-core CPU)."""
+    def _top_p_pick(self, scaled: torch.Tensor, lse: torch.Tensor, u: torch.Tensor,
+                    gens: list[torch.Generator]) -> torch.Tensor:
+        """Top-p draws from the candidates of probability exp(scaled - lse) at least tau, for a tau per
+        row at which they carry at least top_p of the row's mass: a top set holding the whole
+        nucleus. Each row's set is sorted with ties in token order, so the nucleus, its order and
+        the drawn token do not depend on tau nor on the other rows. A row's tau starts from half the
+        smallest probability its nucleus kept the step before (distributions change slowly; a row
+        is known by its generator, which lives as long as the row; 1e-4 for a new row) and drops 4x
+        while its set falls short, for that row alone. Finding the sets is two passes over the
+        vocabulary (a comparison, then the positions of the hits); rows are sorted in groups of
+        similar set size, so one flat row's 30,000-token nucleus does not pad 63 peaked rows' sets
+        to its size (bench/README.md: a `topk` of K = 4,096 cost 100 ms a step at batch 64 on a
+        2-core CPU, a padded sort of all rows' sets 50-200 ms)."""
         B, V = scaled.shape
         top_p, dev = self.params.top_p, scaled.device
-        tau = self._nucleus_tau
-        while True:
+        lse = lse.view(-1)
+        tau = torch.tensor([self._nucleus_tau.get(id(g), 1e-4) for g in gens], dtype=torch.float64)
+        pick = torch.empty(B, dtype=torch.long, device=dev)
+        smallest = torch.full((B,), float("inf"), device=dev)
+        todo = torch.arange(B)  # rows without a draw yet: all, then those whose set fell short
+        while len(todo):
+            rows_d = todo.to(dev)
+            sub = scaled if len(todo) == B else torch.index_select(  # kept buffer: a fresh one page-faults
+                scaled, 0, rows_d, out=self._scratch.get("retry", len(todo), V, device=dev))
             # tau below the smallest positive float: every token is a candidate
-            cut = lse + math.log(tau) if tau > 1e-38 else torch.full_like(lse, float("-inf"))
-            hit = torch.ge(scaled, cut, out=self._scratch.get("hit", B, V, dtype=torch.bool, device=dev))
-            r, col = hit.nonzero(as_tuple=True)  # row-major: by row, then by token id
-            counts = torch.bincount(r, minlength=B)
-            K = max(1, int(counts.max()))
-            slot = torch.arange(r.shape[0], device=dev) - (counts.cumsum(0) - counts)[r]
-            vals = scaled.new_full((B, K), float("-inf")).index_put_((r, slot), scaled[r, col])
-            ids = torch.zeros((B, K), dtype=torch.long, device=dev).index_put_((r, slot), col)
-            vals, order = vals.sort(dim=-1, descending=True, stable=True)
-            ids = ids.gather(-1, order)
-            probs = (vals - lse).exp()
-            if K == V or tau <= 1e-38 or bool((probs.sum(-1) >= top_p).all()):
-                break
-            tau /= 16
-        # next step's tau: half the smallest probability any row's nucleus kept
-        n = ((probs.cumsum(-1) - probs) < top_p).sum(-1).clamp_(min=1)
-        smallest = float(probs.gather(-1, (n - 1)[:, None]).min())
-        self._nucleus_tau = min(0.5, max(smallest / 2, 1e-38)) if smallest > 0 else tau
-        return vals, ids
+            cut = torch.where(tau[todo] > 1e-38, tau[todo].log(), float("-inf")).to(dev, lse.dtype) + lse[rows_d]
+            hit = torch.ge(sub, cut[:, None], out=self._scratch.get("hit", len(todo), V, dtype=torch.bool, device=dev))
+            at = hit.view(-1).nonzero().squeeze(1)  # flat positions: by row, then by token id
+            bounds = torch.searchsorted(at, torch.arange(len(todo) + 1, device=dev) * V)
+            counts = bounds.diff()
+            v = sub.view(-1)[at]
+            r = torch.repeat_interleave(torch.arange(len(todo), device=dev), counts)
+            mass = torch.zeros(len(todo), device=dev).index_add_(0, r, (v - lse[rows_d][r]).exp())
+            ok = ((mass >= top_p) | (cut == float("-inf"))).cpu()
+            groups: dict[int, list[int]] = {}  # rows by the power of two at or above their set's size
+            for j, c in zip(ok.nonzero().squeeze(1).tolist(), counts[ok.to(dev)].tolist()):
+                groups.setdefault(max(c - 1, 0).bit_length(), []).append(j)
+            for js in groups.values():  # sort each group's sets, padded to the group's largest
+                js_t = torch.tensor(js, device=dev)
+                n = counts[js_t]
+                local = torch.repeat_interleave(torch.arange(len(js), device=dev), n)
+                slot = torch.arange(local.shape[0], device=dev) - (n.cumsum(0) - n)[local]  # place in its row
+                at_g = at[bounds[js_t][local] + slot]
+                K = max(1, int(n.max()))
+                vals = sub.new_full((len(js), K), float("-inf")).index_put_((local, slot), sub.view(-1)[at_g])
+                ids = torch.zeros((len(js), K), dtype=torch.long, device=dev).index_put_((local, slot), at_g % V)
+                vals, order = vals.sort(dim=-1, descending=True, stable=True)
+                rows_t = rows_d[js_t]
+                probs = (vals - lse[rows_t, None]).exp()
+                kept = self._nucleus(probs)
+                smallest[rows_t] = torch.where(kept > 0, kept, float("inf")).amin(-1)
+                pick[rows_t] = self._draw(probs, ids.gather(-1, order), u[rows_t])
+            todo = todo[~ok]
+            tau[todo] /= 4
+        # a row's next tau: half the smallest probability its nucleus kept
+        nxt = torch.where(smallest.cpu().double().isfinite(), (smallest.cpu().double() / 2).clamp(1e-38, 0.5), tau)
+        self._nucleus_tau = {id(g): t for g, t in zip(gens, nxt.tolist())}
+        return pick
