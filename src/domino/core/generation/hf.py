@@ -17,7 +17,6 @@ does not depend on which other samples share its batch (up to float rounding).
 from __future__ import annotations
 
 import functools
-import math
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable
