@@ -53,7 +53,6 @@ def main():
     eng = HFEngine(bb.model, bb.tokenizer, p, batch_size=args.batch)
     prefix = eng.prefill(D)
     eng.generate_shared(prefix, [0, 1])  # warm-up
-    search = lambda: search_end(eng)  # noqa: E731
     if args.repeats:
         times = []
         for _ in range(args.repeats):
@@ -64,7 +63,7 @@ def main():
         med = statistics.median(times)
         row = {"batch": args.batch, "new": args.new, "ckpt": args.ckpt, "temperature": args.temperature,
                "top_p": args.top_p, "seconds": times, "median_s": med, "tokens": tokens,
-               "tok_s": tokens / med, "search_end": search(), "threads": torch.get_num_threads(),
+               "tok_s": tokens / med, "search_end": search_end(eng), "threads": torch.get_num_threads(),
                "domino": __import__("domino").__file__}
         print(json.dumps(row))
         if args.out:
@@ -76,7 +75,7 @@ def main():
         eng.generate_shared(prefix, list(range(args.batch)))
     dt = time.perf_counter() - t
     print(f"{args.batch} rows x {args.new} tokens: {dt:.1f} s (profiled), {args.batch * args.new / dt:.0f} tok/s; "
-          f"top-p search ended at: {search()}")
+          f"top-p search ended at: {search_end(eng)}")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
 
 

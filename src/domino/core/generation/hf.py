@@ -450,7 +450,7 @@ class HFEngine:
             return self._top_p_pick(logits, self._scratch.logsumexp(logits), u, gens)
         if p.top_k:
             vals, idx = logits.topk(min(logits.shape[-1], p.top_k), dim=-1)  # descending
-            return self._draw(vals.softmax(-1), idx, u)  # top-k renormalises; top-p applies within
+            return self._draw(self._nucleus(vals.softmax(-1)), idx, u)  # top-k renormalises; top-p within
         return self._draw(logits.softmax(-1), None, u)
 
     def _nucleus(self, probs: torch.Tensor) -> torch.Tensor:
@@ -460,9 +460,9 @@ class HFEngine:
         return probs if top_p >= 1 else probs * ((probs.cumsum(-1) - probs) < top_p)
 
     def _draw(self, probs: torch.Tensor, idx: torch.Tensor | None, u: torch.Tensor) -> torch.Tensor:
-        """Row j's token: the first position of its nucleus whose cumulative mass reaches (1 - u[j])
-        of the nucleus's mass (`probs` in descending order, `idx` their token ids or None)."""
-        cdf = self._nucleus(probs).cumsum(-1)
+        """Row j's token: the first position whose cumulative mass reaches (1 - u[j]) of the row's
+        mass (`probs`: the kept tokens' probabilities, e.g. _nucleus's; `idx` their token ids or None)."""
+        cdf = probs.cumsum(-1)
         # (1 - u) is in (0, 1]: the first index whose cdf reaches it has non-zero probability
         pick = torch.searchsorted(cdf, ((1 - u) * cdf[:, -1]).unsqueeze(-1)).squeeze(-1)
         pick = pick.clamp_(max=cdf.shape[-1] - 1)
@@ -491,16 +491,17 @@ class HFEngine:
         while len(todo):
             rows_d = todo.to(dev)
             sub = scaled if len(todo) == B else torch.index_select(  # kept buffer: a fresh one page-faults
-                scaled, 0, rows_d, out=self._scratch.get("retry", len(todo), V, device=dev))
+                scaled, 0, rows_d, out=self._buffer("retry", len(todo), V))
+            t, lse_t = tau[todo], lse[rows_d]
             # tau below the smallest positive float: every token is a candidate
-            cut = torch.where(tau[todo] > 1e-38, tau[todo].log(), float("-inf")).to(dev, lse.dtype) + lse[rows_d]
+            cut = torch.where(t > 1e-38, t.log(), float("-inf")).to(dev, lse.dtype) + lse_t
             hit = torch.ge(sub, cut[:, None], out=self._scratch.get("hit", len(todo), V, dtype=torch.bool, device=dev))
             at = hit.view(-1).nonzero().squeeze(1)  # flat positions: by row, then by token id
             bounds = torch.searchsorted(at, torch.arange(len(todo) + 1, device=dev) * V)
             counts = bounds.diff()
             v = sub.view(-1)[at]
             r = torch.repeat_interleave(torch.arange(len(todo), device=dev), counts)
-            mass = torch.zeros(len(todo), device=dev).index_add_(0, r, (v - lse[rows_d][r]).exp())
+            mass = torch.zeros(len(todo), device=dev).index_add_(0, r, (v - lse_t[r]).exp())
             ok = ((mass >= top_p) | (cut == float("-inf"))).cpu()
             groups: dict[int, list[int]] = {}  # rows by the power of two at or above their set's size
             for j, c in zip(ok.nonzero().squeeze(1).tolist(), counts[ok.to(dev)].tolist()):
@@ -519,10 +520,11 @@ class HFEngine:
                 probs = (vals - lse[rows_t, None]).exp()
                 kept = self._nucleus(probs)
                 smallest[rows_t] = torch.where(kept > 0, kept, float("inf")).amin(-1)
-                pick[rows_t] = self._draw(probs, ids.gather(-1, order), u[rows_t])
+                pick[rows_t] = self._draw(kept, ids.gather(-1, order), u[rows_t])
             todo = todo[~ok]
             tau[todo] /= 4
         # a row's next tau: half the smallest probability its nucleus kept
-        nxt = torch.where(smallest.cpu().double().isfinite(), (smallest.cpu().double() / 2).clamp(1e-38, 0.5), tau)
+        smallest = smallest.cpu().double()
+        nxt = torch.where(smallest.isfinite(), (smallest / 2).clamp(1e-38, 0.5), tau)
         self._nucleus_tau = {id(g): t for g, t in zip(gens, nxt.tolist())}
         return pick
