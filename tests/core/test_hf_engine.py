@@ -333,6 +333,40 @@ def test_continuous_batching_equals_each_prompt_alone(tiny_backbone, kw):
     assert len({len(g.token_ids) for g in many}) > 1  # the rows really finished at different steps
 
 
+@pytest.mark.parametrize("kw", [dict(temperature=1.0, repetition_penalty=1.5, min_new_tokens=3),
+                                dict(temperature=1.0, top_k=40, top_p=0.9), dict(temperature=0.8, top_k=7)])
+def test_shared_prefix_continuous_batching_equals_each_seed_alone(tiny_backbone, D, kw):
+    """generate_shared_many refills freed rows with the next seeds, which join the running batch at
+    the cached prefix (left-padded to the batch's width, so every step carries a padding mask): each
+    sample is what generate_shared gives its seed alone, results come back in seed order, and
+    each is reported once as it finishes, in finish order (not seed order). The masked attention
+    rounds differently (logits within ~1.5e-7 here); top-p alone over this random model's flat rows
+    (~40k near-tied candidates, sorted by probability) turns that into another token now and then,
+    so the top-p case is checked after a top-k."""
+    bb = tiny_backbone
+    seeds = [sample_seed(3, i) for i in range(10)]
+    stops = tuple(range(0, bb.model.config.vocab_size, 6))
+    e = engine(bb, batch_size=4, max_new_tokens=14, stop_token_ids=stops, **kw)
+    prefix = e.prefill(D)
+    seen = []
+    e.n_forward = 0
+    many = e.generate_shared_many(prefix, seeds, on_result=lambda i, g: seen.append((i, g)))
+    refilled = e.n_forward
+    assert sorted(i for i, _ in seen) == list(range(10)) and all(many[i] is g for i, g in seen)
+    lengths = [len(g.token_ids) for g in many]
+    assert len(set(lengths)) > 1  # rows really finished at different steps
+    assert [i for i, _ in seen] != list(range(10))
+    alone = [e.generate_shared(prefix, [s])[0] for s in seeds]
+    for got, want in zip(many, alone):
+        assert (got.token_ids, got.text, got.finish_reason, got.stop_reason) == \
+            (want.token_ids, want.text, want.finish_reason, want.stop_reason)
+    e.n_forward = 0
+    fixed = [g for b in range(0, 10, 4) for g in e.generate_shared(prefix, seeds[b:b + 4])]
+    assert [g.token_ids for g in fixed] == [g.token_ids for g in many]
+    assert refilled < e.n_forward  # fewer model calls than three fixed batches
+    assert e.generate_shared_many(prefix, []) == []
+
+
 def test_continuous_batching_of_nothing_and_of_fewer_prompts_than_rows(tiny_backbone):
     e = engine(tiny_backbone, batch_size=8, temperature=0.0, max_new_tokens=4)
     assert e.generate_many([], []) == []

@@ -202,6 +202,47 @@ def test_rerun_continues_extends_and_refuses_other_configs(run_dir, tmp_path):
     assert res["n_new"] == 2 and len(records(tmp_path / "o")) == 2
 
 
+@pytest.mark.parametrize("method", ["domain_prompt", "few_shot"])
+def test_refill_writes_samples_as_they_finish_and_ends_in_index_order(run_dir, tmp_path, monkeypatch, method):
+    """engine.refill=true (continuous batching, the default) writes each sample as it finishes; the
+    finished file is in index order, holds the samples fixed batches give (this fp32 tiny model's
+    rounding does not move a draw at T=1), and a refill run continues a fixed-batch one (refill is
+    not part of the fingerprint)."""
+    from domino.synthesis.output import SampleStore
+    ck = [f"ckpt={run_dir}"] + (["method=few_shot", "domain.n_references=8", "method.k=2"]
+                                if method == "few_shot" else [])
+    common = [*ck, "n=7", "engine.batch_size=3", "sampling.max_new_tokens=16", "sampling.stop=[e]"]
+    fixed = synth(tmp_path / "fixed", *common, "engine.refill=false")
+    written = []
+    orig = SampleStore.write
+    monkeypatch.setattr(SampleStore, "write", lambda self, rec: (written.append(rec["source"]["index"]),
+                                                                 orig(self, rec))[1])
+    refill = synth(tmp_path / "refill", *common, "engine.refill=true")
+    assert sorted(written) == list(range(7)) and written != list(range(7))  # really out of order
+    rf, rr = records(tmp_path / "fixed"), records(tmp_path / "refill")
+    assert [r["source"]["index"] for r in rr] == list(range(7))
+    assert len({r["n_tokens"] for r in rr}) > 1 and fixed["n_new"] == refill["n_new"] == 7
+    assert [(r["id"], r["text"], r["finish_reason"]) for r in rr] == [(r["id"], r["text"], r["finish_reason"])
+                                                                      for r in rf]
+    more = synth(tmp_path / "fixed", *common, "n=9", "engine.refill=true")
+    assert more["n_new"] == 2 and [r["source"]["index"] for r in records(tmp_path / "fixed")] == list(range(9))
+
+
+def test_sort_by_index_keeps_each_line_as_written(tmp_path):
+    from domino.synthesis.output import SampleStore
+    store = SampleStore(tmp_path, {"x": 1}, {})
+    recs = [{"id": f"m-{i}", "text": f"line\u2028{i}\r", "source": {"index": i}} for i in (2, 0, 3, 1)]
+    for r in recs:
+        store.write(r)
+    store.close()
+    before = (tmp_path / "samples.jsonl").read_bytes().split(b"\n")
+    assert store.sort_by_index() and not store.sort_by_index()  # the second time it is in order
+    after = (tmp_path / "samples.jsonl").read_bytes()
+    assert after.split(b"\n") == [before[1], before[3], before[0], before[2], b""]
+    from domino.core.records import iter_jsonl
+    assert [r["id"] for _, r in iter_jsonl(tmp_path / "samples.jsonl")] == ["m-0", "m-1", "m-2", "m-3"]
+
+
 def test_save_dataset(run_dir, tmp_path):
     from datasets import load_from_disk
     res = synth(tmp_path, f"ckpt={run_dir}", "save_dataset=true")

@@ -67,6 +67,19 @@ class SampleStore:
     def close(self) -> None:
         self._store.close()
 
+    def sort_by_index(self) -> bool:
+        """Put the file's lines in sample-index order (stable; an atomic rewrite, only when they
+        are not): continuous batching writes each sample as it finishes. True if it rewrote."""
+        if not self.path.exists():
+            return False
+        rows = [(rec.get("source", {}).get("index", 0), line) for line, rec in iter_jsonl(self.path)]
+        order = [i for i, _ in rows]
+        if order == sorted(order):
+            return False
+        lines = self.path.read_text(encoding="utf-8").split("\n")  # iter_jsonl's line numbers: \n only
+        write_text_atomic(self.path, "".join(lines[ln - 1] + "\n" for _, ln in sorted(rows, key=lambda r: r[0])))
+        return True
+
     def update_meta(self, **fields: Any) -> None:
         meta = json.loads(self.meta_path.read_text())
         meta.update(fields)

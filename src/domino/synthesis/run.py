@@ -99,7 +99,8 @@ def _sample(c: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     ecfg = dict(c["engine"])
     inputs = {"method": method, "plan": plan.describe, "backbone_hash": ident["backbone_hash"],
               "dtype": ident["dtype"], "sampling": params.to_dict(), "seed": seed,
-              "engine": {k: v for k, v in ecfg.items() if k not in RUNTIME_KEYS},
+              # refill changes only which rows share a batch (rounding), not what is sampled
+              "engine": {k: v for k, v in ecfg.items() if k not in RUNTIME_KEYS and k != "refill"},
               "domain": ({k: domain.get(k) for k in ("name", "path", "n_references", "split_seed", "description")}
                          if name in ("few_shot", "zero_shot") else None)}
     meta = {"ckpt": prompt.path if prompt else None, "ckpt_meta": prompt.meta if prompt else None,
@@ -119,9 +120,11 @@ def _sample(c: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     log.info("synthesis: method=%s n=%d -> %s (%d already there; resume or extend by rerunning with "
              "output_dir=%s)", label, n, store.path, len(store.done), out_dir)
     try:
-        stats = _sample_loop(engine, plan, store, label, n, seed, base_source, bool(c.get("progress", True)))
+        stats = _sample_loop(engine, plan, store, label, n, seed, base_source, bool(c.get("progress", True)),
+                             refill=bool(ecfg.get("refill")) and engine.name == "hf")
     finally:
         store.close()
+    store.sort_by_index()  # refill writes samples as they finish: the finished file is in index order
     total = sum(1 for i in range(n) if sample_id(label, i) in store.done)
     result = {"output_dir": str(out_dir), "samples": str(store.path), "n": n, "n_present": total, **stats}
     store.update_meta(last_run={k: v for k, v in result.items() if k not in ("output_dir", "samples")})
@@ -151,11 +154,17 @@ def _parent_lineage(prompt: DomainPrompt | None) -> dict[str, Any]:
 
 
 def _sample_loop(engine, plan: Plan, store: SampleStore, name: str, n: int, seed: int,
-                 base_source: dict[str, Any], show: bool) -> dict[str, Any]:
+                 base_source: dict[str, Any], show: bool, refill: bool = False) -> dict[str, Any]:
+    """Write the samples of indices [0, n) not yet in `store`. Fixed batches (refill=False): the
+    batch boundaries never move, so a resumed batch is regenerated whole (same rows, same
+    numerics) and only its missing samples are written. refill=True (HF engine, continuous
+    batching): rows that finish are refilled with the next samples and each sample is written as
+    it finishes; a resumed run decodes only the missing ones, each from its own seed (the same
+    distribution; its rounding depends on which rows shared its batch)."""
     bs = engine.batch_size
-    # fixed batch boundaries: a resumed batch is regenerated whole (same rows, same numerics) and
-    # only its missing samples are written
     batches = [range(s, min(s + bs, n)) for s in range(0, n, bs)]
+    if refill:  # one batch of every missing index: the engine schedules the rows
+        batches = [[i for i in range(n) if sample_id(name, i) not in store.done]]
     todo = [b for b in batches if any(sample_id(name, i) not in store.done for i in b)]
     already = sum(1 for i in range(n) if sample_id(name, i) in store.done)
     prefix = None
@@ -163,27 +172,39 @@ def _sample_loop(engine, plan: Plan, store: SampleStore, name: str, n: int, seed
     reasons: Counter = Counter()
     t0 = time.perf_counter()
     with SynthesisProgress(total=n, completed=already, enabled=show) as bar:
+        def write(i: int, s: int, g: Generation, ex: dict) -> None:
+            nonlocal n_new, n_tok
+            sid = sample_id(name, i)
+            if sid in store.done:
+                return
+            store.write(_record(sid, name, i, s, g, ex, base_source))
+            n_new += 1
+            n_tok += len(g.token_ids)
+            reasons[g.finish_reason] += 1
+            dt = max(time.perf_counter() - t0, 1e-9)
+            bar.update(already + n_new, n_new / dt, n_tok / dt)
+
         for idx in todo:
             seeds = [sample_seed(seed, i) for i in idx]
             if plan.per_sample is not None:
                 built = [plan.per_sample(s) for s in seeds]
-                gens = engine.generate_prompts([ids for ids, _ in built], seeds)
-                extras = [ex for _, ex in built]
+                prompts, extras = [ids for ids, _ in built], [ex for _, ex in built]
             else:
                 if prefix is None:  # once per run, only if there is work left
                     prefix = _prefix(engine, plan)
-                gens = engine.generate_shared(prefix, seeds)
                 extras = [{}] * len(seeds)
+            if refill:
+                def done(j: int, g: Generation) -> None:
+                    write(idx[j], seeds[j], g, extras[j])
+                if plan.per_sample is not None:
+                    engine.generate_many(prompts, seeds, on_result=done)
+                else:
+                    engine.generate_shared_many(prefix, seeds, on_result=done)
+                continue
+            gens = (engine.generate_prompts(prompts, seeds) if plan.per_sample is not None
+                    else engine.generate_shared(prefix, seeds))
             for i, s, g, ex in zip(idx, seeds, gens, extras):
-                sid = sample_id(name, i)
-                if sid in store.done:
-                    continue
-                store.write(_record(sid, name, i, s, g, ex, base_source))
-                n_new += 1
-                n_tok += len(g.token_ids)
-                reasons[g.finish_reason] += 1
-            dt = max(time.perf_counter() - t0, 1e-9)
-            bar.update(already + n_new, n_new / dt, n_tok / dt)
+                write(i, s, g, ex)
     dt = time.perf_counter() - t0
     return {"n_new": n_new, "new_tokens": n_tok, "elapsed_s": round(dt, 3),
             "samples_per_s": n_new / dt if dt > 0 else 0.0, "tokens_per_s": n_tok / dt if dt > 0 else 0.0,

@@ -8,8 +8,9 @@ columns (`BufferedLayer`): a step writes one column instead of re-copying the wh
 `DynamicCache`'s concatenation does (that copy was 18% of a decoding step at batch 64 on the 0.5B,
 on a 2-core CPU). Per-sample prompts (few-shot) are
 left-padded and prefilled per batch. Finished rows are dropped from the batch (and from the cache)
-as soon as they finish; `generate_many` also refills the freed rows with the next prompts
-(continuous batching), so a batch does not decode for its longest row alone.
+as soon as they finish; `generate_many` (prompts) and `generate_shared_many` (a shared prefix)
+also refill the freed rows with the next samples (continuous batching), so a batch does not decode
+for its longest row alone.
 
 Each row draws its random numbers from its own generator seeded by its sample seed, so a sample
 does not depend on which other samples share its batch (up to float rounding).
@@ -234,7 +235,31 @@ class HFEngine:
             if not take:
                 return None
             return (*self._prefill_prompts([prompts[i] for i in take]), [seeds[i] for i in take], take)
+        return self._refill(admit, len(prompts), on_result)
 
+    @torch.no_grad()
+    def generate_shared_many(self, prefix: SharedPrefix, seeds: list[int],
+                             on_result: Callable[[int, Generation], None] | None = None) -> list[Generation]:
+        """`generate_shared` for any number of seeds with continuous batching: at most `batch_size`
+        rows decode at once and, once a quarter of the slots are free, the next seeds (in order)
+        join the running batch at the prefix (its cached keys/values, left-padded to the batch's
+        width). `on_result(i, generation)` is called as sample i finishes; results in seed order."""
+        pending = deque(range(len(seeds)))
+
+        def admit(n_free: int):
+            take = [pending.popleft() for _ in range(min(n_free, len(pending)))]
+            if not take:
+                return None
+            n = len(take)
+            logits = prefix.logits.float()[None].repeat(n, 1)  # rows own their logits
+            pos = torch.full((n,), prefix.length, dtype=torch.long, device=self.device)
+            mask = torch.ones((n, prefix.length), dtype=torch.long, device=self.device)
+            return self._expand(prefix, n), logits, pos, mask, [seeds[i] for i in take], take
+        return self._refill(admit, len(seeds), on_result)
+
+    def _refill(self, admit: Callable, n: int, on_result) -> list[Generation]:
+        """Decode everything `admit(n_free)` hands out ((cache, logits, pos, mask, seeds, ids) of
+        up to n_free new rows, None when nothing is left), refilling freed rows (`_decode`)."""
         first = admit(self.batch_size)
         if first is None:
             return []
@@ -246,7 +271,7 @@ class HFEngine:
         else:
             done = self._decode(cache, logits, pos, mask, first_seeds, ids=ids, admit=admit,
                                 min_free=max(1, self.batch_size // 4), on_result=on_result)
-        return [done[i] for i in range(len(prompts))]
+        return [done[i] for i in range(n)]
 
     def _prefill_prompts(self, prompts: list[list[int]]):
         """(cache, last logits, next positions, attention mask) of left-padded token-id prompts."""
