@@ -6,6 +6,7 @@ seeds, same sampling, samples ending at EOS as in real use.
     PYTHONPATH=src .venv/bin/python bench/synthesize_refill.py \\
         --ckpt results/study_qwen/prompts/tuned_bounded_s0_lr3e-3/epoch_010/domain_prompt.safetensors \\
         [--n 96] [--batch 32] [--new 320] [--repeats 2]
+    PYTHONPATH=src .venv/bin/python bench/synthesize_refill.py --magpie     # the magpie baseline's prefix
 
 Defaults are the Qwen study's synthesis settings (embedded Qwen2.5-Coder-0.5B-Instruct, bf16 on a
 CPU with bf16 kernels, T 0.8, top_p 0.95, at most 320 new tokens). The two paths run interleaved
@@ -35,6 +36,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--backbone", default="embedded:qwen2.5-coder-0.5b-instruct")
     ap.add_argument("--ckpt", default=None, help="a trained domain prompt (default: 32 random vocabulary rows)")
+    ap.add_argument("--magpie", action="store_true",
+                    help="the magpie baseline's shared prefix (a chat template's empty user turn) instead")
     ap.add_argument("--n", type=int, default=96)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--new", type=int, default=320)
@@ -44,7 +47,13 @@ def main():
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "synthesize_refill.json"))
     args = ap.parse_args()
     bb = load_backbone(path=args.backbone)
-    if args.ckpt:
+    stop_ids, stops = (), ()
+    if args.magpie:
+        from domino.synthesis.methods import build_plan, stop_strings
+        plan = build_plan({"name": "magpie"}, bb.tokenizer)
+        stop_ids, stops = plan.stop_token_ids, tuple(stop_strings(plan))
+        D = bb.embed(torch.tensor(plan.prefix_ids)).detach()
+    elif args.ckpt:
         from domino.core.domain_prompt import check_backbone, load_domain_prompt
         prompt = load_domain_prompt(args.ckpt)
         check_backbone(prompt, bb.model_hash, bb.hidden_size, bb.id)
@@ -52,7 +61,8 @@ def main():
     else:
         idx = torch.randint(0, bb.embed.weight.shape[0], (32,), generator=torch.Generator().manual_seed(0))
         D = bb.embed.weight[idx].detach().clone()
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.new)
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.new,
+                            stop=stops, stop_token_ids=tuple(stop_ids))
     eng = HFEngine(bb.model, bb.tokenizer, params, batch_size=args.batch)
     prefix = eng.prefill(D)
     seeds = [sample_seed(0, i) for i in range(args.n)]
@@ -80,7 +90,8 @@ def main():
             print(name, r, json.dumps(row), flush=True)
     lengths = [len(g.token_ids) for g in outs["refill"]]
     med = {k: statistics.median(x["seconds"] for x in v) for k, v in runs.items()}
-    res = {"model": bb.id, "dtype": bb.dtype, "ckpt": args.ckpt, "threads": torch.get_num_threads(),
+    res = {"model": bb.id, "dtype": bb.dtype, "ckpt": args.ckpt, "magpie": args.magpie,
+           "threads": torch.get_num_threads(),
            "cpu": platform.processor() or platform.machine(), "n": args.n, "batch": args.batch,
            "max_new_tokens": args.new, "temperature": args.temperature, "top_p": args.top_p, "runs": runs,
            "median_seconds": med, "speedup_median": round(med["fixed"] / med["refill"], 3),

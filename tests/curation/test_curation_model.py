@@ -163,6 +163,49 @@ def test_model_settings_left_at_their_defaults_keep_the_stage_fingerprint():
     assert _model_stage_config(new, {**shared, "name": "vllm"}) == _model_stage_config(vllm, shared)
     tighter = {**shared, "name": "vllm", "gpu_memory_utilization": 0.3}
     assert _model_stage_config(new, tighter) != _model_stage_config(vllm, shared)
+    # refill and chunk (added 2026-12-04) decide which rows share a batch and how often the stage
+    # file is appended to, not the verdicts: a config from before them fingerprints the same
+    before = {**new, "generation": {k: v for k, v in new["generation"].items() if k != "chunk"}}
+    no_refill = {k: v for k, v in shared.items() if k != "refill"}
+    assert "chunk" in new["generation"] and "refill" in shared
+    chunked = {**new, "generation": {**new["generation"], "chunk": 64}}
+    for eng in (shared, {**shared, "name": "vllm"}):
+        old_eng = {k: v for k, v in eng.items() if k != "refill"}
+        assert _model_stage_config(before, old_eng) == _model_stage_config(new, eng) == \
+            _model_stage_config(chunked, {**eng, "refill": False})
+    assert _model_stage_config(new, no_refill) == _model_stage_config(new, shared)
+
+
+def test_refill_decodes_a_call_with_continuous_batching_and_chunks_the_stage(tiny_backbone):
+    """HFChatGenerator(refill=True) decodes one call's conversations `batch_size` rows at a time,
+    refilling finished rows (more prefills, fewer decoding steps than fixed batches), with the
+    answers fixed batches give (this fp32 tiny model; each row's seed is its content's). Curation
+    hands it 4 x batch_size records per call unless `chunk` says otherwise, and batch_size records
+    with refill off, on vLLM, to an injected generator or to the logprob judge."""
+    from domino.curation.run import Curation
+    convs = [[{"role": "user", "content": "word " * (1 + 3 * i % 7)}] for i in range(9)]
+    kw = dict(sampling={"temperature": 1.0, "max_new_tokens": 12, "stop": ["a"]}, batch_size=3)
+    fixed, many = HFChatGenerator(tiny_backbone, **kw), HFChatGenerator(tiny_backbone, refill=True, **kw)
+    got = many(convs)
+    assert got == fixed(convs) and len({len(t) for t in got}) > 1
+    assert many.engine.n_prefill > fixed.engine.n_prefill == 3  # rows joined running batches
+    assert many.engine.n_forward - many.engine.n_prefill < fixed.engine.n_forward - fixed.engine.n_prefill
+    assert many([]) == []
+    cur = Curation.__new__(Curation)
+    cur.cfg, cur.generators = {"engine": {"name": "hf", "refill": True}}, None
+    assert cur._chunk({"generation": {"batch_size": 8}}, "responses") == 32
+    assert cur._chunk({"generation": {"batch_size": 8, "chunk": 5}}, "responses") == 5
+    assert cur._chunk({"tests_generation": {"batch_size": 3}}, "tests", "tests_generation") == 12
+    assert cur._chunk({"mode": "logprob", "generation": {"batch_size": 8}}, "judge") == 8  # decodes nothing
+    assert cur._chunk({"mode": "generate", "generation": {"batch_size": 8}}, "judge") == 32
+    cur.generators = {"judge": len}  # an injected generator is called with batch_size records
+    assert cur._chunk({"generation": {"batch_size": 8}}, "judge") == 8
+    assert cur._chunk({"generation": {"batch_size": 8}}, "responses") == 32
+    cur.generators = None
+    cur.cfg = {"engine": {"name": "hf", "refill": False}}
+    assert cur._chunk({"generation": {"batch_size": 8}}, "responses") == 8
+    cur.cfg = {"engine": {"name": "vllm", "refill": True}}
+    assert cur._chunk({"generation": {"batch_size": 256}}, "responses") == 256
 
 
 def test_stage_engine_reads_the_shared_block_and_the_older_spellings():

@@ -95,7 +95,7 @@ TRAIN = {**TRAINER, **DOMAIN,
          "objective.chunk_size": Int(1, null=True), "objective.negatives": Int(1, null=True)}
 SYNTHESIZE = {"n": Int(1, what="samples wanted"), "seed": Int(), **DOMAIN, **SAMPLING, **ENGINE,
               "engine.batch_size": Int(1)}
-GENERATION = {"batch_size": Int(1), "seed": Int(), **SAMPLING}
+GENERATION = {"batch_size": Int(1), "chunk": Int(1, null=True), "seed": Int(), **SAMPLING}
 CURATE = {f"curation.{where}.{k}": rule
           for where in ("judge.generation", "responses.generation", "code_checks.tests_generation")
           for k, rule in GENERATION.items()}

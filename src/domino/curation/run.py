@@ -332,8 +332,8 @@ class Curation:
                 for _, r in iter_jsonl(p):
                     dist[r["checks"]["judge"].split(":")[-1]] += 1
             return {"grades": dist}
-        bs = int((c.get("generation") or {}).get("batch_size", 8))
-        return self._incremental(files, current, c, fn, bs, self.model_identity("judge"), summarise)
+        return self._incremental(files, current, c, fn, self._chunk(c, "judge"), self.model_identity("judge"),
+                                 summarise)
 
     def _responses(self, files, current, c):
         from domino.curation.llm_stages import responses_batch
@@ -343,8 +343,7 @@ class Curation:
             if "g" not in gen_holder:
                 gen_holder["g"] = self.generator("responses")
             return responses_batch(batch, gen_holder["g"], c)
-        bs = int((c.get("generation") or {}).get("batch_size", 8))
-        return self._incremental(files, current, c, fn, bs, self.model_identity("responses"))
+        return self._incremental(files, current, c, fn, self._chunk(c, "responses"), self.model_identity("responses"))
 
     def _code_checks(self, files, current, c):
         from domino.curation.code_checks import make_sandbox
@@ -358,8 +357,23 @@ class Curation:
                 held["sandbox"] = make_sandbox(c.get("sandbox") or {})
             return code_batch(batch, c, held.get("g"), held.get("sandbox"))
         ident = self.model_identity("tests", "tests_model") if run_tests else None
-        bs = int((c.get("tests_generation") or {}).get("batch_size", 8)) if run_tests else 256
+        bs = self._chunk(c, "tests", "tests_generation") if run_tests else 256
         return self._incremental(files, current, c, fn, bs, ident, gen_key="tests_generation")
+
+    def _chunk(self, c: dict, role: str, gen_key: str = "generation") -> int:
+        """Records per model call and per append to the stage file: `chunk`, else `batch_size`, or 4x
+        that where the HF engine decodes with refill (rows refilled within a call need records to
+        refill with; not for an injected generator or the logprob judge, which decode nothing)."""
+        g = c.get(gen_key) or {}
+        if g.get("chunk"):
+            return int(g["chunk"])
+        bs = int(g.get("batch_size", 8))
+        injected = self.generators if not isinstance(self.generators, dict) else \
+            (self.generators.get(role) or self.generators.get("default"))
+        if injected is not None or (role == "judge" and c.get("mode") == "logprob"):
+            return bs
+        ecfg = stage_engine(g, self.cfg.get("engine"))
+        return 4 * bs if ecfg["name"] == "hf" and ecfg.get("refill") else bs
 
     def _responses_on(self) -> bool:
         return bool(self.stage_cfg("responses").get("enabled", True))
@@ -448,11 +462,12 @@ def _model_stage_config(c: dict, shared_engine: dict | None = None) -> dict:
             continue
         g = dict(out.get(k) or {})
         ecfg = stage_engine(g, shared_engine)
-        g = {x: v for x, v in g.items() if x not in ("engine", "vllm", *RUNTIME_KEYS)}
+        # chunk (records per call) and refill (which rows share a batch) change rounding at most
+        g = {x: v for x, v in g.items() if x not in ("engine", "vllm", "chunk", *RUNTIME_KEYS)}
         if ecfg["name"] == "hf":
             out[k] = {**g, "device": "auto", "num_threads": None}
         else:
-            out[k] = {**g, "engine": {x: v for x, v in ecfg.items() if x not in RUNTIME_KEYS}}
+            out[k] = {**g, "engine": {x: v for x, v in ecfg.items() if x not in (*RUNTIME_KEYS, "refill")}}
     return out
 
 

@@ -97,11 +97,13 @@ def check_engine(gen_cfg: dict[str, Any], where: str, logprob: bool = False,
 
 
 class _ChatGenerator:
-    """Chat template -> token ids -> engine.generate_prompts, with per-row seeds."""
+    """Chat template -> token ids -> engine.generate_prompts (or generate_many, `refill`), with
+    per-row seeds."""
     tok: Any
     engine: Any
     seed: int
     batch_size: int
+    refill = False  # HF: one generate_many over the whole call (continuous batching)
 
     def encode(self, conv: Conversation) -> list[int]:
         text = self.tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
@@ -111,6 +113,9 @@ class _ChatGenerator:
         return int(hashlib.sha256(f"{self.seed}:{json.dumps(conv)}".encode()).hexdigest()[:12], 16)
 
     def __call__(self, conversations: list[Conversation]) -> list[str]:
+        if self.refill and conversations:
+            prompts = [self.encode(c) for c in conversations]
+            return [g.text for g in self.engine.generate_many(prompts, [self.row_seed(c) for c in conversations])]
         out: list[str] = []
         for s in range(0, len(conversations), self.batch_size):
             chunk = conversations[s:s + self.batch_size]
@@ -142,14 +147,16 @@ class HFChatGenerator(_ChatGenerator):
     engine_name = "hf"
 
     def __init__(self, backbone, sampling: dict[str, Any] | None = None, batch_size: int = 8,
-                 seed: int = 0, stop_tokens: list[str] | None = None):
-        """`backbone` as factory.load_model returns it: on the device of the one device and thread rule."""
+                 seed: int = 0, stop_tokens: list[str] | None = None, refill: bool = False):
+        """`backbone` as factory.load_model returns it: on the device of the one device and thread rule.
+        `refill`: a call decodes its conversations `batch_size` rows at a time with continuous
+        batching (HFEngine.generate_many) instead of in fixed batches."""
         from domino.core.generation.hf import HFEngine
         self.tok, self.seed = backbone.tokenizer, seed
         _need_chat_template(self.tok, backbone.id)
         params = _params(self.tok, sampling, stop_tokens)
         self.engine = HFEngine(backbone.model, self.tok, params, batch_size=batch_size)
-        self.batch_size = batch_size
+        self.batch_size, self.refill = batch_size, bool(refill)
         self.model_id = backbone.id
         self.fingerprint = _fingerprint(backbone=backbone.id, hash=backbone.model_hash, params=params.to_dict(),
                                         seed=seed, dtype=backbone.dtype)
@@ -253,7 +260,8 @@ def build_generator(model_cfg: dict[str, Any] | str | None, default_backbone: di
     if key not in _MODELS:
         log.info("curation: loading %s", bcfg.get("path"))
         _MODELS[key] = load_model(bcfg, ecfg)  # on `device`; engine.dtype (null = model.dtype): the one dtype rule
-    return HFChatGenerator(_MODELS[key], batch_size=int(gen_cfg.get("batch_size", HF_BATCH)), **kw)
+    return HFChatGenerator(_MODELS[key], batch_size=int(gen_cfg.get("batch_size", HF_BATCH)),
+                           refill=bool(ecfg.get("refill")), **kw)
 
 
 def release_models() -> None:
