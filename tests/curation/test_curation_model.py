@@ -64,15 +64,21 @@ def test_logprob_judge_scores_match_a_naive_oracle(tiny_backbone):
     from domino.curation.judge import LABELS
     gen = HFChatGenerator(tiny_backbone, sampling={"max_new_tokens": 4}, batch_size=2)
     conv = [{"role": "user", "content": "Grade this problem: add two numbers."}]
-    scores = gen.option_scores(conv, list(LABELS), "Score:")
     tok, model = tiny_backbone.tokenizer, tiny_backbone.model
-    for label, got in zip(LABELS, scores):  # one unpadded sequence per label, full logits
-        base = gen.encode(conv) + tok("Score:", add_special_tokens=False)["input_ids"]
-        opt = tok(" " + label, add_special_tokens=False)["input_ids"]
-        with torch.no_grad():
-            logp = model(input_ids=torch.tensor([base + opt], device=model.device)).logits[0].float().log_softmax(-1)
-        want = sum(float(logp[len(base) - 1 + j, t]) for j, t in enumerate(opt))
-        assert got == pytest.approx(want, abs=1e-4)
+    # the labels (1-2 tokens), and options of 1 to 6 tokens: the prompt's cache is shared and the
+    # shorter options are right-padded in the continuation
+    for options in (list(LABELS), ["x", "a much longer option text", "no", "two words"]):
+        got_all = gen.option_scores(conv, options, "Score:")
+        assert max(len(tok(" " + o, add_special_tokens=False)["input_ids"]) for o in options) >= 2
+        for label, got in zip(options, got_all):  # one unpadded sequence per label, full logits
+            base = gen.encode(conv) + tok("Score:", add_special_tokens=False)["input_ids"]
+            opt = tok(" " + label, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([base + opt], device=model.device)).logits[0]
+            logp = logits.float().log_softmax(-1)
+            want = sum(float(logp[len(base) - 1 + j, t]) for j, t in enumerate(opt))
+            assert got == pytest.approx(want, abs=1e-4)
+    scores = gen.option_scores(conv, list(LABELS), "Score:")
     assert gen.choose([conv], list(LABELS), "Score:") == [LABELS[max(range(5), key=lambda i: scores[i])]]
 
 

@@ -172,23 +172,37 @@ class HFChatGenerator(_ChatGenerator):
         return out
 
     def option_scores(self, conv: Conversation, options: list[str], prefix: str = "") -> list[float]:
+        """Summed log-probabilities of each option's tokens after the prompt (+ `prefix`). The prompt
+        runs once; the options then continue its cache together (each option's tokens but its last,
+        right-padded: causal attention never lets a real token see the padding after it). Scoring
+        each option as its own full sequence ran the prompt once per option."""
         import torch
+        from transformers import DynamicCache
+
+        from domino.core.generation.hf import last_logits
         sep = " " if prefix and not prefix.endswith(" ") else ""
         opt_ids = [list(self.tok(sep + o, add_special_tokens=False)["input_ids"]) for o in options]
         base = self.encode(conv) + (list(self.tok(prefix, add_special_tokens=False)["input_ids"]) if prefix else [])
-        seqs = [base + ids for ids in opt_ids]
-        T = max(len(x) for x in seqs)
-        ids = torch.full((len(seqs), T), self.tok.pad_token_id or 0, dtype=torch.long)
-        mask = torch.zeros((len(seqs), T), dtype=torch.long)
-        for i, x in enumerate(seqs):  # right padding: the shared prompt keeps its positions
-            ids[i, :len(x)], mask[i, :len(x)] = torch.tensor(x), 1
-        keep = T - len(base) + 1  # only the positions that predict option tokens reach the LM head
-        dev = self.engine.device
-        from domino.core.generation.hf import last_logits
+        model, dev = self.engine.model, self.engine.device
         with torch.no_grad():
-            logits, _ = last_logits(self.engine.model, keep, input_ids=ids.to(dev), attention_mask=mask.to(dev))
-        logp = logits.log_softmax(-1)  # position j predicts option token j
-        return [sum(float(logp[i, j, t]) for j, t in enumerate(opt_ids[i])) for i in range(len(seqs))]
+            first, out = last_logits(model, 1, input_ids=torch.tensor([base], device=dev),
+                                     past_key_values=DynamicCache(config=model.config), use_cache=True)
+            logp0 = first[0, -1].log_softmax(-1)
+            scores = [float(logp0[ids[0]]) if ids else 0.0 for ids in opt_ids]
+            T = max(len(ids) for ids in opt_ids) - 1
+            if T > 0:  # position j of the continuation predicts option token j + 1
+                cache = out.past_key_values
+                cache.batch_repeat_interleave(len(opt_ids))
+                cont = torch.full((len(opt_ids), T), self.tok.pad_token_id or 0, dtype=torch.long)
+                for i, ids in enumerate(opt_ids):
+                    cont[i, :max(0, len(ids) - 1)] = torch.tensor(ids[:-1], dtype=torch.long)
+                pos = torch.arange(len(base), len(base) + T)[None].expand(len(opt_ids), -1)
+                logits, _ = last_logits(model, T, input_ids=cont.to(dev), position_ids=pos.to(dev),
+                                        past_key_values=cache, use_cache=True)
+                logp = logits.log_softmax(-1)
+                for i, ids in enumerate(opt_ids):
+                    scores[i] += sum(float(logp[i, j - 1, t]) for j, t in enumerate(ids) if j > 0)
+        return scores
 
 
 class VLLMChatGenerator(_ChatGenerator):
