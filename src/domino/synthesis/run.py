@@ -163,8 +163,9 @@ def _sample_loop(engine, plan: Plan, store: SampleStore, name: str, n: int, seed
     distribution; its rounding depends on which rows shared its batch)."""
     bs = engine.batch_size
     batches = [range(s, min(s + bs, n)) for s in range(0, n, bs)]
-    if refill:  # one batch of every missing index: the engine schedules the rows
-        batches = [[i for i in range(n) if sample_id(name, i) not in store.done]]
+    if refill:  # the engine schedules the rows of a call; calls of 64 batches bound what it holds
+        missing = [i for i in range(n) if sample_id(name, i) not in store.done]
+        batches = [missing[s:s + 64 * bs] for s in range(0, len(missing), 64 * bs)]
     todo = [b for b in batches if any(sample_id(name, i) not in store.done for i in b)]
     already = sum(1 for i in range(n) if sample_id(name, i) in store.done)
     prefix = None
