@@ -228,6 +228,22 @@ def test_refill_writes_samples_as_they_finish_and_ends_in_index_order(run_dir, t
     assert more["n_new"] == 2 and [r["source"]["index"] for r in records(tmp_path / "fixed")] == list(range(9))
 
 
+def test_refill_in_calls_of_64_batches(run_dir, tmp_path, monkeypatch):
+    """More samples than one call takes (64 x batch_size): several engine calls, every sample once,
+    the same records as fixed batches."""
+    from domino.core.generation.hf import HFEngine
+    calls = []
+    orig = HFEngine.generate_shared_many
+    monkeypatch.setattr(HFEngine, "generate_shared_many",
+                        lambda self, prefix, seeds, on_result=None: (calls.append(len(seeds)),
+                                                                     orig(self, prefix, seeds, on_result))[1])
+    common = [f"ckpt={run_dir}", "n=70", "engine.batch_size=1", "sampling.max_new_tokens=3"]
+    synth(tmp_path / "refill", *common, "engine.refill=true")
+    assert calls == [64, 6]
+    synth(tmp_path / "fixed", *common, "engine.refill=false")
+    assert records(tmp_path / "refill") == records(tmp_path / "fixed")
+
+
 def test_sort_by_index_keeps_each_line_as_written(tmp_path):
     from domino.synthesis.output import SampleStore
     store = SampleStore(tmp_path, {"x": 1}, {})
