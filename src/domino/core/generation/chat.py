@@ -113,16 +113,13 @@ class _ChatGenerator:
         return int(hashlib.sha256(f"{self.seed}:{json.dumps(conv)}".encode()).hexdigest()[:12], 16)
 
     def __call__(self, conversations: list[Conversation]) -> list[str]:
-        if self.refill and conversations:
-            prompts = [self.encode(c) for c in conversations]
-            return [g.text for g in self.engine.generate_many(prompts, [self.row_seed(c) for c in conversations])]
-        out: list[str] = []
-        for s in range(0, len(conversations), self.batch_size):
-            chunk = conversations[s:s + self.batch_size]
-            prompts = [self.encode(c) for c in chunk]
-            seeds = [self.row_seed(c) for c in chunk]  # a row's draw depends on its content, not its batch
-            out += [g.text for g in self.engine.generate_prompts(prompts, seeds)]
-        return out
+        prompts = [self.encode(c) for c in conversations]
+        seeds = [self.row_seed(c) for c in conversations]  # a row's draw depends on its content, not its batch
+        if self.refill:
+            return [g.text for g in self.engine.generate_many(prompts, seeds)]
+        bs = self.batch_size
+        return [g.text for s in range(0, len(prompts), bs)
+                for g in self.engine.generate_prompts(prompts[s:s + bs], seeds[s:s + bs])]
 
 
 def _params(tok, sampling: dict[str, Any] | None, stop_tokens: list[str] | None):

@@ -228,14 +228,9 @@ class HFEngine:
         cache cannot take new rows (`can_join`) decodes in fixed batches instead."""
         if len(prompts) != len(seeds):
             raise ValueError("one seed per prompt")
-        pending = deque(sorted(range(len(prompts)), key=lambda i: len(prompts[i])))
-
-        def admit(n_free: int):
-            take = [pending.popleft() for _ in range(min(n_free, len(pending)))]
-            if not take:
-                return None
-            return (*self._prefill_prompts([prompts[i] for i in take]), [seeds[i] for i in take], take)
-        return self._refill(admit, len(prompts), on_result)
+        return self._refill(sorted(range(len(prompts)), key=lambda i: len(prompts[i])),
+                            lambda take: (*self._prefill_prompts([prompts[i] for i in take]), [seeds[i] for i in take]),
+                            on_result)
 
     @torch.no_grad()
     def generate_shared_many(self, prefix: SharedPrefix, seeds: list[int],
@@ -244,22 +239,23 @@ class HFEngine:
         rows decode at once and, once a quarter of the slots are free, the next seeds (in order)
         join the running batch at the prefix (its cached keys/values, left-padded to the batch's
         width). `on_result(i, generation)` is called as sample i finishes; results in seed order."""
-        pending = deque(range(len(seeds)))
-
-        def admit(n_free: int):
-            take = [pending.popleft() for _ in range(min(n_free, len(pending)))]
-            if not take:
-                return None
+        def rows(take: list[int]):
             n = len(take)
             logits = prefix.logits.float()[None].repeat(n, 1)  # rows own their logits
             pos = torch.full((n,), prefix.length, dtype=torch.long, device=self.device)
             mask = torch.ones((n, prefix.length), dtype=torch.long, device=self.device)
-            return self._expand(prefix, n), logits, pos, mask, [seeds[i] for i in take], take
-        return self._refill(admit, len(seeds), on_result)
+            return self._expand(prefix, n), logits, pos, mask, [seeds[i] for i in take]
+        return self._refill(list(range(len(seeds))), rows, on_result)
 
-    def _refill(self, admit: Callable, n: int, on_result) -> list[Generation]:
-        """Decode everything `admit(n_free)` hands out ((cache, logits, pos, mask, seeds, ids) of
-        up to n_free new rows, None when nothing is left), refilling freed rows (`_decode`)."""
+    def _refill(self, order: list[int], rows: Callable, on_result) -> list[Generation]:
+        """Decode the samples `order` names, admitted in that order, refilling freed rows
+        (`_decode`); `rows(ids)` builds (cache, logits, pos, mask, seeds) of the samples `ids`."""
+        pending = deque(order)
+
+        def admit(n_free: int):
+            take = [pending.popleft() for _ in range(min(n_free, len(pending)))]
+            return (*rows(take), take) if take else None
+
         first = admit(self.batch_size)
         if first is None:
             return []
@@ -271,7 +267,7 @@ class HFEngine:
         else:
             done = self._decode(cache, logits, pos, mask, first_seeds, ids=ids, admit=admit,
                                 min_free=max(1, self.batch_size // 4), on_result=on_result)
-        return [done[i] for i in range(n)]
+        return [done[i] for i in range(len(order))]
 
     def _prefill_prompts(self, prompts: list[list[int]]):
         """(cache, last logits, next positions, attention mask) of left-padded token-id prompts."""
