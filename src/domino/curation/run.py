@@ -68,10 +68,13 @@ class Curation:
     def stage_cfg(self, name: str) -> dict:
         return dict(self.cfg.get(name) or {})
 
-    def generator(self, role: str, model_key: str = "model", gen_key: str = "generation") -> Callable:
+    def _injected(self, role: str) -> Callable | None:
+        """The generator the caller passed for `role` (`generators=`), or None: build the model's."""
         g = self.generators
-        if isinstance(g, dict):
-            g = g.get(role) or g.get("default")
+        return g.get(role) or g.get("default") if isinstance(g, dict) else g
+
+    def generator(self, role: str, model_key: str = "model", gen_key: str = "generation") -> Callable:
+        g = self._injected(role)
         if g is not None:
             return g
         from domino.core.generation.chat import build_generator
@@ -368,9 +371,7 @@ class Curation:
         if g.get("chunk"):
             return int(g["chunk"])
         bs = int(g.get("batch_size", 8))
-        injected = self.generators if not isinstance(self.generators, dict) else \
-            (self.generators.get(role) or self.generators.get("default"))
-        if injected is not None or (role == "judge" and c.get("mode") == "logprob"):
+        if self._injected(role) is not None or (role == "judge" and c.get("mode") == "logprob"):
             return bs
         ecfg = stage_engine(g, self.cfg.get("engine"))
         return 4 * bs if ecfg["name"] == "hf" and ecfg.get("refill") else bs
@@ -455,19 +456,19 @@ def _model_stage_config(c: dict, shared_engine: dict | None = None) -> dict:
     fingerprints as it did before engines were a choice, with its runtime keys at their old defaults
     (device auto, num_threads null), so upgrading never redoes a finished stage. On vLLM it is the
     resolved engine settings."""
-    from domino.core.generation.factory import RUNTIME_KEYS
+    from domino.core.generation.factory import RUNTIME_KEYS, SCHEDULE_KEYS
     out = {**c, **{k: None for k in ("model", "tests_model") if k in c}}
     for k in ("generation", "tests_generation"):
         if k not in out:
             continue
         g = dict(out.get(k) or {})
         ecfg = stage_engine(g, shared_engine)
-        # chunk (records per call) and refill (which rows share a batch) change rounding at most
+        # chunk (records per call) and refill (SCHEDULE_KEYS) change rounding at most
         g = {x: v for x, v in g.items() if x not in ("engine", "vllm", "chunk", *RUNTIME_KEYS)}
         if ecfg["name"] == "hf":
             out[k] = {**g, "device": "auto", "num_threads": None}
         else:
-            out[k] = {**g, "engine": {x: v for x, v in ecfg.items() if x not in (*RUNTIME_KEYS, "refill")}}
+            out[k] = {**g, "engine": {x: v for x, v in ecfg.items() if x not in (*RUNTIME_KEYS, *SCHEDULE_KEYS)}}
     return out
 
 

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from domino.core import attempt, lineage
 from domino.core.domain_prompt import DomainPrompt, check_backbone, load_domain_prompt
 from domino.core.embedded import DEFAULT_BACKBONE
-from domino.core.generation.factory import RUNTIME_KEYS
+from domino.core.generation.factory import RUNTIME_KEYS, SCHEDULE_KEYS
 from domino.core.generation.params import Generation, SamplingParams, sample_seed
 from domino.core.locking import output_lock
 from domino.core.provenance import git_commit
@@ -99,8 +99,7 @@ def _sample(c: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     ecfg = dict(c["engine"])
     inputs = {"method": method, "plan": plan.describe, "backbone_hash": ident["backbone_hash"],
               "dtype": ident["dtype"], "sampling": params.to_dict(), "seed": seed,
-              # refill changes only which rows share a batch (rounding), not what is sampled
-              "engine": {k: v for k, v in ecfg.items() if k not in RUNTIME_KEYS and k != "refill"},
+              "engine": {k: v for k, v in ecfg.items() if k not in (*RUNTIME_KEYS, *SCHEDULE_KEYS)},
               "domain": ({k: domain.get(k) for k in ("name", "path", "n_references", "split_seed", "description")}
                          if name in ("few_shot", "zero_shot") else None)}
     meta = {"ckpt": prompt.path if prompt else None, "ckpt_meta": prompt.meta if prompt else None,
@@ -162,11 +161,12 @@ def _sample_loop(engine, plan: Plan, store: SampleStore, name: str, n: int, seed
     it finishes; a resumed run decodes only the missing ones, each from its own seed (the same
     distribution; its rounding depends on which rows shared its batch)."""
     bs = engine.batch_size
-    batches = [range(s, min(s + bs, n)) for s in range(0, n, bs)]
     if refill:  # the engine schedules the rows of a call; calls of 64 batches bound what it holds
         missing = [i for i in range(n) if sample_id(name, i) not in store.done]
-        batches = [missing[s:s + 64 * bs] for s in range(0, len(missing), 64 * bs)]
-    todo = [b for b in batches if any(sample_id(name, i) not in store.done for i in b)]
+        todo = [missing[s:s + 64 * bs] for s in range(0, len(missing), 64 * bs)]
+    else:
+        batches = [range(s, min(s + bs, n)) for s in range(0, n, bs)]
+        todo = [b for b in batches if any(sample_id(name, i) not in store.done for i in b)]
     already = sum(1 for i in range(n) if sample_id(name, i) in store.done)
     prefix = None
     n_new = n_tok = 0

@@ -18,6 +18,9 @@ VLLM_KEYS = ("tensor_parallel_size", "dtype", "gpu_memory_utilization", "max_mod
              "enable_prefix_caching", "extra")
 # settings of where and how fast a model runs, never of what it outputs: left out of fingerprints
 RUNTIME_KEYS = ("device", "num_threads")
+# how rows are scheduled into batches (continuous batching), which changes at most the rounding of
+# what is output: left out of the fingerprints of synthesis and curation (evaluation records it)
+SCHEDULE_KEYS = ("refill",)
 
 
 def engine_config(engine: Any, batch_size: int | None = None, where: str = "engine") -> dict[str, Any]:
