@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
 from omegaconf import OmegaConf
+from synthesize_refill import interleave, save  # bench/synthesize_refill.py
 
 from domino.core.backbone import load_backbone
 from domino.core.generation.chat import HFChatGenerator
@@ -45,27 +45,19 @@ def main():
     gens = {"fixed": (HFChatGenerator(bb, sampling=sampling, batch_size=args.batch), args.batch),
             "refill": (HFChatGenerator(bb, sampling=sampling, batch_size=args.batch, refill=True), args.chunk)}
     gens["fixed"][0](convs[:1])  # warm-up
-    runs: dict[str, list[dict]] = {k: [] for k in gens}
-    outs = {}
-    for r in range(args.repeats):
-        for name, (gen, per_call) in gens.items():
-            t = time.perf_counter()
-            out = [x for s in range(0, len(convs), per_call) for x in gen(convs[s:s + per_call])]
-            dt = time.perf_counter() - t
-            n_tok = sum(len(bb.tokenizer(x, add_special_tokens=False)["input_ids"]) for x in out)
-            row = {"seconds": round(dt, 2), "tokens": n_tok, "tok_s": round(n_tok / dt, 1)}
-            runs[name].append(row)
-            outs[name] = out
-            print(name, r, json.dumps(row), flush=True)
-    med = {k: statistics.median(x["seconds"] for x in v) for k, v in runs.items()}
+
+    def path(gen, per_call):
+        return lambda: [x for s in range(0, len(convs), per_call) for x in gen(convs[s:s + per_call])]
+
+    runs, outs, med = interleave({k: path(*v) for k, v in gens.items()}, args.repeats,
+                                 lambda out: (sum(len(bb.tokenizer(x, add_special_tokens=False)["input_ids"])
+                                                  for x in out), {}))
     res = {"model": bb.id, "dtype": bb.dtype, "samples": args.samples, "n": len(convs), "batch": args.batch,
            "chunk": args.chunk, "max_new_tokens": args.new, "runs": runs, "median_seconds": med,
            "speedup_median": round(med["fixed"] / med["refill"], 3),
            "identical": sum(a == b for a, b in zip(outs["fixed"], outs["refill"])),
            "date": time.strftime("%Y-%m-%d %H:%M")}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
-    print(json.dumps({k: v for k, v in res.items() if k != "runs"}))
+    save(res, args.out)
 
 
 if __name__ == "__main__":

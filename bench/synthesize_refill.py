@@ -24,12 +24,38 @@ import statistics
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from domino.core.backbone import load_backbone
 from domino.core.generation.hf import HFEngine
 from domino.core.generation.params import SamplingParams, sample_seed
+
+
+def interleave(paths: dict[str, Callable[[], list]], repeats: int, measure: Callable[[list], tuple[int, dict]]):
+    """Time each path `repeats` times, interleaved (a load change on the shared machine hits every
+    path); `measure(outputs)`, after the clock stops, gives (tokens, extra fields of the row).
+    Returns (runs by path, the last outputs by path, median seconds by path)."""
+    runs: dict[str, list[dict]] = {k: [] for k in paths}
+    outs = {}
+    for r in range(repeats):
+        for name, fn in paths.items():
+            t = time.perf_counter()
+            out = fn()
+            dt = time.perf_counter() - t
+            n_tok, extra = measure(out)
+            row = {"seconds": round(dt, 2), "tokens": n_tok, "tok_s": round(n_tok / dt, 1), **extra}
+            runs[name].append(row)
+            outs[name] = out
+            print(name, r, json.dumps(row), flush=True)
+    return runs, outs, {k: statistics.median(x["seconds"] for x in v) for k, v in runs.items()}
+
+
+def save(res: dict, out: str) -> None:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(res, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in res.items() if k != "runs"}))
 
 
 def main():
@@ -74,22 +100,15 @@ def main():
     def refill():
         return eng.generate_shared_many(prefix, seeds)
 
-    runs: dict[str, list[dict]] = {"fixed": [], "refill": []}
-    outs = {}
-    for r in range(args.repeats):
-        for name, fn in (("fixed", fixed), ("refill", refill)):
+    def steps_reset(fn):
+        def run():
             eng.n_forward = 0
-            t = time.perf_counter()
-            gens = fn()
-            dt = time.perf_counter() - t
-            n_tok = sum(len(g.token_ids) for g in gens)
-            row = {"seconds": round(dt, 2), "tokens": n_tok, "tok_s": round(n_tok / dt, 1),
-                   "decode_steps": eng.n_forward}
-            runs[name].append(row)
-            outs[name] = gens
-            print(name, r, json.dumps(row), flush=True)
+            return fn()
+        return run
+
+    runs, outs, med = interleave({"fixed": steps_reset(fixed), "refill": steps_reset(refill)}, args.repeats,
+                                 lambda gens: (sum(len(g.token_ids) for g in gens), {"decode_steps": eng.n_forward}))
     lengths = [len(g.token_ids) for g in outs["refill"]]
-    med = {k: statistics.median(x["seconds"] for x in v) for k, v in runs.items()}
     res = {"model": bb.id, "dtype": bb.dtype, "ckpt": args.ckpt, "magpie": args.magpie,
            "threads": torch.get_num_threads(),
            "cpu": platform.processor() or platform.machine(), "n": args.n, "batch": args.batch,
@@ -99,9 +118,7 @@ def main():
            "finish": dict(Counter(g.finish_reason for g in outs["refill"])),
            "identical": sum(a.token_ids == b.token_ids for a, b in zip(outs["fixed"], outs["refill"])),
            "date": time.strftime("%Y-%m-%d %H:%M")}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
-    print(json.dumps({k: v for k, v in res.items() if k != "runs"}))
+    save(res, args.out)
 
 
 if __name__ == "__main__":
