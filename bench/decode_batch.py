@@ -9,6 +9,13 @@ token. Reports tokens/s, the model FLOPs per decoded token (2 x non-embedding pa
 untied head, plus attention over the cache) and their rate against the bf16 matmul rate measured in
 the same process; checks that the engine's greedy tokens equal generate's.
 
+The square-product rate is not what a decoding step's matrix products can reach: at batch B each
+weight matrix is read once to multiply only B rows, so they are bound by memory bandwidth. The
+bench therefore also times the model's own weight matrices (every linear layer of the decoder and
+the head) multiplied by B rows, one pass after another: `batch_matmul_gflops`, the rate the step's
+linear work could reach with nothing else in the step, and `decode_frac_of_batch_matmul`, the
+decoding steps' FLOPs over their time against it.
+
 Three fractions of the matmul rate for the engine: `engine_frac_of_matmul` counts only the decoded
 tokens' FLOPs over the whole call (prefill included in the time, not in the work);
 `engine_all_frac_of_matmul` counts the prompt tokens' FLOPs too (2 x non-embedding parameters plus
@@ -34,6 +41,25 @@ def flops_per_token(cfg, n_params_layers: int, ctx: int) -> float:
     return 2 * n_params_layers + 2 * h * V + attn
 
 
+def batch_matmul_rate(model, rows: int, reps: int = 3) -> float:
+    """GFLOP/s of `rows` x in @ in x out products over every linear weight of the model (the
+    decoder's and the head), in order: a decoding step's linear work with nothing else."""
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    xs = {w.shape[1]: torch.randn(rows, w.shape[1], dtype=w.dtype) for w in weights}
+    flops = sum(2 * rows * w.numel() for w in weights)
+
+    def one_pass():
+        for w in weights:
+            torch.nn.functional.linear(xs[w.shape[1]], w)
+
+    with torch.no_grad():
+        one_pass()
+        t = time.perf_counter()
+        for _ in range(reps):
+            one_pass()
+    return flops * reps / (time.perf_counter() - t) / 1e9
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", type=int, nargs="+", default=[32, 64, 128])
@@ -51,6 +77,7 @@ def main():
     fl = flops_per_token(model.config, layers, args.prompt + args.new // 2)
     rows = []
     for B in args.batches:
+        batch_rate = batch_matmul_rate(model, B) * 1e9
         p = SamplingParams(temperature=0.0, max_new_tokens=args.new, min_new_tokens=args.new)
         eng = HFEngine(model, tok, p, batch_size=B)
         eng.generate_prompts([prompt[:8]] * 2, [0, 0])  # warm-up
@@ -68,7 +95,10 @@ def main():
                "engine_frac_of_matmul": round(B * args.new * fl / dt / peak, 3),
                "engine_all_frac_of_matmul": round((B * args.new * fl + prompt_fl) / dt / peak, 3),
                "prefill_s": round(pre, 2), "decode_tok_s": round(B * args.new / (dt - pre), 1),
-               "decode_frac_of_matmul": round(B * args.new * fl / (dt - pre) / peak, 3)}
+               "decode_frac_of_matmul": round(B * args.new * fl / (dt - pre) / peak, 3),
+               "batch_matmul_gflops": round(batch_rate / 1e9, 1),
+               "batch_matmul_frac_of_matmul": round(batch_rate / peak, 3),
+               "decode_frac_of_batch_matmul": round(B * args.new * fl / (dt - pre) / batch_rate, 3)}
         if not args.skip_generate:
             ids = torch.tensor([prompt] * B)
             with torch.no_grad():

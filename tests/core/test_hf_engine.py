@@ -65,6 +65,20 @@ def test_greedy_with_shared_prefix_cache_equals_uncached(tiny_backbone, D):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_greedy_pick_is_the_first_maximal_token(tiny_backbone, dtype):
+    """Greedy takes max(-1).indices (faster than argmax on a CPU): the first of tied maxima, as
+    argmax and `generate` do; a NaN row picks its NaN, as argmax does."""
+    e = engine(tiny_backbone, temperature=0.0)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randint(0, 3, (16, 5000), generator=g).to(dtype)  # every row has many tied maxima
+    logits[4, 7] = float("nan")
+    logits[5] = float("-inf")
+    got = e._pick(logits, None, [1] * 16, None)
+    assert torch.equal(got, logits.argmax(-1))
+    assert got[4] == 7 and got[5] == 0 and got[0] == int((logits[0] == 2).nonzero()[0])
+
+
 def test_cached_logits_equal_uncached_logits(tiny_backbone, D):
     """Token equality on a near-flat random model is a weak check (e.g. of positions); compare the
     logits every row sees at every step with a full recomputation."""

@@ -450,7 +450,9 @@ class HFEngine:
             logits[torch.tensor(short, device=logits.device)[:, None],
                    torch.tensor(self.stop_ids, device=logits.device)] = float("-inf")
         if gens is None:
-            return logits.argmax(-1)
+            # max(-1).indices, not argmax: the same index (the first maximal one, NaN included; both
+            # documented) at 3-4x the speed over a 152k vocabulary on a CPU (bench/README.md)
+            return logits.max(-1).indices
         return self._sample(logits, gens)
 
     def _buffer(self, name: str, rows: int, cols: int) -> torch.Tensor:
