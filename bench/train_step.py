@@ -1,5 +1,6 @@
 """Training-step speed and memory on the CPU: the default objective path (`efficient`) against the
-straightforward oracle (`straightforward`) and the released code's computation (`released`,
+straightforward oracle (`straightforward`), its two layouts (`efficient_joint`, `efficient_split`; `efficient` is the
+CPU default, `objective.layout=auto`) and the released code's computation (`released`,
 bench/released.py: B^2 + 2B batch-1 forwards through the HF model with labels).
 
     python bench/train_step.py [--shapes 4x64x256,3x256x512] [--reps 3] [--impls straightforward,efficient,released]
@@ -82,22 +83,32 @@ def model_flops(cfg, n_layer_params: int, impl: str, B: int, k: int, L: int) -> 
         tokens = B * (k + L) + (B * B + B) * (k + l + L)
         head = tokens
         pairs = B * causal(0, k + L) + (B * B + B) * causal(0, k + l + L)
-    elif impl == "efficient_v1":  # D once, then [S_i] after D, then continuations (until the 2-forward change)
+    elif impl == "efficient_split":  # D once, then [S_i] after D, then the continuations of each
         tokens = k + B * l + (B + B * B) * L
         head = (B + B * B) * L
         pairs = causal(0, k) + B * causal(k, l) + B * causal(k, L) + B * B * causal(k + l, L)
-    else:  # [D, S_i] for every row in one forward, then every continuation after a k+l cache
+    elif impl == "efficient_joint":  # [D, S_i] for every row in one forward, then every continuation after a k+l cache
         # (l(x|D) rows mask the S positions out; the kernels still compute those pairs: counted)
         tokens = B * (k + l) + (B + B * B) * L
         head = (B + B * B) * L
         pairs = B * causal(0, k + l) + (B + B * B) * causal(k + l, L)
+    else:
+        raise ValueError(impl)
     lin = 2 * n_layer_params * tokens + 2 * h * V * head
     attn = 4 * nl * Hd * pairs
     return {"tokens": tokens, "head_positions": head, "attn_pairs": pairs,
             "fwd": lin + attn, "bwd": lin + 2 * attn, "step": 2 * lin + 3 * attn}
 
 
+def layout_of(impl: str, B: int, k: int, itemsize: int) -> str:
+    """The `objective.layout` an efficient* impl runs: efficient is the default (auto) on a CPU."""
+    from domino.training.objective_cached import resolve_layout
+    return resolve_layout(impl.partition("_")[2] or "auto", "cpu", B, k, itemsize)
+
+
 def child(impl: str, B: int, k: int, L: int, seed: int, backbone: str = "embedded", dtype: str = "float32") -> dict:
+    import functools
+
     import torch
     from released import released_nll  # bench/released.py
 
@@ -113,7 +124,12 @@ def child(impl: str, B: int, k: int, L: int, seed: int, backbone: str = "embedde
     W = model.get_input_embeddings().weight.detach().float()
     D = W[torch.randint(0, W.shape[0], (k,), generator=g)].clone().requires_grad_()  # trainable: fp32
     S = W[torch.randint(0, W.shape[0], (B * k,), generator=g)].view(B, k, -1).clone().requires_grad_()
-    fn = {"straightforward": straightforward_nll, "efficient": cached_nll, "released": released_nll}[impl]
+    name = impl
+    if impl.startswith("efficient"):
+        impl = f"efficient_{layout_of(impl, B, k, model.dtype.itemsize)}"
+        fn = functools.partial(cached_nll, layout=impl.partition("_")[2])
+    else:
+        fn = {"straightforward": straightforward_nll, "released": released_nll}[impl]
     layer_params = sum(p.numel() for p in model.get_decoder().layers.parameters())
     rate = gemm_rate(cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, dtype=model.dtype)
     rss0, max0 = rss_kb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -133,8 +149,8 @@ def child(impl: str, B: int, k: int, L: int, seed: int, backbone: str = "embedde
     max1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     fl = model_flops(cfg, layer_params, impl, B, k, L)
     cold, warm = steps
-    return {"impl": impl, "B": B, "k": k, "l": k, "L": L, "backbone": backbone, "dtype": str(model.dtype),
-            "loss": loss.item(), **cold, "warm": warm,
+    return {"impl": name, "computed_as": impl, "B": B, "k": k, "l": k, "L": L, "backbone": backbone,
+            "dtype": str(model.dtype), "loss": loss.item(), **cold, "warm": warm,
             "peak_rss_delta_mib": (max1 - rss0) / 1024, "peak_before_step_exceeded": max1 > max0,
             "gemm_gflops": rate, "flops": fl,
             "achieved_fraction": fl["step"] / warm["step_s"] / (rate * 1e9),

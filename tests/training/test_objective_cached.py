@@ -81,23 +81,57 @@ def oracle(models, form, with_samples=True):
 @pytest.mark.parametrize("form", ["paper", "official"])
 @pytest.mark.parametrize("chunk_size", [None, 3])
 @pytest.mark.parametrize("which", ["plain", "gc"])
-def test_matches_straightforward(models, form, chunk_size, which):
+@pytest.mark.parametrize("layout", ["joint", "split"])
+def test_matches_straightforward(models, form, chunk_size, which, layout):
     model = models[which]
     ids, am = batch(models["pad"])
     D0, S0 = prompts(model.config.hidden_size)
     ref = oracle(models, form)
-    got = step(cached_nll, model, D0, S0, ids, am, form, chunk_size=chunk_size)
+    got = step(cached_nll, model, D0, S0, ids, am, form, chunk_size=chunk_size, layout=layout)
     assert_same(got, ref)
     assert ref["gS"].abs().amin(dim=(1, 2)).gt(0).all()  # every S_i gets a gradient
 
 
-def test_soft_prompt_no_sample_tokens(models):
+@pytest.mark.parametrize("layout", ["joint", "split"])
+def test_soft_prompt_no_sample_tokens(models, layout):
     ids, am = batch(models["pad"])
     D0, _ = prompts(64)
     ref = oracle(models, "paper", with_samples=False)
-    got = step(cached_nll, models["plain"], D0, None, ids, am, chunk_size=3)
+    got = step(cached_nll, models["plain"], D0, None, ids, am, chunk_size=3, layout=layout)
     assert got["mat"] is None and set(got["out"]) == {"loss_dom", "loss"}
     assert_same(got, ref)
+
+
+def test_layout_is_chosen_per_device_and_size(models, monkeypatch):
+    """auto: split on a CPU in fp32 once (B-1) k saved tokens outweigh two more weight passes,
+    joint otherwise, in bf16 and on a GPU (launch-bound)."""
+    r = efficient.resolve_layout
+    assert r("auto", torch.device("cpu"), B=4, k=64, itemsize=4) == "split"   # (B-1)k = 192 >= 64
+    assert r("auto", "cpu", B=4, k=16, itemsize=4) == "joint"                 # 48 < 64
+    assert r("auto", "cpu", B=5, k=16, itemsize=4) == "split"                 # 64
+    assert r("auto", "cpu", B=4, k=64, itemsize=2) == "joint"                 # bf16
+    assert r("auto", "cuda:0", B=4, k=64, itemsize=4) == "joint"
+    assert r("joint", "cpu", B=4, k=64) == "joint" and r("split", "cuda", B=2, k=1) == "split"
+    with pytest.raises(ValueError, match="objective.layout='fused'"):
+        r("fused", "cpu")
+    # the chosen layout is the one that runs: split runs D alone (a batch-1 forward of k tokens)
+    seen = []
+    run = efficient._run
+
+    def counted(model, embeds, *args, **kw):
+        seen.append(tuple(embeds.shape[:2]))
+        return run(model, embeds, *args, **kw)
+    monkeypatch.setattr(efficient, "_run", counted)
+    monkeypatch.setattr(efficient, "SPLIT_MIN_TOKENS", 1)
+    ids, am = batch(models["pad"])
+    D0, S0 = prompts(64)
+    for layout in ("auto", "joint"):
+        cached_nll(models["plain"], D0, S0, ids, am, layout=layout)
+    assert seen == [(1, K_), (B, T), (B, L_), (B * B, T), (B, K_ + L_), (B + B * B, T)]
+    seen.clear()
+    monkeypatch.setattr(efficient, "SPLIT_MIN_TOKENS", (B - 1) * K_ + 1)
+    cached_nll(models["plain"], D0, S0, ids, am)
+    assert seen == [(B, K_ + L_), (B + B * B, T)]
 
 
 def test_fused_head_chunks_over_tokens(models, monkeypatch):
@@ -199,8 +233,8 @@ def test_qwen2_family_matches():
         model = Qwen2ForCausalLM(cfg).eval().requires_grad_(False)
     ids, am = batch(0)
     D0, S0 = prompts(64)
-    for form in ("paper", "official"):
-        assert_same(step(cached_nll, model, D0, S0, ids, am, form, chunk_size=3),
+    for form, layout in (("paper", "joint"), ("official", "joint"), ("paper", "split")):
+        assert_same(step(cached_nll, model, D0, S0, ids, am, form, chunk_size=3, layout=layout),
                     step(straightforward_nll, model, D0, S0, ids, am, form))
 
 

@@ -28,6 +28,11 @@ def test_initial_loss_is_pinned(form, pinned):
     assert out["loss"].item() == pytest.approx(pinned, abs=1e-3)
 
 
+def test_unknown_layout_is_refused_before_training():
+    with pytest.raises(ValueError, match="objective.layout='fused'"):
+        DominoModule(backbone=TINY, n_references=4, objective={"layout": "fused"}, prompt={"k": 2, "l": 2})
+
+
 def read_metric(out_dir, name):
     with open(out_dir / "csv" / "metrics.csv") as fh:
         return [float(r[name]) for r in csv.DictReader(fh) if r.get(name)]

@@ -1,20 +1,24 @@
 r"""The prefix-cached computation of l(x|D) and the matrix l_ij: the same numbers as
 `objective.straightforward_nll` (its test oracle), at a fraction of the cost.
 
-Where the straightforward path runs B^2 + 2B full sequences [prefix, text], this one
-- runs the B prefixes [D, S_i] in one forward (batch B) and keeps their key/value caches, with
-  their autograd graph. D comes first and attention is causal, so the first k positions of every
-  row are D's own cache and hidden states: l(x|D) reads them from row 0 (D is recomputed B times,
-  B*k extra tokens, instead of a separate batch-1 forward of D);
-- runs every text as a continuation of a prefix cache, all in the same forward(s): B continuations
-  of D for l(x|D) (row 0's cache with its S positions masked out, positions restarting at k) and
-  the B^2 pairs (i, j) = text x_j after [D, S_i] for the matrix, `chunk_size` continuations per
-  forward; the positive l_ii is read off the matrix (no third pass). Two forwards per step instead
-  of one per kind of prefix: on a GPU a small backbone's step is bound by the CPU's kernel launches
-  (~50 ops per layer per forward), so fewer, larger forwards are what makes it faster;
-- applies the LM head only where a text token is predicted (the last prefix position predicts
-  x_1), through a fused linear + cross-entropy that never keeps a (tokens x vocab) tensor alive:
-  the gradient with respect to the hidden state is formed chunk by chunk during the forward.
+Where the straightforward path runs B^2 + 2B full sequences [prefix, text], this one runs each
+prefix once, keeps its key/value cache with its autograd graph, and runs every text as a
+continuation of a prefix cache: B continuations of D for l(x|D) and the B^2 pairs (i, j) = text x_j
+after [D, S_i] for the matrix, `chunk_size` continuations per forward; the positive l_ii is read off
+the matrix (no third pass). Two layouts (`objective.layout`, `resolve_layout`):
+- joint: the B prefixes [D, S_i] in one forward (batch B); D comes first and attention is causal,
+  so the first k positions of every row are D's own cache and hidden states, and l(x|D)'s
+  continuations read row 0's cache with its S positions masked out (positions restarting at k).
+  Every continuation then runs in one more forward: two forwards a step. On a GPU a small
+  backbone's step is bound by the CPU's kernel launches (~50 ops per layer per forward), so fewer,
+  larger forwards are what makes it faster;
+- split: D once (batch 1), [S_1..S_B] as a continuation of D's cache, the continuations of D, then
+  those of [D, S_i]. (B-1)k fewer prefix tokens and no attention to masked S columns, for two more
+  passes over the weights: on a CPU in fp32 with many domain tokens (k = 64) that is what counts;
+  with few, or in bf16, the extra weight reads cost more (bench/README.md). `auto` chooses.
+Both apply the LM head only where a text token is predicted (the last prefix position predicts
+x_1), through a fused linear + cross-entropy that never keeps a (tokens x vocab) tensor alive: the
+gradient with respect to the hidden state is formed chunk by chunk during the forward.
 
 Gradients reach D and S_i through the cached keys/values: a fresh `DynamicCache` is built for
 every continuation forward from the prefix tensors (HF's cache mutates itself on `update`).
@@ -210,14 +214,46 @@ def sample_pairs(B: int, negatives: int | None, device=None, generator: torch.Ge
 # entry point (same contract as objective.straightforward_nll)
 
 
+LAYOUTS = ("auto", "joint", "split")
+
+
+# split pays two more forwards, i.e. two more reads of every weight in the forward and two in the
+# backward (at few rows a product is bound by that read), to save (B-1)k prefix tokens of FLOPs. On
+# the CPU measured (bench/README.md) that paid in fp32 at (B-1)k = 192 and not at 48 or fewer (the
+# threshold lies between; 64 is a guess within that range); in bf16, whose products run 5-7x faster
+# over half the bytes, it did not pay at any shape measured
+SPLIT_MIN_TOKENS = 64
+
+
+def resolve_layout(layout: str, device, B: int = 0, k: int = 0, itemsize: int = 4) -> str:
+    """`objective.layout` for B texts, k domain tokens and a backbone of `itemsize`-byte weights.
+
+    joint: the prefixes [D, S_i] in one forward and every continuation in one more (the l(x|D)
+    rows mask S out). Fewest, largest forwards: a GPU step of a small backbone is bound by kernel
+    launches, not FLOPs. split: D once (batch 1), [S_i] as a continuation of D's cache, then the
+    B continuations of D and the B^2 (or sampled) continuations of [D, S_i] as separate forwards:
+    (B-1)k fewer prefix tokens and no attention from the l(x|D) rows to masked S columns, for two
+    more passes over the weights. auto: split on a CPU for an fp32 (or wider) backbone when
+    (B-1) * k >= SPLIT_MIN_TOKENS (the saved FLOPs outweigh the extra weight reads), joint
+    otherwise and on every other device.
+    Same loss and gradients up to rounding."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"objective.layout={layout!r} is not one of {LAYOUTS}")
+    if layout == "auto":
+        cpu = torch.device(device).type == "cpu"
+        return "split" if cpu and itemsize >= 4 and (B - 1) * k >= SPLIT_MIN_TOKENS else "joint"
+    return layout
+
+
 def cached_nll(model, domain: torch.Tensor, samples: torch.Tensor | None, input_ids: torch.Tensor,
                attention_mask: torch.Tensor, chunk_size: int | None = None, negatives: int | None = None,
-               generator: torch.Generator | None = None) -> tuple[NLL, NLL | None]:
+               generator: torch.Generator | None = None, layout: str = "auto") -> tuple[NLL, NLL | None]:
     """(l(x|D) for each text, the matrix l_ij or None when there are no sample tokens).
 
     domain: (k, h); samples: (B, l, h) or None; input_ids/attention_mask: (B, T), right-padded.
     chunk_size: most continuations per forward (None: all at once). negatives: K sampled
-    negatives per row (None: all B-1); unsampled entries come back as +inf."""
+    negatives per row (None: all B-1); unsampled entries come back as +inf. layout: how the
+    prefixes and continuations are grouped into forwards (`resolve_layout`)."""
     if _checkpointing(model) and model.training:
         raise RuntimeError("objective.impl=efficient: HF gradient checkpointing in train mode drops the "
                            "prefix cache; keep the frozen backbone in eval() mode")
@@ -228,25 +264,36 @@ def cached_nll(model, domain: torch.Tensor, samples: torch.Tensor | None, input_
     dev = input_ids.device
     emb = embed_texts(model, input_ids)
     dt = emb.dtype
+    layout = resolve_layout(layout, dev, B, domain.shape[0], emb.element_size())
     count = attention_mask.sum(1).float()
+
+    def continue_(kv, hidden, rows, cols, plen):
+        return _chunked(model, kv, hidden, rows, cols, plen, emb, input_ids, attention_mask, chunk_size, ckpt)
 
     k = domain.shape[0]
     ar = torch.arange(B, device=dev)
-    if samples is None:
+    zeros, ks = torch.zeros_like(ar), torch.full_like(ar, k)
+    if samples is None or layout == "split":
         hD, kvD = _run(model, domain.to(dt).unsqueeze(0), None, None, 0)
-        dom_total = _chunked(model, kvD, hD, torch.zeros_like(ar), ar, torch.full_like(ar, k), emb, input_ids,
-                             attention_mask, chunk_size, ckpt)
-        return NLL(total=dom_total, count=count), None
+        dom = NLL(total=continue_(kvD, hD, zeros, ar, ks), count=count)
+        if samples is None:
+            return dom, None
 
     l = samples.shape[1]
-    # the B prefixes [D, S_i] in one forward; row 0's first k positions double as D's own prefix
-    prefix = torch.cat([domain.to(dt).unsqueeze(0).expand(B, -1, -1), samples.to(dt)], dim=1)
-    hP, kvP = _run(model, prefix, None, None, 0)
     mrows, mcols = sample_pairs(B, negatives, dev, generator)
-    rows = torch.cat([torch.zeros_like(ar), mrows])
-    cols = torch.cat([ar, mcols])
-    plen = torch.cat([torch.full_like(ar, k), torch.full_like(mrows, k + l)])
-    tot = _chunked(model, kvP, hP, rows, cols, plen, emb, input_ids, attention_mask, chunk_size, ckpt)
-    dom = NLL(total=tot[:B], count=count)
-    total = torch.full((B, B), float("inf"), dtype=tot.dtype, device=dev).index_put((mrows, mcols), tot[B:])
+    mlen = torch.full_like(mrows, k + l)
+    if layout == "split":
+        # [S_i] after D's cache (shared by every row: a view); the prefixes' hidden states are
+        # D's then S_i's (only the last one is read: it predicts x_1)
+        kvDB = [(kk.expand(B, -1, -1, -1), vv.expand(B, -1, -1, -1)) for kk, vv in kvD]
+        hS, kvP = _run(model, samples.to(dt), attention_mask.new_ones(B, k + l), kvDB, k)
+        hP = torch.cat([hD.expand(B, -1, -1), hS], dim=1)
+        tot = continue_(kvP, hP, mrows, mcols, mlen)
+    else:
+        # the B prefixes [D, S_i] in one forward; row 0's first k positions double as D's own prefix
+        prefix = torch.cat([domain.to(dt).unsqueeze(0).expand(B, -1, -1), samples.to(dt)], dim=1)
+        hP, kvP = _run(model, prefix, None, None, 0)
+        both = continue_(kvP, hP, torch.cat([zeros, mrows]), torch.cat([ar, mcols]), torch.cat([ks, mlen]))
+        dom, tot = NLL(total=both[:B], count=count), both[B:]
+    total = torch.full((B, B), float("inf"), dtype=tot.dtype, device=dev).index_put((mrows, mcols), tot)
     return dom, NLL(total=total, count=count.unsqueeze(0).expand(B, B).clone())
