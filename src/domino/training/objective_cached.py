@@ -226,17 +226,9 @@ SPLIT_MIN_TOKENS = 64
 
 
 def resolve_layout(layout: str, device, B: int = 0, k: int = 0, itemsize: int = 4) -> str:
-    """`objective.layout` for B texts, k domain tokens and a backbone of `itemsize`-byte weights.
-
-    joint: the prefixes [D, S_i] in one forward and every continuation in one more (the l(x|D)
-    rows mask S out). Fewest, largest forwards: a GPU step of a small backbone is bound by kernel
-    launches, not FLOPs. split: D once (batch 1), [S_i] as a continuation of D's cache, then the
-    B continuations of D and the B^2 (or sampled) continuations of [D, S_i] as separate forwards:
-    (B-1)k fewer prefix tokens and no attention from the l(x|D) rows to masked S columns, for two
-    more passes over the weights. auto: split on a CPU for an fp32 (or wider) backbone when
-    (B-1) * k >= SPLIT_MIN_TOKENS (the saved FLOPs outweigh the extra weight reads), joint
-    otherwise and on every other device.
-    Same loss and gradients up to rounding."""
+    """`objective.layout` for B texts, k domain tokens and a backbone of `itemsize`-byte weights:
+    joint or split (the module docstring) as given; auto is split on a CPU for an fp32 (or wider)
+    backbone when (B-1) * k >= SPLIT_MIN_TOKENS, joint otherwise and on every other device."""
     if layout not in LAYOUTS:
         raise ValueError(f"objective.layout={layout!r} is not one of {LAYOUTS}")
     if layout == "auto":
