@@ -138,27 +138,47 @@ def test_fused_head_chunks_over_tokens(models, monkeypatch):
     """A logit budget of a few rows forces the fused LM head + CE through many token chunks."""
     model = models["plain"]
     monkeypatch.setattr(efficient, "LOGIT_BUDGET", 5 * model.config.vocab_size)
+    monkeypatch.setattr(efficient, "HEAD_BLOCK_BYTES", 2 * 4 * model.config.vocab_size)  # softmax 2 rows at a time
     ids, am = batch(models["pad"])
     D0, S0 = prompts(64)
     assert_same(step(cached_nll, model, D0, S0, ids, am, chunk_size=2), oracle(models, "paper"))
 
 
-def test_token_nll_matches_cross_entropy():
+@pytest.mark.parametrize("block_rows", [1, 2, 3, 100])
+@pytest.mark.parametrize("bias", [True, False])
+def test_token_nll_matches_cross_entropy(monkeypatch, block_rows, bias):
+    """Chunks of 3 rows for the head's product, softmax blocks of 1, 2 (a partial last block), 3
+    or all rows: the fused head is F.cross_entropy, value and gradient."""
     g = torch.Generator().manual_seed(0)
-    head = torch.nn.Linear(16, 50, bias=True).requires_grad_(False)
+    head = torch.nn.Linear(16, 50, bias=bias).requires_grad_(False)
     h = torch.randn(7, 16, generator=g, requires_grad=True)
     y = torch.randint(0, 50, (7,), generator=g)
     w = torch.rand(7, generator=g)
     ref = F.cross_entropy(head(h).float(), y, reduction="none")
     (gref,) = torch.autograd.grad((ref * w).sum(), h)
-    efficient.LOGIT_BUDGET, old = 3 * 50, efficient.LOGIT_BUDGET
-    try:
-        got = token_nll(head, h, y)
-    finally:
-        efficient.LOGIT_BUDGET = old
+    monkeypatch.setattr(efficient, "LOGIT_BUDGET", 3 * 50)
+    monkeypatch.setattr(efficient, "HEAD_BLOCK_BYTES", block_rows * 4 * 50)
+    got = token_nll(head, h, y)
     (ggot,) = torch.autograd.grad((got * w).sum(), h)
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(ggot, gref, rtol=1e-5, atol=1e-7)
+
+
+def test_token_nll_of_a_bf16_head_is_fp32_cross_entropy_of_its_logits(monkeypatch):
+    """A bf16 head: its bf16 logits, then an fp32 log-softmax (the value to fp32 rounding); the
+    gradient is (softmax - onehot) rounded to bf16, times W."""
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False).to(torch.bfloat16).requires_grad_(False)
+    h = torch.randn(7, 16, generator=g).to(torch.bfloat16).requires_grad_()
+    y = torch.randint(0, 50, (7,), generator=g)
+    monkeypatch.setattr(efficient, "LOGIT_BUDGET", 3 * 50)
+    monkeypatch.setattr(efficient, "HEAD_BLOCK_BYTES", 2 * 4 * 50)
+    got = token_nll(head, h, y)
+    logits = (h @ head.weight.t()).float()
+    torch.testing.assert_close(got, F.cross_entropy(logits, y, reduction="none"), rtol=1e-6, atol=1e-6)
+    (ggot,) = torch.autograd.grad(got.sum(), h)
+    want = ((logits.softmax(-1) - F.one_hot(y, 50)).to(torch.bfloat16) @ head.weight)
+    torch.testing.assert_close(ggot, want, rtol=1e-2, atol=1e-3)  # a softmax element may round to the other bf16
 
 
 def test_padding_ids_do_not_leak(models):
