@@ -100,6 +100,29 @@ def model_flops(cfg, n_layer_params: int, impl: str, B: int, k: int, L: int) -> 
             "fwd": lin + attn, "bwd": lin + 2 * attn, "step": 2 * lin + 3 * attn}
 
 
+def step_inputs(model, B: int, k: int, L: int, seed: int = 0):
+    """(ids, attention mask, D, S) of a step at shape BxKxL: B texts of L random tokens (full length),
+    D and S_i random vocabulary rows (trainable: fp32), drawn in that order from `seed`."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (B, L), generator=g)
+    W = model.get_input_embeddings().weight.detach().float()
+    D = W[torch.randint(0, W.shape[0], (k,), generator=g)].clone().requires_grad_()
+    S = W[torch.randint(0, W.shape[0], (B * k,), generator=g)].view(B, k, -1).clone().requires_grad_()
+    return ids, torch.ones_like(ids), D, S
+
+
+def timed_step(fn, model, D, S, ids, am) -> tuple[float, float]:
+    """(seconds, loss) of one forward + backward of the paper-form loss through `fn` (grads reset)."""
+    from domino.training.objective import combine
+    D.grad = S.grad = None
+    t = time.perf_counter()
+    dom, mat = fn(model, D, S, ids, am)
+    loss = combine(dom, mat, form="paper")["loss"]
+    loss.backward()
+    return time.perf_counter() - t, loss.item()
+
+
 def layout_of(impl: str, B: int, k: int, itemsize: int) -> str:
     """The `objective.layout` an efficient* impl runs: efficient is the default (auto) on a CPU."""
     from domino.training.objective_cached import resolve_layout
@@ -118,16 +141,11 @@ def child(impl: str, B: int, k: int, L: int, seed: int, backbone: str = "embedde
 
     bb = load_backbone(path=backbone, dtype=dtype)
     model, cfg = bb.model, bb.model.config
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, cfg.vocab_size, (B, L), generator=g)
-    am = torch.ones_like(ids)
-    W = model.get_input_embeddings().weight.detach().float()
-    D = W[torch.randint(0, W.shape[0], (k,), generator=g)].clone().requires_grad_()  # trainable: fp32
-    S = W[torch.randint(0, W.shape[0], (B * k,), generator=g)].view(B, k, -1).clone().requires_grad_()
+    ids, am, D, S = step_inputs(model, B, k, L, seed)
     name = impl
     if impl.startswith("efficient"):
-        impl = f"efficient_{layout_of(impl, B, k, model.dtype.itemsize)}"
-        fn = functools.partial(cached_nll, layout=impl.partition("_")[2])
+        layout = layout_of(impl, B, k, model.dtype.itemsize)
+        impl, fn = f"efficient_{layout}", functools.partial(cached_nll, layout=layout)
     else:
         fn = {"straightforward": straightforward_nll, "released": released_nll}[impl]
     layer_params = sum(p.numel() for p in model.get_decoder().layers.parameters())

@@ -18,7 +18,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,29 +46,19 @@ def main() -> None:
     a = ap.parse_args()
 
     import torch
+    from train_step import step_inputs, timed_step  # bench/train_step.py
 
     from domino.core.backbone import load_backbone
     from domino.training import objective_cached as new
-    from domino.training.objective import combine
 
     old = load_old(a.rev)
     bb = load_backbone(path=a.backbone, dtype=a.dtype)
-    model, cfg = bb.model, bb.model.config
+    model = bb.model
     B, k, L = (int(x) for x in a.shape.lower().split("x"))
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, cfg.vocab_size, (B, L), generator=g)
-    am = torch.ones_like(ids)
-    W = model.get_input_embeddings().weight.detach().float()
-    D = W[torch.randint(0, W.shape[0], (k,), generator=g)].clone().requires_grad_()
-    S = W[torch.randint(0, W.shape[0], (B * k,), generator=g)].view(B, k, -1).clone().requires_grad_()
+    ids, am, D, S = step_inputs(model, B, k, L)
 
     def step(mod):
-        D.grad = S.grad = None
-        t = time.perf_counter()
-        dom, mat = mod.cached_nll(model, D, S, ids, am)
-        loss = combine(dom, mat, form="paper")["loss"]
-        loss.backward()
-        return time.perf_counter() - t, loss.item(), D.grad.clone(), S.grad.clone()
+        return (*timed_step(mod.cached_nll, model, D, S, ids, am), D.grad.clone(), S.grad.clone())
 
     step(new)  # warm-up (first touch of the memory)
     res = {"old": [], "new": []}

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 
@@ -25,30 +24,21 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
 
-    import torch
+    import functools
+
+    from train_step import step_inputs, timed_step  # bench/train_step.py
 
     from domino.core.backbone import load_backbone
-    from domino.training.objective import combine
     from domino.training.objective_cached import cached_nll, resolve_layout
 
     model = load_backbone(path=a.backbone, dtype=a.dtype).model
-    cfg = model.config
     out = {}
     for shape in a.shapes.split(","):
         B, k, L = (int(x) for x in shape.lower().split("x"))
-        g = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, cfg.vocab_size, (B, L), generator=g)
-        am = torch.ones_like(ids)
-        W = model.get_input_embeddings().weight.detach().float()
-        D = W[torch.randint(0, W.shape[0], (k,), generator=g)].clone().requires_grad_()
-        S = W[torch.randint(0, W.shape[0], (B * k,), generator=g)].view(B, k, -1).clone().requires_grad_()
+        ids, am, D, S = step_inputs(model, B, k, L)
 
         def step(layout: str) -> float:
-            D.grad = S.grad = None
-            t = time.perf_counter()
-            dom, mat = cached_nll(model, D, S, ids, am, layout=layout)
-            combine(dom, mat, form="paper")["loss"].backward()
-            return time.perf_counter() - t
+            return timed_step(functools.partial(cached_nll, layout=layout), model, D, S, ids, am)[0]
 
         res = {"joint": [], "split": []}
         step("joint")
