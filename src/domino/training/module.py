@@ -71,9 +71,8 @@ class DominoModule(L.LightningModule):
         optim = _merged("optim", OPTIM, optim)
         if objective["form"] not in obj.FORMS:
             raise ValueError(f"objective.form={objective['form']!r} is not one of {obj.FORMS}")
-        from domino.training.objective_cached import LAYOUTS
-        if objective["layout"] not in LAYOUTS:
-            raise ValueError(f"objective.layout={objective['layout']!r} is not one of {LAYOUTS}")
+        from domino.training.objective_cached import check_layout
+        check_layout(objective["layout"])
         self.with_samples = obj.has_sample_tokens(prompt["l"], objective["lambda"])
         if self.with_samples and n_references < 2:
             raise ValueError(f"the contrastive objective (prompt.l > 0, objective.lambda > 0) needs at "

@@ -239,13 +239,18 @@ LAYOUTS = ("auto", "joint", "split")
 SPLIT_MIN_TOKENS = 64
 
 
+def check_layout(layout: str) -> str:
+    """`layout`, or a ValueError naming `objective.layout` when it is not one of LAYOUTS."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"objective.layout={layout!r} is not one of {LAYOUTS}")
+    return layout
+
+
 def resolve_layout(layout: str, device, B: int = 0, k: int = 0, itemsize: int = 4) -> str:
     """`objective.layout` for B texts, k domain tokens and a backbone of `itemsize`-byte weights:
     joint or split (the module docstring) as given; auto is split on a CPU for an fp32 (or wider)
     backbone when (B-1) * k >= SPLIT_MIN_TOKENS, joint otherwise and on every other device."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"objective.layout={layout!r} is not one of {LAYOUTS}")
-    if layout == "auto":
+    if check_layout(layout) == "auto":
         cpu = torch.device(device).type == "cpu"
         return "split" if cpu and itemsize >= 4 and (B - 1) * k >= SPLIT_MIN_TOKENS else "joint"
     return layout
