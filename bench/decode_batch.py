@@ -32,6 +32,7 @@ from dtype import matmul_rate  # bench/dtype.py: GFLOP/s of a square product in 
 
 from domino.core.backbone import load_backbone
 from domino.core.generation.hf import HFEngine
+from domino.core.generation.packed import packed_linears
 from domino.core.generation.params import SamplingParams
 
 
@@ -41,23 +42,24 @@ def flops_per_token(cfg, n_params_layers: int, ctx: int) -> float:
     return 2 * n_params_layers + 2 * h * V + attn
 
 
-def batch_matmul_rate(model, rows: int, reps: int = 3) -> float:
-    """GFLOP/s of `rows` x in @ in x out products over every linear weight of the model (the
-    decoder's and the head), in order: a decoding step's linear work with nothing else."""
-    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    xs = {w.shape[1]: torch.randn(rows, w.shape[1], dtype=w.dtype) for w in weights}
-    flops = sum(2 * rows * w.numel() for w in weights)
+def batch_matmul_rate(model, rows: int, reps: int = 3, pack: bool = False) -> float:
+    """GFLOP/s of `rows` x in @ in x out products over every linear layer of the model (the
+    decoder's and the head), in order: a decoding step's linear work with nothing else. `pack`:
+    with the weights packed once for oneDNN (domino.core.generation.packed), as the engine runs them."""
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    xs = {m.in_features: torch.randn(rows, m.in_features, dtype=m.weight.dtype) for m in layers}
+    flops = sum(2 * rows * m.weight.numel() for m in layers)
 
     def one_pass():
-        for w in weights:
-            torch.nn.functional.linear(xs[w.shape[1]], w)
+        for m in layers:
+            m(xs[m.in_features])
 
-    with torch.no_grad():
+    with torch.no_grad(), packed_linears(model, rows, enabled=pack):
         one_pass()
         t = time.perf_counter()
         for _ in range(reps):
             one_pass()
-    return flops * reps / (time.perf_counter() - t) / 1e9
+        return flops * reps / (time.perf_counter() - t) / 1e9
 
 
 def main():
@@ -66,6 +68,9 @@ def main():
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--prompt", type=int, default=160)
     ap.add_argument("--skip-generate", action="store_true")
+    ap.add_argument("--reps", type=int, default=1, help="times each (batch, packed) engine run is repeated, alternated")
+    ap.add_argument("--packed", choices=["both", "auto", "false"], default="both",
+                    help="the engine's packed_weights: both = a row with packed weights (auto) and one without")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "decode_batch.json"))
     args = ap.parse_args()
     bb = load_backbone(path="embedded:qwen2.5-coder-0.5b-instruct")
@@ -76,13 +81,15 @@ def main():
     prompt = torch.randint(1000, 100000, (args.prompt,), generator=g).tolist()
     fl = flops_per_token(model.config, layers, args.prompt + args.new // 2)
     rows = []
-    for B in args.batches:
-        batch_rate = batch_matmul_rate(model, B) * 1e9
+    modes = ["false", "auto"] if args.packed == "both" else [args.packed]
+    generated = {}  # batch -> (generate's tokens, seconds): timed once per batch size
+    for B, mode in [(B, m) for _ in range(args.reps) for B in args.batches for m in modes]:
         p = SamplingParams(temperature=0.0, max_new_tokens=args.new, min_new_tokens=args.new)
-        eng = HFEngine(model, tok, p, batch_size=B)
+        eng = HFEngine(model, tok, p, batch_size=B, packed_weights=mode)
+        batch_rate = batch_matmul_rate(model, B, pack=eng.pack) * 1e9
         eng.generate_prompts([prompt[:8]] * 2, [0, 0])  # warm-up
         t = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), eng.packed_weights():
             eng._prefill_prompts([prompt] * B)
         pre = time.perf_counter() - t
         t = time.perf_counter()
@@ -91,7 +98,7 @@ def main():
         cfg = model.config
         prompt_fl = B * (2 * layers * args.prompt + 4 * cfg.num_hidden_layers * cfg.hidden_size
                          * args.prompt * (args.prompt + 1) // 2) + B * 2 * cfg.hidden_size * cfg.vocab_size
-        row = {"batch": B, "engine_s": round(dt, 2), "engine_tok_s": round(B * args.new / dt, 1),
+        row = {"batch": B, "packed": eng.pack, "engine_s": round(dt, 2), "engine_tok_s": round(B * args.new / dt, 1),
                "engine_frac_of_matmul": round(B * args.new * fl / dt / peak, 3),
                "engine_all_frac_of_matmul": round((B * args.new * fl + prompt_fl) / dt / peak, 3),
                "prefill_s": round(pre, 2), "decode_tok_s": round(B * args.new / (dt - pre), 1),
@@ -100,14 +107,15 @@ def main():
                "batch_matmul_frac_of_matmul": round(batch_rate / peak, 3),
                "decode_frac_of_batch_matmul": round(B * args.new * fl / (dt - pre) / batch_rate, 3)}
         if not args.skip_generate:
-            ids = torch.tensor([prompt] * B)
-            with torch.no_grad():
-                t = time.perf_counter()
-                out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, use_cache=True,
-                                     max_new_tokens=args.new, min_new_tokens=args.new,
-                                     pad_token_id=tok.pad_token_id)
-                gt = time.perf_counter() - t
-            theirs = out[:, len(prompt):].tolist()
+            if B not in generated:
+                ids = torch.tensor([prompt] * B)
+                with torch.no_grad():
+                    t = time.perf_counter()
+                    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, use_cache=True,
+                                         max_new_tokens=args.new, min_new_tokens=args.new,
+                                         pad_token_id=tok.pad_token_id)
+                    generated[B] = (out[:, len(prompt):].tolist(), time.perf_counter() - t)
+            theirs, gt = generated[B]
             row.update(generate_s=round(gt, 2), generate_tok_s=round(B * args.new / gt, 1),
                        speedup=round(gt / dt, 2), same_tokens=sum(a.token_ids == b for a, b in zip(ours, theirs)))
         rows.append(row)

@@ -4,6 +4,10 @@ evaluation does today) on evaluation's own workload: the embedded Qwen2.5-Coder-
 the evalplus chat prompt, at most `--new` tokens, stopping at the code block's closing fence.
 
     .venv/bin/python bench/decode_refill.py [--problems 48] [--batch 32] [--new 512]
+    .venv/bin/python bench/decode_refill.py --compare packed [--reps 2]
+
+`--compare packed`: continuous batching with the engine's weights packed for oneDNN
+(engine.packed_weights, domino.core.generation.packed) against without, alternated `--reps` times.
 
 Both paths admit prompts shortest first. Reports wall seconds, decoded tokens, tokens/s, decoding
 steps and prefills for each, and how many answers are identical (bf16 rounding depends on which
@@ -11,6 +15,7 @@ rows share a batch, so greedy answers can differ where two tokens are nearly tie
 """
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -38,8 +43,12 @@ def main():
     ap.add_argument("--problems", type=int, default=48)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--new", type=int, default=512)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "decode_refill.json"))
+    ap.add_argument("--compare", choices=["fixed", "packed"], default="fixed")
+    ap.add_argument("--reps", type=int, default=2, help="--compare packed: runs of each, alternated")
+    ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    name = "decode_refill_packed.json" if args.compare == "packed" else "decode_refill.json"
+    out = Path(args.out or Path(__file__).parent / "results" / name)
     bb = load_backbone(path="embedded:qwen2.5-coder-0.5b-instruct")
     tok = bb.tokenizer
     probs = load_benchmark("humaneval")[: args.problems]
@@ -50,6 +59,8 @@ def main():
     eng = HFEngine(bb.model, tok, params, batch_size=args.batch)
     eng.generate_prompts([prompts[0][:8]] * 2, [0, 0])  # warm-up
 
+    if args.compare == "packed":
+        return compare_packed(eng, bb, prompts, seeds, args, out)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
 
     def fixed():
@@ -68,9 +79,31 @@ def main():
     res = {"model": bb.id, "dtype": bb.dtype, "threads": torch.get_num_threads(), "problems": len(prompts),
            "batch": args.batch, "max_new_tokens": args.new, "fixed": fixed_row, "refill": many_row,
            "speedup": round(fixed_row["seconds"] / many_row["seconds"], 2), "identical_answers": same}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+    write(out, res)
+
+
+def write(out: Path, res: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1) + "\n")
     print(json.dumps(res))
+
+
+def compare_packed(eng: HFEngine, bb, prompts, seeds, args, out: Path) -> None:
+    if not eng.pack:
+        raise SystemExit("this engine does not pack (engine.packed_weights=auto found no oneDNN bf16 here)")
+    rows: dict[bool, list] = {False: [], True: []}
+    gens = {}
+    for _ in range(args.reps):
+        for pack in (False, True):
+            eng.pack = pack
+            gens[pack], row = run(eng, eng.generate_many, prompts, seeds)
+            rows[pack].append(row)
+            print("packed" if pack else "unpacked", json.dumps(row), flush=True)
+    med = {k: statistics.median(r["seconds"] for r in v) for k, v in rows.items()}
+    write(out, {"model": bb.id, "dtype": bb.dtype, "threads": torch.get_num_threads(), "problems": len(prompts),
+                "batch": args.batch, "max_new_tokens": args.new, "unpacked": rows[False], "packed": rows[True],
+                "speedup_of_medians": round(med[False] / med[True], 3),
+                "identical_answers": sum(a.token_ids == b.token_ids for a, b in zip(gens[False], gens[True]))})
 
 
 if __name__ == "__main__":

@@ -78,3 +78,31 @@ def test_engine_config_spellings():
     assert factory.engine_config("vllm", 3) == {"name": "vllm", "batch_size": 3}
     with pytest.raises(ValueError, match=r"engine='tgi': expected one of"):
         factory.engine_config("tgi")
+
+
+@pytest.mark.parametrize("mode", [True, False])
+def test_every_stage_hands_engine_packed_weights_to_the_hf_engine(mode, monkeypatch):
+    """engine.packed_weights reaches the HF engine of evaluation, synthesis and curation's chat
+    stages (bf16 tiny model: true packs where oneDNN can, false never does)."""
+    from domino.core.generation import chat as G
+    from domino.core.generation import hf, packed
+    from domino.evaluation.generation import build_engine
+    from domino.synthesis.methods import Plan
+    from domino.synthesis.run import _build_engine
+    seen = []
+    real = packed.should_pack
+    monkeypatch.setattr(packed, "should_pack", lambda model, m: seen.append(m) or real(model, m))
+    bcfg = {**TINY, "dtype": "bfloat16"}
+    ecfg = {"name": "hf", "device": "cpu", "packed_weights": mode, "batch_size": 2}
+    if mode and not packed.supported():
+        pytest.skip("no oneDNN bf16 on this CPU/torch")
+    engines = [build_engine(bcfg, ecfg, SamplingParams(), None, 0)[0],
+               _build_engine({"engine": ecfg, "seed": 0}, bcfg, {}, lambda tok, ident: Plan(method="prompt"))[0],
+               G.build_generator(bcfg, None, {"engine": ecfg}, where="curation.judge.generation").engine]
+    G.release_models()
+    assert seen == [mode] * 3
+    assert all(isinstance(e, hf.HFEngine) and e.pack is mode for e in engines)
+    assert "packed_weights" in factory.HF_KEYS and "packed_weights" in factory.RUNTIME_KEYS
+    for yaml in (CONF / "engine" / "hf.yaml", CONF / "curation" / "default.yaml"):
+        conf = OmegaConf.load(yaml)
+        assert (conf.get("engine") or conf)["packed_weights"] == "auto", yaml

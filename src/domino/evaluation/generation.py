@@ -94,7 +94,8 @@ def build_engine(backbone_cfg: dict, ecfg: dict[str, Any], params: SamplingParam
     bb = factory.load_model(backbone_cfg, ecfg)
     model, adapter_fp = load_adapter(bb.model, adapter, merge=bb.dtype == "float32")
     model = model.to(bb.model.device)
-    return HFEngine(model, bb.tokenizer, params, batch_size=int(ecfg.get("batch_size", 32))), \
+    return HFEngine(model, bb.tokenizer, params, batch_size=int(ecfg.get("batch_size", 32)),
+                    packed_weights=ecfg.get("packed_weights", "auto")), \
         bb.tokenizer, bb.id, adapter_fp, bb.dtype
 
 

@@ -144,15 +144,17 @@ class HFChatGenerator(_ChatGenerator):
     engine_name = "hf"
 
     def __init__(self, backbone, sampling: dict[str, Any] | None = None, batch_size: int = 8,
-                 seed: int = 0, stop_tokens: list[str] | None = None, refill: bool = False):
+                 seed: int = 0, stop_tokens: list[str] | None = None, refill: bool = False,
+                 packed_weights: bool | str = "auto"):
         """`backbone` as factory.load_model returns it: on the device of the one device and thread rule.
         `refill`: a call decodes its conversations `batch_size` rows at a time with continuous
-        batching (HFEngine.generate_many) instead of in fixed batches."""
+        batching (HFEngine.generate_many) instead of in fixed batches. `packed_weights`: HFEngine's."""
         from domino.core.generation.hf import HFEngine
         self.tok, self.seed = backbone.tokenizer, seed
         _need_chat_template(self.tok, backbone.id)
         params = _params(self.tok, sampling, stop_tokens)
-        self.engine = HFEngine(backbone.model, self.tok, params, batch_size=batch_size)
+        self.engine = HFEngine(backbone.model, self.tok, params, batch_size=batch_size,
+                               packed_weights=packed_weights)
         self.batch_size, self.refill = batch_size, bool(refill)
         self.model_id = backbone.id
         self.fingerprint = _fingerprint(backbone=backbone.id, hash=backbone.model_hash, params=params.to_dict(),
@@ -163,9 +165,10 @@ class HFChatGenerator(_ChatGenerator):
         (`prefix` + option, summed token log-probabilities): a verdict that is always one of
         `options`, for models too small to follow an answer format."""
         out = []
-        for conv in conversations:
-            scores = self.option_scores(conv, options, prefix)
-            out.append(options[max(range(len(options)), key=lambda i: scores[i])])
+        with self.engine.packed_weights():  # packed once for all the conversations
+            for conv in conversations:
+                scores = self.option_scores(conv, options, prefix)
+                out.append(options[max(range(len(options)), key=lambda i: scores[i])])
         return out
 
     def option_scores(self, conv: Conversation, options: list[str], prefix: str = "") -> list[float]:
@@ -272,7 +275,7 @@ def build_generator(model_cfg: dict[str, Any] | str | None, default_backbone: di
         log.info("curation: loading %s", bcfg.get("path"))
         _MODELS[key] = load_model(bcfg, ecfg)  # on `device`; engine.dtype (null = model.dtype): the one dtype rule
     return HFChatGenerator(_MODELS[key], batch_size=int(gen_cfg.get("batch_size", HF_BATCH)),
-                           refill=bool(ecfg.get("refill")), **kw)
+                           refill=bool(ecfg.get("refill")), packed_weights=ecfg.get("packed_weights", "auto"), **kw)
 
 
 def release_models() -> None:

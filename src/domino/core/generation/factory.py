@@ -13,11 +13,12 @@ from typing import Any
 
 ENGINES = ("hf", "vllm")
 # the keys of the one schema (conf/engine/*.yaml); batch_size is the caller's (resume granularity)
-HF_KEYS = ("device", "dtype", "num_threads")
+HF_KEYS = ("device", "dtype", "num_threads", "packed_weights")
 VLLM_KEYS = ("tensor_parallel_size", "dtype", "gpu_memory_utilization", "max_model_len", "enforce_eager",
              "enable_prefix_caching", "extra")
 # settings of where and how fast a model runs, never of what it outputs: left out of fingerprints
-RUNTIME_KEYS = ("device", "num_threads")
+# (packed_weights: the same oneDNN kernels on weights reordered once, the same bits; packed.py)
+RUNTIME_KEYS = ("device", "num_threads", "packed_weights")
 # how rows are scheduled into batches (continuous batching), which changes at most the rounding of
 # what is output: left out of the fingerprints of synthesis and curation (evaluation records it)
 SCHEDULE_KEYS = ("refill",)

@@ -17,6 +17,7 @@ does not depend on which other samples share its batch (up to float rounding).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections import deque
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from domino.core.generation import packed
 from domino.core.generation.params import Generation, SamplingParams
 from domino.core.scratch import Scratch
 
@@ -148,14 +150,30 @@ def eos_token_ids(model: nn.Module, tokenizer) -> list[int]:
     return sorted(ids)
 
 
+def engine_call(fn):
+    """An entry point of HFEngine: no autograd, and the model's bf16 linear weights packed for
+    oneDNN for the length of the call where the engine packs (`packed_weights`, packed.py)."""
+    @functools.wraps(fn)
+    def call(self, *args, **kwargs):
+        with torch.no_grad(), self.packed_weights():
+            return fn(self, *args, **kwargs)
+    return call
+
+
 class HFEngine:
     name = "hf"
 
-    def __init__(self, model: nn.Module, tokenizer, params: SamplingParams, batch_size: int = 32):
+    def __init__(self, model: nn.Module, tokenizer, params: SamplingParams, batch_size: int = 32,
+                 packed_weights: bool | str = "auto"):
+        """`packed_weights` (engine.packed_weights): auto | true | false, whether each call runs the
+        model's bf16 linear layers on weights reordered once for oneDNN (packed.py: the same bits,
+        faster on a CPU; auto = where supported and the copies fit in memory)."""
         from transformers import DynamicCache  # noqa: F401 - fail early on an old transformers
         if batch_size < 1:
             raise ValueError(f"engine.batch_size={batch_size} must be >= 1")
         self.model, self.tok, self.params, self.batch_size = model.eval(), tokenizer, params, batch_size
+        self.pack = packed.should_pack(model, packed_weights)
+        self.n_packed = 0  # layers the last call ran on packed weights, for tests and benchmarks
         self.device = next(model.parameters()).device
         self.dtype = model.get_input_embeddings().weight.dtype
         self.stop_ids = sorted(set(eos_token_ids(model, tokenizer)) | set(params.stop_token_ids))
@@ -173,12 +191,20 @@ class HFEngine:
         self._pack_gqa = (self.device.type == "cpu" and getattr(cfg, "_attn_implementation", None) == "sdpa"
                           and heads is not None and kv is not None and kv < heads and _transformers_packs_gqa())
 
+    @contextlib.contextmanager
+    def packed_weights(self):
+        """A `with` block in which the model's bf16 linear layers run on packed weights where this
+        engine packs (nested blocks pack once)."""
+        with packed.packed_linears(self.model, self.batch_size, self.pack) as n:
+            self.n_packed = n or self.n_packed
+            yield n
+
     # ------------------------------------------------------------------ prefixes
     def embed_ids(self, ids: list[int]) -> torch.Tensor:
         with torch.no_grad():
             return self.model.get_input_embeddings()(torch.tensor(ids, device=self.device))
 
-    @torch.no_grad()
+    @engine_call
     def prefill(self, embeds: torch.Tensor) -> SharedPrefix:
         """Run a (P, h) prefix once and keep its cache: the only time the prefix is computed."""
         from transformers import DynamicCache
@@ -200,7 +226,7 @@ class HFEngine:
         return DynamicCache(ddp_cache_data=data, config=self.model.config)
 
     # ------------------------------------------------------------------ entry points
-    @torch.no_grad()
+    @engine_call
     def generate_shared(self, prefix: SharedPrefix, seeds: list[int]) -> list[Generation]:
         """One sample per seed, all continuing the same cached prefix."""
         B = len(seeds)
@@ -209,7 +235,7 @@ class HFEngine:
         pos = torch.full((B,), prefix.length, dtype=torch.long, device=self.device)
         return self._decode(cache, logits, pos, None, seeds)
 
-    @torch.no_grad()
+    @engine_call
     def generate_prompts(self, prompts: list[list[int]], seeds: list[int]) -> list[Generation]:
         """One sample per (token-id prompt, seed); prompts are left-padded into one batch."""
         if len(prompts) != len(seeds):
@@ -217,7 +243,7 @@ class HFEngine:
         cache, logits, pos, mask = self._prefill_prompts(prompts)
         return self._decode(cache, logits, pos, mask, seeds)
 
-    @torch.no_grad()
+    @engine_call
     def generate_many(self, prompts: list[list[int]], seeds: list[int],
                       on_result: Callable[[int, Generation], None] | None = None) -> list[Generation]:
         """One sample per (token-id prompt, seed), at most `batch_size` rows decoding at once, with
@@ -232,7 +258,7 @@ class HFEngine:
                             lambda take: (*self._prefill_prompts([prompts[i] for i in take]), [seeds[i] for i in take]),
                             on_result)
 
-    @torch.no_grad()
+    @engine_call
     def generate_shared_many(self, prefix: SharedPrefix, seeds: list[int],
                              on_result: Callable[[int, Generation], None] | None = None) -> list[Generation]:
         """`generate_shared` for any number of seeds with continuous batching: at most `batch_size`

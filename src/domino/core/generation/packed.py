@@ -1,0 +1,118 @@
+"""Pre-packed bf16 linear weights for decoding on a CPU.
+
+A bf16 `F.linear` on a CPU runs through oneDNN, which first reorders the (out, in) weight into its
+blocked layout, on every call. A decoding step multiplies a few dozen rows by every weight of the
+model, so that reorder (a full read and write of each weight) costs about as much as the product
+itself: over the 0.5B's weights at 64 rows, 580-680 GFLOP/s as they are against 860-960 GFLOP/s
+reordered once (bench/README.md). `packed_linears(model)` reorders each bf16 `nn.Linear` weight of
+the model once, for the length of a `with` block, and routes those modules' forward through
+oneDNN's linear on the packed weight: the same kernels, so the same bits.
+
+The packed copies live only inside the block (the weights are read when it opens): a model whose
+weights change between engine calls (an optimiser step, a LoRA merge through `.data`) is never
+run on stale copies. Packing costs one pass over the weights (0.3 s for the 0.5B) and as much
+memory again as the packed weights for the length of the block.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Iterator
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+MODES = ("auto", True, False)
+MEMORY_SHARE = 0.5  # auto packs only when the copies take at most this share of the available memory
+
+
+def supported() -> bool:
+    """Whether this torch can pack bf16 linear weights for oneDNN on this CPU."""
+    ops = torch.ops.mkldnn
+    try:
+        return (torch.backends.mkldnn.is_available() and hasattr(ops, "_reorder_linear_weight")
+                and hasattr(ops, "_linear_pointwise") and bool(ops._is_mkldnn_bf16_supported()))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def packable(model: nn.Module) -> list[nn.Linear]:
+    """The model's linear layers a packed weight can serve: bf16 weights on the CPU, frozen."""
+    return [m for m in model.modules() if isinstance(m, nn.Linear) and m.weight.dtype == torch.bfloat16
+            and m.weight.device.type == "cpu" and not m.weight.requires_grad]
+
+
+def available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_mode(mode) -> bool | str:
+    """`engine.packed_weights` as auto | True | False (YAML's true / false, or their strings)."""
+    m = {"true": True, "false": False}.get(str(mode).lower(), mode) if isinstance(mode, str) else mode
+    if m not in MODES:
+        raise ValueError(f"engine.packed_weights={mode!r}: expected auto, true or false")
+    return m
+
+
+def should_pack(model: nn.Module, mode) -> bool:
+    """`mode` auto: packs where it can (CPU, bf16, oneDNN bf16 support) and the copies fit in
+    MEMORY_SHARE of the available memory; true: packs, or says why it cannot; false: never."""
+    mode = check_mode(mode)
+    if mode is False:
+        return False
+    layers = packable(model)
+    if not layers or not supported():
+        if mode is True:
+            raise ValueError("engine.packed_weights=true: needs frozen bf16 linear layers on a CPU and a torch "
+                             "with oneDNN bf16 support (this model/CPU has none); set it to auto or false")
+        return False
+    if mode == "auto":
+        need, avail = sum(m.weight.numel() * 2 for m in layers), available_memory()
+        if avail is not None and need > MEMORY_SHARE * avail:
+            log.info("engine.packed_weights=auto: not packing (%.1f GB of copies, %.1f GB available)",
+                     need / 1e9, avail / 1e9)
+            return False
+    return True
+
+
+def _packed_forward(weight: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None):
+    linear = torch.ops.mkldnn._linear_pointwise
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.bfloat16 or x.device.type != "cpu" or torch.is_grad_enabled():
+            return nn.functional.linear(x, weight, bias)
+        return linear(x, packed, bias, "none", [None], "")
+    return forward
+
+
+@contextlib.contextmanager
+def packed_linears(model: nn.Module, rows_hint: int = 64, enabled: bool = True) -> Iterator[int]:
+    """Within the block, each of `packable(model)`'s layers computes its forward with its weight
+    reordered once for oneDNN (`rows_hint`: the typical rows of a call, which picks the blocked
+    layout). Yields the number of layers packed (0 when not `enabled` or already inside a block on
+    this model). Outside no_grad, or for an input of another dtype or device, a layer runs its
+    plain `F.linear`."""
+    if not enabled or getattr(model, "_domino_packed", False):
+        yield 0
+        return
+    layers = packable(model)
+    model._domino_packed = True
+    try:
+        with torch.no_grad():
+            for m in layers:
+                packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), max(1, int(rows_hint)))
+                m.forward = _packed_forward(m.weight, packed, m.bias)
+        yield len(layers)
+    finally:
+        for m in layers:
+            m.__dict__.pop("forward", None)
+        del model._domino_packed
