@@ -90,13 +90,10 @@ def build_engine(backbone_cfg: dict, ecfg: dict[str, Any], params: SamplingParam
                                 max_lora_rank=lora_rank(adapter) if adapter else None)
         return (eng, tok, ident["backbone_id"],
                 adapter_fingerprint(Path(adapter).expanduser()) if adapter else None, ident["dtype"])
-    from domino.core.generation.hf import HFEngine
     bb = factory.load_model(backbone_cfg, ecfg)
     model, adapter_fp = load_adapter(bb.model, adapter, merge=bb.dtype == "float32")
     model = model.to(bb.model.device)
-    return HFEngine(model, bb.tokenizer, params, batch_size=int(ecfg.get("batch_size", 32)),
-                    packed_weights=ecfg.get("packed_weights", "auto")), \
-        bb.tokenizer, bb.id, adapter_fp, bb.dtype
+    return factory.open_hf(model, bb.tokenizer, params, ecfg), bb.tokenizer, bb.id, adapter_fp, bb.dtype
 
 
 # ---------------------------------------------------------------------------------- seeds and keys

@@ -54,9 +54,7 @@ def _build_engine(c: dict[str, Any], bcfg: dict[str, Any], params_cfg: dict, pla
     stops = list(params_cfg.get("stop") or []) + stop_strings(plan)
     params = SamplingParams.from_config({**params_cfg, "stop": stops}, stop_token_ids=plan.stop_token_ids)
     if ecfg["name"] == "hf":
-        from domino.core.generation.hf import HFEngine
-        engine = HFEngine(bb.model, tok, params, batch_size=int(ecfg.get("batch_size", 32)),
-                          packed_weights=ecfg.get("packed_weights", "auto"))
+        engine = factory.open_hf(bb.model, tok, params, ecfg)
     else:
         engine = factory.open_vllm(bcfg, ecfg, params, int(c["seed"]), prompt_embeds=True)
     return engine, tok, ident, plan, params

@@ -77,6 +77,13 @@ def vllm_identity(bcfg: dict[str, Any], ecfg: dict[str, Any]) -> tuple[Any, dict
                                    "dtype": str(ecfg.get("dtype") or "auto")}
 
 
+def open_hf(model, tokenizer, params, ecfg: dict[str, Any]):
+    """An HFEngine on a loaded model with the schema's settings (batch_size, packed_weights)."""
+    from domino.core.generation.hf import HFEngine
+    return HFEngine(model, tokenizer, params, batch_size=int(ecfg.get("batch_size", 32)),
+                    packed_weights=ecfg.get("packed_weights", "auto"))
+
+
 def vllm_kwargs(ecfg: dict[str, Any]) -> dict[str, Any]:
     """VLLMEngine's engine settings from the one schema (defaults: conf/engine/vllm.yaml)."""
     return dict(tensor_parallel_size=int(ecfg.get("tensor_parallel_size") or 1),
