@@ -20,7 +20,10 @@ Three fractions of the matmul rate for the engine: `engine_frac_of_matmul` count
 tokens' FLOPs over the whole call (prefill included in the time, not in the work);
 `engine_all_frac_of_matmul` counts the prompt tokens' FLOPs too (2 x non-embedding parameters plus
 causal attention each; the head once per row); `decode_frac_of_matmul` is the decoding steps alone
-(the call's time minus that of one prefill of the same batch timed by itself just before).
+(`decode_s`: the engine's own clock of its decoding loop in that call, `HFEngine.decode_s`; the
+prefill is `prefill_s`, and `other_s` the rest of the call, mostly packing the weights). Before
+2026-12-05 (c) the prefill was timed by itself before the call and subtracted, which a slow first
+prefill could turn into a decoding rate twice the real one.
 """
 import argparse
 import json
@@ -42,10 +45,12 @@ def flops_per_token(cfg, n_params_layers: int, ctx: int) -> float:
     return 2 * n_params_layers + 2 * h * V + attn
 
 
-def batch_matmul_rate(model, rows: int, reps: int = 3, pack: bool = False) -> float:
+def batch_matmul_rate(model, rows: int, reps: int = 3, pack: bool = False, hint: int | None = None,
+                      max_rows: int | None = None) -> float:
     """GFLOP/s of `rows` x in @ in x out products over every linear layer of the model (the
     decoder's and the head), in order: a decoding step's linear work with nothing else. `pack`:
-    with the weights packed once for oneDNN (domino.core.generation.packed), as the engine runs them."""
+    with the weights packed once for oneDNN (domino.core.generation.packed), as the engine runs them,
+    for `hint` rows (default `rows`)."""
     layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     xs = {m.in_features: torch.randn(rows, m.in_features, dtype=m.weight.dtype) for m in layers}
     flops = sum(2 * rows * m.weight.numel() for m in layers)
@@ -54,7 +59,7 @@ def batch_matmul_rate(model, rows: int, reps: int = 3, pack: bool = False) -> fl
         for m in layers:
             m(xs[m.in_features])
 
-    with torch.no_grad(), packed_linears(model, rows, enabled=pack):
+    with torch.no_grad(), packed_linears(model, hint or rows, enabled=pack, max_rows=max_rows):
         one_pass()
         t = time.perf_counter()
         for _ in range(reps):
@@ -88,24 +93,23 @@ def main():
         eng = HFEngine(model, tok, p, batch_size=B, packed_weights=mode)
         batch_rate = batch_matmul_rate(model, B, pack=eng.pack) * 1e9
         eng.generate_prompts([prompt[:8]] * 2, [0, 0])  # warm-up
-        t = time.perf_counter()
-        with torch.no_grad(), eng.packed_weights():
-            eng._prefill_prompts([prompt] * B)
-        pre = time.perf_counter() - t
+        pre0, dec0 = eng.prefill_s, eng.decode_s
         t = time.perf_counter()
         ours = eng.generate_prompts([prompt] * B, list(range(B)))
         dt = time.perf_counter() - t
+        pre, dec = eng.prefill_s - pre0, eng.decode_s - dec0  # the engine's own split of this call
         cfg = model.config
         prompt_fl = B * (2 * layers * args.prompt + 4 * cfg.num_hidden_layers * cfg.hidden_size
                          * args.prompt * (args.prompt + 1) // 2) + B * 2 * cfg.hidden_size * cfg.vocab_size
         row = {"batch": B, "packed": eng.pack, "engine_s": round(dt, 2), "engine_tok_s": round(B * args.new / dt, 1),
                "engine_frac_of_matmul": round(B * args.new * fl / dt / peak, 3),
                "engine_all_frac_of_matmul": round((B * args.new * fl + prompt_fl) / dt / peak, 3),
-               "prefill_s": round(pre, 2), "decode_tok_s": round(B * args.new / (dt - pre), 1),
-               "decode_frac_of_matmul": round(B * args.new * fl / (dt - pre) / peak, 3),
+               "prefill_s": round(pre, 2), "decode_s": round(dec, 2), "other_s": round(dt - pre - dec, 2),
+               "decode_tok_s": round(B * args.new / dec, 1),
+               "decode_frac_of_matmul": round(B * args.new * fl / dec / peak, 3),
                "batch_matmul_gflops": round(batch_rate / 1e9, 1),
                "batch_matmul_frac_of_matmul": round(batch_rate / peak, 3),
-               "decode_frac_of_batch_matmul": round(B * args.new * fl / (dt - pre) / batch_rate, 3)}
+               "decode_frac_of_batch_matmul": round(B * args.new * fl / dec / batch_rate, 3)}
         if not args.skip_generate:
             if B not in generated:
                 ids = torch.tensor([prompt] * B)

@@ -5,13 +5,16 @@ the evalplus chat prompt, at most `--new` tokens, stopping at the code block's c
 
     .venv/bin/python bench/decode_refill.py [--problems 48] [--batch 32] [--new 512]
     .venv/bin/python bench/decode_refill.py --compare packed [--reps 2]
+    .venv/bin/python bench/decode_refill.py --compare batch --batches 32 64 [--reps 1]
 
 `--compare packed`: continuous batching with the engine's weights packed for oneDNN
 (engine.packed_weights, domino.core.generation.packed) against without, alternated `--reps` times.
+`--compare batch`: continuous batching at each of `--batches` rows (engine.batch_size), alternated.
 
 Both paths admit prompts shortest first. Reports wall seconds, decoded tokens, tokens/s, decoding
-steps and prefills for each, and how many answers are identical (bf16 rounding depends on which
-rows share a batch, so greedy answers can differ where two tokens are nearly tied).
+steps and prefills for each (and the engine's own split of the time: prefills, decoding loop), and
+how many answers are identical (bf16 rounding depends on which rows share a batch, so greedy
+answers can differ where two tokens are nearly tied).
 """
 import argparse
 import json
@@ -30,12 +33,16 @@ from domino.evaluation.prompting import CLOSE_FENCE, build_prompt
 
 def run(engine: HFEngine, fn, *args):
     engine.n_forward = engine.n_prefill = 0
+    pre0, dec0 = engine.prefill_s, engine.decode_s
     t = time.perf_counter()
     gens = fn(*args)
     dt = time.perf_counter() - t
     n_tok = sum(len(g.token_ids) for g in gens)
+    dec = engine.decode_s - dec0
     return gens, {"seconds": round(dt, 1), "tokens": n_tok, "tok_s": round(n_tok / dt, 1),
-                  "decode_steps": engine.n_forward - engine.n_prefill, "prefills": engine.n_prefill}
+                  "decode_steps": engine.n_forward - engine.n_prefill, "prefills": engine.n_prefill,
+                  "prefill_s": round(engine.prefill_s - pre0, 1), "decode_s": round(dec, 1),
+                  "decode_tok_s": round(n_tok / dec, 1)}
 
 
 def main():
@@ -43,11 +50,14 @@ def main():
     ap.add_argument("--problems", type=int, default=48)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--new", type=int, default=512)
-    ap.add_argument("--compare", choices=["fixed", "packed"], default="fixed")
-    ap.add_argument("--reps", type=int, default=2, help="--compare packed: runs of each, alternated")
+    ap.add_argument("--compare", choices=["fixed", "packed", "batch"], default="fixed")
+    ap.add_argument("--batches", type=int, nargs="+", default=[32, 64],
+                    help="--compare batch: engine.batch_size values")
+    ap.add_argument("--reps", type=int, default=2, help="--compare packed/batch: runs of each, alternated")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    name = "decode_refill_packed.json" if args.compare == "packed" else "decode_refill.json"
+    names = {"packed": "decode_refill_packed.json", "batch": "decode_refill_batch.json"}
+    name = names.get(args.compare, "decode_refill.json")
     out = Path(args.out or Path(__file__).parent / "results" / name)
     bb = load_backbone(path="embedded:qwen2.5-coder-0.5b-instruct")
     tok = bb.tokenizer
@@ -61,6 +71,8 @@ def main():
 
     if args.compare == "packed":
         return compare_packed(eng, bb, prompts, seeds, args, out)
+    if args.compare == "batch":
+        return compare_batch(bb, params, prompts, seeds, args, out)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
 
     def fixed():
@@ -104,6 +116,24 @@ def compare_packed(eng: HFEngine, bb, prompts, seeds, args, out: Path) -> None:
                 "batch": args.batch, "max_new_tokens": args.new, "unpacked": rows[False], "packed": rows[True],
                 "speedup_of_medians": round(med[False] / med[True], 3),
                 "identical_answers": sum(a.token_ids == b.token_ids for a, b in zip(gens[False], gens[True]))})
+
+
+def compare_batch(bb, params: SamplingParams, prompts, seeds, args, out: Path) -> None:
+    engines = {b: HFEngine(bb.model, bb.tokenizer, params, batch_size=b) for b in args.batches}
+    rows: dict[int, list] = {b: [] for b in args.batches}
+    gens = {}
+    for _ in range(args.reps):
+        for b, eng in engines.items():
+            gens[b], row = run(eng, eng.generate_many, prompts, seeds)
+            rows[b].append(row)
+            print(f"batch {b}", json.dumps(row), flush=True)
+    med = {b: statistics.median(r["seconds"] for r in v) for b, v in rows.items()}
+    first = args.batches[0]
+    write(out, {"model": bb.id, "dtype": bb.dtype, "threads": torch.get_num_threads(), "problems": len(prompts),
+                "max_new_tokens": args.new, "packed": engines[first].pack, "runs": {str(b): v for b, v in rows.items()},
+                "speedup_of_medians_vs_first": {str(b): round(med[first] / m, 3) for b, m in med.items()},
+                "identical_to_first": {str(b): sum(a.token_ids == c.token_ids for a, c in zip(gens[first], g))
+                                       for b, g in gens.items()}})
 
 
 if __name__ == "__main__":

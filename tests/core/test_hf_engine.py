@@ -555,3 +555,28 @@ def test_grouped_kv_heads_decode_as_packed_queries_with_the_same_tokens(tiny_bac
     assert packed == unpacked
     assert len({len(t) for t in packed[2]}) > 1  # rows really stopped at different steps
     assert kinds and set(kinds) == {"BufferedLayer"}
+
+
+def test_timing_splits_prefills_from_decoding_steps(tiny_backbone, monkeypatch):
+    """prefill_s holds the prompts' and prefixes' forwards, joins included; decode_s the decoding
+    loop without them (a slowed prefill shows in the one and not in the other)."""
+    import time
+
+    from domino.core.generation import hf
+    bb, tok = tiny_backbone, tiny_backbone.tokenizer
+    real, calls = hf.last_logits, []
+
+    def slow(*a, **kw):
+        calls.append(1)
+        time.sleep(0.2)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(hf, "last_logits", slow)
+    prompts = [tok(" ".join(["alpha beta gamma"] * (1 + i % 3)))["input_ids"] for i in range(7)]
+    e = engine(bb, batch_size=2, temperature=0.0, max_new_tokens=3)
+    e.generate_many(prompts, list(range(7)))
+    assert len(calls) == e.n_prefill > 1
+    assert e.prefill_s >= 0.2 * len(calls) and 0 < e.decode_s < 0.2
+    before = e.prefill_s
+    e.generate_shared(e.prefill(torch.zeros(2, bb.model.config.hidden_size)), [0])
+    assert e.prefill_s - before >= 0.2 and e.decode_s < 0.4

@@ -1,5 +1,6 @@
-"""Packed bf16 linear weights (domino.core.generation.packed): the HF engine decodes the same bits
-with and without them, really runs the packed op when it packs, never runs on stale copies after
+"""Packed bf16 linear weights (domino.core.generation.packed): the HF engine decodes the same tokens
+with and without them on the tiny model (at some row counts of larger shapes a few outputs round
+differently: bench/packed_bits.py), really runs the packed op when it packs, never runs on stale copies after
 the weights change, and packs only where it can and should."""
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ def spy(monkeypatch):
     calls = []
     real = packed._packed_forward
 
-    def counting(weight, p, bias):
-        fwd = real(weight, p, bias)
+    def counting(weight, p, bias, max_rows):
+        fwd = real(weight, p, bias, max_rows)
 
         def forward(x):
             calls.append(tuple(x.shape))
@@ -141,3 +142,21 @@ def test_packed_layers_give_the_same_bits_with_and_without_bias():
         with torch.no_grad(), packed.packed_linears(model, rows_hint=4) as n:
             assert n == 2
             assert torch.equal(model(x), plain)
+
+
+@needs_onednn_bf16
+def test_calls_of_more_rows_than_a_decoding_step_run_plain_linear(monkeypatch):
+    """A prefill (more rows than `max_rows`, by default the rows_hint: a decoding step's) runs plain
+    F.linear inside a packed block; a decoding step's rows run the packed op."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 8).bfloat16().requires_grad_(False)
+    plain_calls = []
+    real = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda *a: plain_calls.append(a[0].shape) or real(*a))
+    with torch.no_grad(), packed.packed_linears(lin, rows_hint=6):
+        few, many = torch.randn(2, 3, 16).bfloat16(), torch.randn(7, 16).bfloat16()
+        assert torch.equal(lin(few), real(few, lin.weight, lin.bias)) and plain_calls == []
+        assert torch.equal(lin(many), real(many, lin.weight, lin.bias)) and plain_calls == [(7, 16)]
+    with torch.no_grad(), packed.packed_linears(lin, rows_hint=6, max_rows=7):
+        lin(many)
+        assert plain_calls == [(7, 16)]

@@ -144,6 +144,8 @@ def test_sampled_completions_depend_on_their_seed_not_their_batch(tmp_path):
     # the chat answer opens a ```python fence (prompt.style=evalplus): its closing fence stops decoding
     assert prov["sampling"] == {**params.to_dict(), "stop": ["```"]} and prov["prompt_style"] == "evalplus"
     assert prov["seed"] == 0 and prov["engine"]["name"] == "hf" and prov["generation"]["new_tokens"] > 0
+    gen = prov["generation"]  # the engine's own split of this run's time (prefills, decoding loops)
+    assert gen["prefill_s"] > 0 and gen["decode_s"] > 0 and gen["prefill_s"] + gen["decode_s"] <= gen["seconds"] + 0.02
 
 
 @pytest.mark.parametrize("chat", [False, True])

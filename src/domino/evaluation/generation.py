@@ -162,6 +162,7 @@ def generate_completions(problems: list[dict], backbone_cfg: dict, params: Sampl
         for rec in done.values():
             store.add(rec)  # records reused from another file; those already here are not rewritten
         started, n_tok = time.monotonic(), 0
+        clock0 = engine_clock(eng)
         bar = progress() if progress else _NoProgress()
         with bar:
             job = bar.add_task("generate", total=len(todo), rate="")
@@ -202,9 +203,16 @@ def generate_completions(problems: list[dict], backbone_cfg: dict, params: Sampl
                   "completions_version": COMPLETIONS_VERSION, "reused_completions": reused,
                   "truncated_completions": truncated,
                   "generation": {"new_completions": len(todo), "new_tokens": n_tok,
-                                 "seconds": round(gen_s, 2), "tokens_per_s": round(n_tok / max(gen_s, 1e-9), 1)}}
+                                 "seconds": round(gen_s, 2), "tokens_per_s": round(n_tok / max(gen_s, 1e-9), 1),
+                                 **{k: round(v - clock0[k], 2) for k, v in engine_clock(eng).items()}}}
     recs = sorted(done.values(), key=lambda r: (r["task_id"], r["sample_idx"]))
     return recs, provenance
+
+
+def engine_clock(eng) -> dict[str, float]:
+    """The HF engine's own split of its time so far (prefills, decoding loops); {} for engines
+    without one (vLLM)."""
+    return {k: float(getattr(eng, k)) for k in ("prefill_s", "decode_s") if hasattr(eng, k)}
 
 
 class _NoProgress:

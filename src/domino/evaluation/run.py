@@ -99,7 +99,9 @@ def write_report(output_dir: Path, problems: list[dict], per_task: dict[str, lis
     if gen:
         lines.append(f"dtype: {provenance.get('dtype')}  prompt style: {provenance.get('prompt_style')}  generated: "
                      f"{gen['new_completions']} completions, {gen['new_tokens']} tokens in {gen['seconds']} s "
-                     f"({gen['tokens_per_s']} tokens/s)")
+                     f"({gen['tokens_per_s']} tokens/s"
+                     + (f"; prefills {gen['prefill_s']} s, decoding {gen['decode_s']} s" if "decode_s" in gen else "")
+                     + ")")
     write_text_atomic(output_dir / "summary.md", "\n".join(lines) + "\n")
     return summary
 

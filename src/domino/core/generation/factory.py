@@ -16,8 +16,9 @@ ENGINES = ("hf", "vllm")
 HF_KEYS = ("device", "dtype", "num_threads", "packed_weights")
 VLLM_KEYS = ("tensor_parallel_size", "dtype", "gpu_memory_utilization", "max_model_len", "enforce_eager",
              "enable_prefix_caching", "extra")
-# settings of where and how fast a model runs, never of what it outputs: left out of fingerprints
-# (packed_weights: the same oneDNN kernels on weights reordered once, the same bits; packed.py)
+# settings of where and how fast a model runs, which change at most the float rounding of what it
+# outputs: left out of fingerprints (packed_weights: oneDNN on weights reordered once; at some row
+# counts it blocks a sum differently and a few bf16 outputs round differently, packed.py)
 RUNTIME_KEYS = ("device", "num_threads", "packed_weights")
 # how rows are scheduled into batches (continuous batching), which changes at most the rounding of
 # what is output: left out of the fingerprints of synthesis and curation (evaluation records it)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable
@@ -166,8 +167,10 @@ class HFEngine:
     def __init__(self, model: nn.Module, tokenizer, params: SamplingParams, batch_size: int = 32,
                  packed_weights: bool | str = "auto"):
         """`packed_weights` (engine.packed_weights): auto | true | false, whether each call runs the
-        model's bf16 linear layers on weights reordered once for oneDNN (packed.py: the same bits,
-        faster on a CPU; auto = where supported and the copies fit in memory)."""
+        model's bf16 linear layers on weights reordered once for oneDNN in its decoding steps (at
+        most `batch_size` rows; prefills run plain F.linear): packed.py, faster on a CPU, the same
+        bits except at some row counts, where a few outputs round differently; auto = where
+        supported and the copies fit in memory."""
         from transformers import DynamicCache  # noqa: F401 - fail early on an old transformers
         if batch_size < 1:
             raise ValueError(f"engine.batch_size={batch_size} must be >= 1")
@@ -182,6 +185,9 @@ class HFEngine:
         self._stop_window = max((len(s) for s in params.stop), default=0) + 4
         self.n_forward = 0  # model calls, for tests and benchmarks
         self.n_prefill = 0  # of which prompt prefills (the rest decode one token per row)
+        # seconds spent, summed over calls: prefills (prompts and prefixes, joins included) and the
+        # decoding loops without them (steps, picks, stop checks, dropping finished rows)
+        self.prefill_s = self.decode_s = 0.0
         self._nucleus_tau: dict[int, float] = {}  # per row (by its generator's id): where _top_p_pick starts
         self._scratch = Scratch()  # full-vocabulary fp32 tensors kept across steps
         self.kv_spare = 256  # most free key/value columns a decoding batch's buffers hold (BufferedLayer)
@@ -210,10 +216,12 @@ class HFEngine:
         from transformers import DynamicCache
         if embeds.dim() != 2 or embeds.shape[0] < 1:
             raise ValueError(f"prefix embeddings must be (P>=1, hidden), got {tuple(embeds.shape)}")
+        t = time.perf_counter()
         cache = DynamicCache(config=self.model.config)
         logits, out = last_logits(self.model, inputs_embeds=embeds[None].to(self.device, self.dtype),
                                   past_key_values=cache, use_cache=True)
         self.n_forward += 1
+        self.prefill_s += time.perf_counter() - t
         kv = [(layer.keys.detach(), layer.values.detach()) for layer in out.past_key_values.layers]
         return SharedPrefix(kv=kv, logits=logits[0, -1], length=embeds.shape[0])
 
@@ -298,6 +306,7 @@ class HFEngine:
     def _prefill_prompts(self, prompts: list[list[int]]):
         """(cache, last logits, next positions, attention mask) of left-padded token-id prompts."""
         from transformers import DynamicCache
+        t0 = time.perf_counter()
         B, T = len(prompts), max(len(p) for p in prompts)
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
         ids = torch.full((B, T), pad, dtype=torch.long, device=self.device)
@@ -311,6 +320,7 @@ class HFEngine:
                                   past_key_values=cache, use_cache=True)
         self.n_forward += 1
         self.n_prefill += 1
+        self.prefill_s += time.perf_counter() - t0
         return out.past_key_values, logits[:, -1], mask.sum(-1), mask
 
     def _join(self, cache, mask: torch.Tensor, new_cache, new_mask: torch.Tensor):
@@ -352,6 +362,7 @@ class HFEngine:
         With `admit(n_free)` (continuous batching), whenever at least `min_free` of `batch_size` rows
         are free, the rows it returns ((cache, logits, pos, mask, seeds, ids), or None when no prompt
         is left) join the batch; results are then a dict by id."""
+        t0, pre0 = time.perf_counter(), self.prefill_s
         p = self.params
         V = logits.shape[-1]
         spare = min(p.max_new_tokens, self.kv_spare)  # free columns per buffer, added again when used up
@@ -427,6 +438,7 @@ class HFEngine:
                     gens = (gens if rows else []) + [torch.Generator().manual_seed(int(s)) for s in j_seeds]
                 rows = rows + list(j_ids)
                 tokens.update({r: [] for r in j_ids})
+        self.decode_s += time.perf_counter() - t0 - (self.prefill_s - pre0)
         if ids is None and admit is None:
             return [results[r] for r in range(len(results))]
         return results

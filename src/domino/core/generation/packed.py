@@ -6,7 +6,13 @@ model, so that reorder (a full read and write of each weight) costs about as muc
 itself: over the 0.5B's weights at 64 rows, 580-680 GFLOP/s as they are against 860-960 GFLOP/s
 reordered once (bench/README.md). `packed_linears(model)` reorders each bf16 `nn.Linear` weight of
 the model once, for the length of a `with` block, and routes those modules' forward through
-oneDNN's linear on the packed weight: the same kernels, so the same bits.
+oneDNN's linear on the packed weight for calls of up to a decoding step's rows (a prefill's
+thousands of rows keep plain F.linear, which chooses its own layout per call). For most row
+counts that is the same sum and the same bits; for some (76-80 and 91-96 rows of the 0.5B's
+4864 -> 896 projection, bench/packed_bits.py) oneDNN blocks the sum differently on one path than
+on the other and about 1 output in 7,000 rounds to a neighbouring bf16 value, so greedy decoding
+can flip a near-tied token (bench/README.md: 48 of 48 evaluation answers identical, 45 of 48 when
+prefills were packed too), as the batch a row shares can.
 
 The packed copies live only inside the block (the weights are read when it opens): a model whose
 weights change between engine calls (an optimiser step, a LoRA merge through `.data`) is never
@@ -84,23 +90,27 @@ def should_pack(model: nn.Module, mode) -> bool:
     return True
 
 
-def _packed_forward(weight: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None):
+def _packed_forward(weight: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, max_rows: int):
     linear = torch.ops.mkldnn._linear_pointwise
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.bfloat16 or x.device.type != "cpu" or torch.is_grad_enabled():
+        if (x.dtype != torch.bfloat16 or x.device.type != "cpu" or torch.is_grad_enabled()
+                or x.numel() > max_rows * x.shape[-1]):
             return nn.functional.linear(x, weight, bias)
         return linear(x, packed, bias, "none", [None], "")
     return forward
 
 
 @contextlib.contextmanager
-def packed_linears(model: nn.Module, rows_hint: int = 64, enabled: bool = True) -> Iterator[int]:
+def packed_linears(model: nn.Module, rows_hint: int = 64, enabled: bool = True,
+                   max_rows: int | None = None) -> Iterator[int]:
     """Within the block, each of `packable(model)`'s layers computes its forward with its weight
-    reordered once for oneDNN (`rows_hint`: the typical rows of a call, which picks the blocked
-    layout). Yields the number of layers packed (0 when not `enabled` or already inside a block on
-    this model). Outside no_grad, or for an input of another dtype or device, a layer runs its
-    plain `F.linear`."""
+    reordered once for oneDNN (`rows_hint`: the rows of a decoding step, which pick the blocked
+    layout) for calls of at most `max_rows` rows (default `rows_hint`). Yields the number of layers
+    packed (0 when not `enabled` or already inside a block on this model). Outside no_grad, for an
+    input of another dtype or device, or of more rows (a prefill), a layer runs its plain
+    `F.linear`: the packed layout gained 1.3-1.5x up to `rows_hint` rows and from 0.76x to 1.35x
+    beyond it (bench/packed_rows.py), and evaluation's prefills ran slower on it."""
     if not enabled or getattr(model, "_domino_packed", False):
         yield 0
         return
@@ -110,7 +120,7 @@ def packed_linears(model: nn.Module, rows_hint: int = 64, enabled: bool = True) 
         with torch.no_grad():
             for m in layers:
                 packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), max(1, int(rows_hint)))
-                m.forward = _packed_forward(m.weight, packed, m.bias)
+                m.forward = _packed_forward(m.weight, packed, m.bias, max_rows or max(1, int(rows_hint)))
         yield len(layers)
     finally:
         for m in layers:
