@@ -216,12 +216,8 @@ class HFEngine:
         from transformers import DynamicCache
         if embeds.dim() != 2 or embeds.shape[0] < 1:
             raise ValueError(f"prefix embeddings must be (P>=1, hidden), got {tuple(embeds.shape)}")
-        t = time.perf_counter()
-        cache = DynamicCache(config=self.model.config)
-        logits, out = last_logits(self.model, inputs_embeds=embeds[None].to(self.device, self.dtype),
-                                  past_key_values=cache, use_cache=True)
-        self.n_forward += 1
-        self.prefill_s += time.perf_counter() - t
+        logits, out = self._prefill_forward(inputs_embeds=embeds[None].to(self.device, self.dtype),
+                                            past_key_values=DynamicCache(config=self.model.config), use_cache=True)
         kv = [(layer.keys.detach(), layer.values.detach()) for layer in out.past_key_values.layers]
         return SharedPrefix(kv=kv, logits=logits[0, -1], length=embeds.shape[0])
 
@@ -306,7 +302,6 @@ class HFEngine:
     def _prefill_prompts(self, prompts: list[list[int]]):
         """(cache, last logits, next positions, attention mask) of left-padded token-id prompts."""
         from transformers import DynamicCache
-        t0 = time.perf_counter()
         B, T = len(prompts), max(len(p) for p in prompts)
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
         ids = torch.full((B, T), pad, dtype=torch.long, device=self.device)
@@ -315,13 +310,18 @@ class HFEngine:
             ids[i, T - len(p):] = torch.tensor(p, device=self.device)
             mask[i, T - len(p):] = 1
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.model.config)
-        logits, out = last_logits(self.model, input_ids=ids, attention_mask=mask, position_ids=position_ids,
-                                  past_key_values=cache, use_cache=True)
-        self.n_forward += 1
+        logits, out = self._prefill_forward(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+                                            past_key_values=DynamicCache(config=self.model.config), use_cache=True)
         self.n_prefill += 1
-        self.prefill_s += time.perf_counter() - t0
         return out.past_key_values, logits[:, -1], mask.sum(-1), mask
+
+    def _prefill_forward(self, **inputs):
+        """`last_logits` of a prefill (a prefix or prompts), counted in n_forward and timed in prefill_s."""
+        t = time.perf_counter()
+        out = last_logits(self.model, **inputs)
+        self.n_forward += 1
+        self.prefill_s += time.perf_counter() - t
+        return out
 
     def _join(self, cache, mask: torch.Tensor, new_cache, new_mask: torch.Tensor):
         """The running batch's cache and mask with the new rows' appended below. Each side first

@@ -114,13 +114,13 @@ def packed_linears(model: nn.Module, rows_hint: int = 64, enabled: bool = True,
     if not enabled or getattr(model, "_domino_packed", False):
         yield 0
         return
-    layers = packable(model)
+    layers, rows_hint = packable(model), max(1, int(rows_hint))
     model._domino_packed = True
     try:
         with torch.no_grad():
             for m in layers:
-                packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), max(1, int(rows_hint)))
-                m.forward = _packed_forward(m.weight, packed, m.bias, max_rows or max(1, int(rows_hint)))
+                packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), rows_hint)
+                m.forward = _packed_forward(m.weight, packed, m.bias, max_rows or rows_hint)
         yield len(layers)
     finally:
         for m in layers:
