@@ -149,12 +149,12 @@ class HFChatGenerator(_ChatGenerator):
         """`backbone` as factory.load_model returns it: on the device of the one device and thread rule.
         `refill`: a call decodes its conversations `batch_size` rows at a time with continuous
         batching (HFEngine.generate_many) instead of in fixed batches. `packed_weights`: HFEngine's."""
-        from domino.core.generation.hf import HFEngine
+        from domino.core.generation.factory import open_hf
         self.tok, self.seed = backbone.tokenizer, seed
         _need_chat_template(self.tok, backbone.id)
         params = _params(self.tok, sampling, stop_tokens)
-        self.engine = HFEngine(backbone.model, self.tok, params, batch_size=batch_size,
-                               packed_weights=packed_weights)
+        self.engine = open_hf(backbone.model, self.tok, params,
+                              {"batch_size": batch_size, "packed_weights": packed_weights})
         self.batch_size, self.refill = batch_size, bool(refill)
         self.model_id = backbone.id
         self.fingerprint = _fingerprint(backbone=backbone.id, hash=backbone.model_hash, params=params.to_dict(),
