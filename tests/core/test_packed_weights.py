@@ -27,8 +27,8 @@ def spy(monkeypatch):
     calls = []
     real = packed._packed_forward
 
-    def counting(weight, p, bias, max_rows):
-        fwd = real(weight, p, bias, max_rows)
+    def counting(weight, bias, rows_hint, max_rows):
+        fwd = real(weight, bias, rows_hint, max_rows)
 
         def forward(x):
             calls.append(tuple(x.shape))
@@ -74,14 +74,19 @@ def test_packed_weights_decode_the_same_tokens_through_the_packed_op(bf16_model,
 
 
 @needs_onednn_bf16
-def test_a_weight_changed_between_calls_is_used_as_changed(bf16_model, tiny_backbone):
+def test_a_weight_changed_between_calls_is_used_as_changed(bf16_model, tiny_backbone, monkeypatch):
     """The copies are made per call: a change through .data (as a LoRA merge makes it, invisible to
     the version counter) is in the next call's output."""
     model = copy.deepcopy(bf16_model)
-    e = HFEngine(model, tiny_backbone.tokenizer, SamplingParams(temperature=0.0, max_new_tokens=1), batch_size=2,
+    # batch_size 8: the 5-row prefix's prefill runs the packed op (at most batch_size rows)
+    e = HFEngine(model, tiny_backbone.tokenizer, SamplingParams(temperature=0.0, max_new_tokens=1), batch_size=8,
                  packed_weights=True)
     x = model.get_input_embeddings().weight[:5].detach()
+    reordered = []
+    real = packed._reorder
+    monkeypatch.setattr(packed, "_reorder", lambda w, hint: reordered.append(w.shape) or real(w, hint))
     before = e.prefill(x).logits
+    assert len(reordered) == sum(isinstance(m, torch.nn.Linear) for m in model.modules())
     head = model.get_output_embeddings()
     head.weight.data.mul_(-1)
     after = e.prefill(x).logits
@@ -160,3 +165,33 @@ def test_calls_of_more_rows_than_a_decoding_step_run_plain_linear(monkeypatch):
     with torch.no_grad(), packed.packed_linears(lin, rows_hint=6, max_rows=7):
         lin(many)
         assert plain_calls == [(7, 16)]
+
+
+@needs_onednn_bf16
+def test_a_layer_packs_its_copy_at_its_first_decoding_sized_call(bf16_model, tiny_backbone, monkeypatch):
+    """No copy exists before a layer's first call of at most max_rows rows: a prefix's prefill (a call
+    that never decodes) packs nothing, a decoding call packs each layer once, however many steps."""
+    reordered = []
+    real = packed._reorder
+    monkeypatch.setattr(packed, "_reorder", lambda w, hint: reordered.append(hint) or real(w, hint))
+    lin = torch.nn.Linear(16, 8).bfloat16().requires_grad_(False)
+    with torch.no_grad(), packed.packed_linears(lin, rows_hint=4) as n:
+        assert n == 1
+        lin(torch.randn(9, 16).bfloat16())  # more rows than max_rows: plain, no copy
+        assert reordered == []
+        for _ in range(3):
+            lin(torch.randn(2, 16).bfloat16())
+        assert reordered == [4]
+    with torch.no_grad(), packed.packed_linears(lin, rows_hint=4):
+        lin(torch.randn(2, 16).bfloat16())  # a new block: a new copy
+    assert reordered == [4, 4]
+    # the engine: a prefix longer than batch_size rows packs only the head (its one last-position row);
+    # decoding from it packs every other layer
+    n_linear = sum(isinstance(m, torch.nn.Linear) for m in bf16_model.modules())
+    e = HFEngine(bf16_model, tiny_backbone.tokenizer, SamplingParams(temperature=0.0, max_new_tokens=3),
+                 batch_size=2, packed_weights=True)
+    reordered.clear()
+    prefix = e.prefill(bf16_model.get_input_embeddings().weight[:6].detach())
+    assert reordered == [2]
+    e.generate_shared(prefix, [0, 1])
+    assert reordered == [2] * (1 + n_linear)  # a call's copies are its own: the head is packed again
