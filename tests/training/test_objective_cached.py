@@ -103,14 +103,21 @@ def test_soft_prompt_no_sample_tokens(models, layout):
 
 
 def test_layout_is_chosen_per_device_and_size(models, monkeypatch):
-    """auto: split on a CPU in fp32 once (B-1) k saved tokens outweigh two more weight passes,
-    joint otherwise, in bf16 and on a GPU (launch-bound)."""
+    """auto: split on a CPU whose products are bound by arithmetic (fp32; bf16 without AMX) once
+    (B-1) k saved tokens outweigh two more weight passes, joint otherwise, in bf16 on AMX and on a
+    GPU (launch-bound)."""
+    from domino.core import backbone
     r = efficient.resolve_layout
-    assert r("auto", torch.device("cpu"), B=4, k=64, itemsize=4) == "split"   # (B-1)k = 192 >= 64
-    assert r("auto", "cpu", B=4, k=16, itemsize=4) == "joint"                 # 48 < 64
-    assert r("auto", "cpu", B=5, k=16, itemsize=4) == "split"                 # 64
-    assert r("auto", "cpu", B=4, k=64, itemsize=2) == "joint"                 # bf16
-    assert r("auto", "cuda:0", B=4, k=64, itemsize=4) == "joint"
+    for kernels in ("AMX-BF16", "AVX512-BF16", None):
+        monkeypatch.setattr(backbone, "cpu_bf16_kernels", lambda: kernels)
+        assert r("auto", torch.device("cpu"), B=4, k=64, itemsize=4) == "split"   # (B-1)k = 192 >= 64
+        assert r("auto", "cpu", B=4, k=16, itemsize=4) == "joint"                 # 48 < 64
+        assert r("auto", "cpu", B=5, k=16, itemsize=4) == "split"                 # 64
+        # bf16: joint on AMX (its products are bound by reading the weights), else as fp32
+        assert r("auto", "cpu", B=4, k=64, itemsize=2) == ("joint" if kernels == "AMX-BF16" else "split")
+        assert r("auto", "cpu", B=4, k=16, itemsize=2) == "joint"
+        assert r("auto", "cuda:0", B=4, k=64, itemsize=4) == "joint"
+        assert r("auto", "cuda:0", B=4, k=64, itemsize=2) == "joint"
     assert r("joint", "cpu", B=4, k=64) == "joint" and r("split", "cuda", B=2, k=1) == "split"
     with pytest.raises(ValueError, match="objective.layout='fused'"):
         r("fused", "cpu")

@@ -14,8 +14,9 @@ the matrix (no third pass). Two layouts (`objective.layout`, `resolve_layout`):
   larger forwards are what makes it faster;
 - split: D once (batch 1), [S_1..S_B] as a continuation of D's cache, the continuations of D, then
   those of [D, S_i]. (B-1)k fewer prefix tokens and no attention to masked S columns, for two more
-  passes over the weights: on a CPU in fp32 with many domain tokens (k = 64) that is what counts;
-  with few, or in bf16, the extra weight reads cost more (bench/README.md). `auto` chooses.
+  passes over the weights: on a CPU whose products are bound by arithmetic (fp32; bf16 without
+  AMX) with many domain tokens (k = 64) that is what counts; with few, or in bf16 on AMX, the
+  extra weight reads cost more (bench/README.md). `auto` chooses.
 Both apply the LM head only where a text token is predicted (the last prefix position predicts
 x_1), through a fused linear + cross-entropy that never keeps a (tokens x vocab) tensor alive: the
 gradient with respect to the hidden state is formed chunk by chunk during the forward.
@@ -43,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from domino.core import backbone
 from domino.core.scratch import Scratch
 from domino.training.objective import NLL, embed_texts
 
@@ -232,10 +234,11 @@ LAYOUTS = ("auto", "joint", "split")
 
 
 # split pays two more forwards, i.e. two more reads of every weight in the forward and two in the
-# backward (at few rows a product is bound by that read), to save (B-1)k prefix tokens of FLOPs. On
-# the CPU measured (bench/README.md) that paid in fp32 at (B-1)k = 192 and not at 48 or fewer (the
-# threshold lies between; 64 is a guess within that range); in bf16, whose products run 5-7x faster
-# over half the bytes, it did not pay at any shape measured
+# backward (at few rows a product is bound by that read), to save (B-1)k prefix tokens of FLOPs.
+# Where the products are bound by arithmetic (fp32; bf16 without AMX) that paid at (B-1)k = 192
+# (fp32 1.08x on an AMX CPU, bf16 1.09x on an AMD EPYC without AMX), and at 64 in bf16 there
+# (1.05x), not at 48 or fewer (bench/README.md; 64 is a guess between 48 and 192 for fp32); in bf16
+# on AMX, whose products run 5-7x faster over half the bytes, it did not pay at any shape measured
 SPLIT_MIN_TOKENS = 64
 
 
@@ -248,11 +251,13 @@ def check_layout(layout: str) -> str:
 
 def resolve_layout(layout: str, device, B: int = 0, k: int = 0, itemsize: int = 4) -> str:
     """`objective.layout` for B texts, k domain tokens and a backbone of `itemsize`-byte weights:
-    joint or split (the module docstring) as given; auto is split on a CPU for an fp32 (or wider)
-    backbone when (B-1) * k >= SPLIT_MIN_TOKENS, joint otherwise and on every other device."""
+    joint or split (the module docstring) as given; auto is split on a CPU when (B-1) * k >=
+    SPLIT_MIN_TOKENS and the products are bound by arithmetic (fp32 or wider, or a narrower dtype
+    on a CPU without AMX: `backbone.cpu_bf16_kernels`), joint otherwise and on every other device."""
     if check_layout(layout) == "auto":
-        cpu = torch.device(device).type == "cpu"
-        return "split" if cpu and itemsize >= 4 and (B - 1) * k >= SPLIT_MIN_TOKENS else "joint"
+        if torch.device(device).type != "cpu" or (B - 1) * k < SPLIT_MIN_TOKENS:
+            return "joint"
+        return "split" if itemsize >= 4 or backbone.cpu_bf16_kernels() != "AMX-BF16" else "joint"
     return layout
 
 
