@@ -1,9 +1,12 @@
 """Does a prefill run slower while the engine's packed weights exist? A prefill (more rows than the
 engine's batch size) runs plain F.linear inside or outside `packed_linears`; this times the same
 prefill forward (`last_logits` of `--batch` rows x `--prompt` random tokens, the embedded
-Qwen2.5-Coder-0.5B-Instruct in bf16) with no packed copies and inside a `packed_linears(model,
---hint)` block, and beside plain copies of the weights (as much memory again, not packed),
-in rotated order (rep r starts with arm r mod 3), `--reps` times, and reports every time and the medians' ratio.
+Qwen2.5-Coder-0.5B-Instruct in bf16) with no packed copies, inside a `packed_linears(model, --hint)`
+block, and beside plain copies of the weights (as much memory again, not packed), in rotated order
+(rep r starts with arm r mod 3), `--reps` times; reports every time, the medians' ratios, and each
+prefill's minor page faults and system CPU seconds. Until db31c23 a block made every copy when it
+opened; since then a layer makes its copy at its first call of at most --hint rows, so inside the
+block only the head's copy is made, at the prefill's end (its last-position rows).
 
     cd bench && PYTHONPATH=../src ../.venv/bin/python packed_prefill.py [--batch 64] [--prompt 160] [--reps 3]
 
@@ -13,6 +16,7 @@ Why: decode_batch.py's prefill read slower in its packed runs on both machines i
 """
 import argparse
 import json
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -36,10 +40,14 @@ def main():
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size - 1000, (a.batch, a.prompt), generator=g)
 
+    faults = {}  # per arm: minor page faults and system CPU seconds of each prefill
+
     def prefill() -> float:
-        t = time.perf_counter()
+        r0, t = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         last_logits(model, input_ids=ids, use_cache=True)
-        return time.perf_counter() - t
+        dt, r1 = time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF)
+        prefill.last = (r1.ru_minflt - r0.ru_minflt, round(r1.ru_stime - r0.ru_stime, 2))
+        return dt
 
     layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
 
@@ -63,10 +71,12 @@ def main():
         for r in range(a.reps):  # rep r starts with arm r mod 3: no arm always runs first
             for f in arms[r % 3:] + arms[:r % 3]:
                 times[f.__name__].append(round(f(), 3))
-            print(json.dumps(times), flush=True)
+                faults.setdefault(f.__name__, []).append(prefill.last)
+            print(json.dumps(times), json.dumps(faults), flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
     res = {"batch": a.batch, "prompt": a.prompt, "hint": a.hint, "threads": torch.get_num_threads(),
-           "seconds": times, "median_s": med, "inside_over_plain": round(med["inside_packed_block"] / med["plain"], 3),
+           "seconds": times, "median_s": med, "minor_faults_and_system_s": faults,
+           "inside_over_plain": round(med["inside_packed_block"] / med["plain"], 3),
            "copies_over_plain": round(med["beside_plain_copies"] / med["plain"], 3)}
     print(json.dumps(res))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

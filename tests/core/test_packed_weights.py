@@ -170,7 +170,8 @@ def test_calls_of_more_rows_than_a_decoding_step_run_plain_linear(monkeypatch):
 @needs_onednn_bf16
 def test_a_layer_packs_its_copy_at_its_first_decoding_sized_call(bf16_model, tiny_backbone, monkeypatch):
     """No copy exists before a layer's first call of at most max_rows rows: a prefix's prefill (a call
-    that never decodes) packs nothing, a decoding call packs each layer once, however many steps."""
+    that never decodes) packs only the head (its last row), a decoding call packs each layer once,
+    however many steps."""
     reordered = []
     real = packed._reorder
     monkeypatch.setattr(packed, "_reorder", lambda w, hint: reordered.append(hint) or real(w, hint))

@@ -8,12 +8,11 @@ reordered once (bench/README.md). `packed_linears(model)` reorders each bf16 `nn
 the model once, for the length of a `with` block (at the layer's first decoding-sized call), and
 routes those modules' forward through oneDNN's linear on the packed weight for calls of up to a
 decoding step's rows (a prefill's thousands of rows keep plain F.linear, which chooses its own
-layout per call). For most row
-counts that is the same sum and the same bits; for some (76-80 and 91-96 rows of the 0.5B's
-4864 -> 896 projection, bench/packed_bits.py) oneDNN blocks the sum differently on one path than
-on the other and about 1 output in 7,000 rounds to a neighbouring bf16 value, so greedy decoding
-can flip a near-tied token (bench/README.md: 48 of 48 evaluation answers identical, 45 of 48 when
-prefills were packed too), as the batch a row shares can.
+layout per call). For most row counts that is the same sum and the same bits; for some (76-80 and
+91-96 rows of the 0.5B's 4864 -> 896 projection, bench/packed_bits.py) oneDNN blocks the sum
+differently on one path than on the other and about 1 output in 7,000 rounds to a neighbouring
+bf16 value, so greedy decoding can flip a near-tied token (bench/README.md: 48 of 48 evaluation
+answers identical, 45 of 48 when prefills were packed too), as the batch a row shares can.
 
 The packed copies live only inside the block (each weight is read at its layer's first
 decoding-sized call in it): a model whose weights change between engine calls (an optimiser step,
@@ -127,8 +126,9 @@ def packed_linears(model: nn.Module, rows_hint: int = 64, enabled: bool = True,
 
     Packing at the first decoding-sized call rather than when the block opens: a prefill ran
     1.2-1.4x slower while the copies existed, and as slow beside plain copies of the weights taking
-    the same memory (bench/packed_prefill.py, AMD EPYC), so a call's first prefill (its prompts, or
-    a whole prefix's prefill, which never decodes) now runs before any copy exists."""
+    the same memory (bench/packed_prefill.py, AMD EPYC: page faults of glibc's freed mappings,
+    which grow with what else the process holds), so a call's first prefill (its prompts, or a
+    prefix's prefill, which packs only the head for its last row) runs before the copies exist."""
     if not enabled or getattr(model, "_domino_packed", False):
         yield 0
         return
