@@ -40,14 +40,12 @@ def main():
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size - 1000, (a.batch, a.prompt), generator=g)
 
-    faults = {}  # per arm: minor page faults and system CPU seconds of each prefill
-
-    def prefill() -> float:
+    def prefill() -> tuple[float, tuple[int, float]]:
+        """(seconds, (minor page faults, system CPU seconds)) of one prefill."""
         r0, t = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         last_logits(model, input_ids=ids, use_cache=True)
         dt, r1 = time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF)
-        prefill.last = (r1.ru_minflt - r0.ru_minflt, round(r1.ru_stime - r0.ru_stime, 2))
-        return dt
+        return dt, (r1.ru_minflt - r0.ru_minflt, round(r1.ru_stime - r0.ru_stime, 2))
 
     layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
 
@@ -60,18 +58,20 @@ def main():
 
     def beside_plain_copies():
         copies = [m.weight.clone() for m in layers]  # as much memory again, not packed
-        t = prefill()
+        out = prefill()
         del copies
-        return t
+        return out
 
     arms = [plain, inside_packed_block, beside_plain_copies]
     times = {f.__name__: [] for f in arms}
+    faults = {f.__name__: [] for f in arms}  # per arm: minor page faults and system CPU seconds
     with torch.no_grad():
         prefill()  # warm-up
         for r in range(a.reps):  # rep r starts with arm r mod 3: no arm always runs first
             for f in arms[r % 3:] + arms[:r % 3]:
-                times[f.__name__].append(round(f(), 3))
-                faults.setdefault(f.__name__, []).append(prefill.last)
+                dt, pf = f()
+                times[f.__name__].append(round(dt, 3))
+                faults[f.__name__].append(pf)
             print(json.dumps(times), json.dumps(faults), flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
     res = {"batch": a.batch, "prompt": a.prompt, "hint": a.hint, "threads": torch.get_num_threads(),

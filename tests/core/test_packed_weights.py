@@ -39,6 +39,15 @@ def spy(monkeypatch):
     return calls
 
 
+@pytest.fixture()
+def reorders(monkeypatch):
+    """The rows hint of every weight packed (packed._reorder: one per copy made)."""
+    hints = []
+    real = packed._reorder
+    monkeypatch.setattr(packed, "_reorder", lambda w, hint: hints.append(hint) or real(w, hint))
+    return hints
+
+
 def decode_all(model, tok, mode, **kw):
     """Greedy and sampled tokens of a shared prefix, of left-padded prompts and with continuous
     batching, on an engine with `packed_weights=mode`."""
@@ -74,7 +83,7 @@ def test_packed_weights_decode_the_same_tokens_through_the_packed_op(bf16_model,
 
 
 @needs_onednn_bf16
-def test_a_weight_changed_between_calls_is_used_as_changed(bf16_model, tiny_backbone, monkeypatch):
+def test_a_weight_changed_between_calls_is_used_as_changed(bf16_model, tiny_backbone, reorders):
     """The copies are made per call: a change through .data (as a LoRA merge makes it, invisible to
     the version counter) is in the next call's output."""
     model = copy.deepcopy(bf16_model)
@@ -82,11 +91,8 @@ def test_a_weight_changed_between_calls_is_used_as_changed(bf16_model, tiny_back
     e = HFEngine(model, tiny_backbone.tokenizer, SamplingParams(temperature=0.0, max_new_tokens=1), batch_size=8,
                  packed_weights=True)
     x = model.get_input_embeddings().weight[:5].detach()
-    reordered = []
-    real = packed._reorder
-    monkeypatch.setattr(packed, "_reorder", lambda w, hint: reordered.append(w.shape) or real(w, hint))
     before = e.prefill(x).logits
-    assert len(reordered) == sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert len(reorders) == sum(isinstance(m, torch.nn.Linear) for m in model.modules())
     head = model.get_output_embeddings()
     head.weight.data.mul_(-1)
     after = e.prefill(x).logits
@@ -168,31 +174,28 @@ def test_calls_of_more_rows_than_a_decoding_step_run_plain_linear(monkeypatch):
 
 
 @needs_onednn_bf16
-def test_a_layer_packs_its_copy_at_its_first_decoding_sized_call(bf16_model, tiny_backbone, monkeypatch):
+def test_a_layer_packs_its_copy_at_its_first_decoding_sized_call(bf16_model, tiny_backbone, reorders):
     """No copy exists before a layer's first call of at most max_rows rows: a prefix's prefill (a call
     that never decodes) packs only the head (its last row), a decoding call packs each layer once,
     however many steps."""
-    reordered = []
-    real = packed._reorder
-    monkeypatch.setattr(packed, "_reorder", lambda w, hint: reordered.append(hint) or real(w, hint))
     lin = torch.nn.Linear(16, 8).bfloat16().requires_grad_(False)
     with torch.no_grad(), packed.packed_linears(lin, rows_hint=4) as n:
         assert n == 1
         lin(torch.randn(9, 16).bfloat16())  # more rows than max_rows: plain, no copy
-        assert reordered == []
+        assert reorders == []
         for _ in range(3):
             lin(torch.randn(2, 16).bfloat16())
-        assert reordered == [4]
+        assert reorders == [4]
     with torch.no_grad(), packed.packed_linears(lin, rows_hint=4):
         lin(torch.randn(2, 16).bfloat16())  # a new block: a new copy
-    assert reordered == [4, 4]
+    assert reorders == [4, 4]
     # the engine: a prefix longer than batch_size rows packs only the head (its one last-position row);
     # decoding from it packs every other layer
     n_linear = sum(isinstance(m, torch.nn.Linear) for m in bf16_model.modules())
     e = HFEngine(bf16_model, tiny_backbone.tokenizer, SamplingParams(temperature=0.0, max_new_tokens=3),
                  batch_size=2, packed_weights=True)
-    reordered.clear()
+    reorders.clear()
     prefix = e.prefill(bf16_model.get_input_embeddings().weight[:6].detach())
-    assert reordered == [2]
+    assert reorders == [2]
     e.generate_shared(prefix, [0, 1])
-    assert reordered == [2] * (1 + n_linear)  # a call's copies are its own: the head is packed again
+    assert reorders == [2] * (1 + n_linear)  # a call's copies are its own: the head is packed again

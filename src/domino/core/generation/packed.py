@@ -98,7 +98,7 @@ def _reorder(weight: torch.Tensor, rows_hint: int) -> torch.Tensor:
 def _packed_forward(weight: torch.Tensor, bias: torch.Tensor | None, rows_hint: int, max_rows: int):
     """A linear layer's forward that runs oneDNN's linear on a packed copy of `weight` for calls of at
     most `max_rows` rows, the copy made at the first such call (so a call that never decodes, a
-    prefix's prefill, makes none), and plain F.linear otherwise."""
+    prefix's prefill, makes none but the head's, for its last row), and plain F.linear otherwise."""
     linear, packed = torch.ops.mkldnn._linear_pointwise, None
 
     def forward(x: torch.Tensor) -> torch.Tensor:
