@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from domino.core.backbone import load_backbone
+from domino.core.backbone import cache_kwargs, load_backbone
 
 
 def main():
@@ -34,12 +34,12 @@ def main():
     cache = StaticCache(config=model.config, max_cache_len=P + N + 8)
 
     def step(tok, pos, cache_position):
-        out = model(input_ids=tok, position_ids=pos, past_key_values=cache, cache_position=cache_position,
-                    use_cache=True)
+        out = model(input_ids=tok, position_ids=pos, cache_position=cache_position, use_cache=True,
+                    **cache_kwargs(model, cache))
         return out.logits[:, -1].max(-1).indices
 
     with torch.no_grad():
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(P))
+        out = model(input_ids=ids, use_cache=True, cache_position=torch.arange(P), **cache_kwargs(model, cache))
         nxt = out.logits[:, -1].max(-1).indices
         f = torch.compile(step, dynamic=False) if a.mode == "compile" else step
         times = []

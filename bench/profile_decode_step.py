@@ -18,7 +18,7 @@ import time
 import torch
 from torch.profiler import profile
 
-from domino.core.backbone import load_backbone
+from domino.core.backbone import cache_kwargs, load_backbone
 from domino.core.generation.hf import HFEngine, buffered
 from domino.core.generation.params import SamplingParams
 
@@ -64,7 +64,7 @@ def main():
         mask = torch.ones(B, P, dtype=torch.long)
         times = []
         with torch.inference_mode():
-            out = dec(input_ids=ids, past_key_values=cache, use_cache=True, attention_mask=mask)
+            out = dec(input_ids=ids, use_cache=True, attention_mask=mask, **cache_kwargs(dec, cache))
             if kind == "buffered":
                 cache = buffered(cache, 64)
             nxt = head(out.last_hidden_state[:, -1]).argmax(-1)
@@ -72,7 +72,7 @@ def main():
                 for s in range(N):
                     t = time.perf_counter()
                     mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
-                    kw = dict(input_ids=nxt[:, None], past_key_values=cache, use_cache=True,
+                    kw = dict(input_ids=nxt[:, None], use_cache=True, **cache_kwargs(dec, cache),
                               position_ids=torch.full((B, 1), P + s), attention_mask=mask)
                     if kind == "static":
                         kw["cache_position"] = torch.tensor([P + s])

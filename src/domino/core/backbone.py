@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import json
 import logging
 from dataclasses import dataclass
@@ -26,6 +27,27 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 EMBEDDED_ID = embedded.EMBEDDED[embedded.DEFAULT].hub_id
+
+
+# --------------------------------------------------------------------------------------------
+# the KV cache's keyword: transformers 5.x renamed a forward's `past_key_values` to `cache` (the old
+# name warns, and goes in 5.40); setup.cfg allows 4.56 onwards, which know only the old one
+
+@lru_cache(maxsize=None)
+def _takes_cache(cls) -> bool:
+    return "cache" in inspect.signature(cls.forward).parameters
+
+
+def cache_kwargs(model: nn.Module, cache) -> dict:
+    """{name: cache} for `model(...)`: `cache` where its forward takes that name, else
+    `past_key_values` (a PEFT wrapper is asked about the model it wraps)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return {"cache" if _takes_cache(type(base)) else "past_key_values": cache}
+
+
+def output_cache(out):
+    """The KV cache a forward returned, under the name its output class declares."""
+    return out.cache if "cache" in getattr(type(out), "__dataclass_fields__", {}) else out.past_key_values
 
 
 @dataclass
@@ -218,7 +240,10 @@ def load_backbone(name: str = "smollm2", path: str | None = None, dtype: str | N
     if gradient_checkpointing:
         # inputs_embeds come from trainable soft tokens, so the checkpointed blocks see inputs that
         # require grad; non-reentrant checkpointing handles frozen weights correctly.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5.x's name (the old one warns)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     freeze(model)
     return Backbone(model=model, tokenizer=tok, id=ident, hidden_size=model.config.hidden_size,
                     model_hash=model_config_hash(model.config), dtype=str(torch_dtype).replace("torch.", ""))

@@ -26,10 +26,10 @@ every continuation forward from the prefix tensors (HF's cache mutates itself on
 
 Memory: without gradient checkpointing every chunk's activations stay alive until backward, so
 `chunk_size` bounds only the transient tensors of one forward (masks, concatenated K/V, logits).
-With `model.gradient_checkpointing_enable(...)` each continuation chunk is checkpointed as a whole
-here (HF's per-layer checkpointing is inactive on a frozen backbone in eval mode, and would drop
-the cache in train mode): then only one chunk's activations are alive at a time and `chunk_size`
-caps the peak, for one extra forward of the continuations.
+With activation checkpointing on (`backbone.gradient_checkpointing=true`) each continuation chunk is
+checkpointed as a whole here (HF's per-layer checkpointing is inactive on a frozen backbone in eval
+mode, and would drop the cache in train mode): then only one chunk's activations are alive at a time
+and `chunk_size` caps the peak, for one extra forward of the continuations.
 
 Sampled negatives (`negatives=K`): row i computes l_ii plus K columns drawn uniformly without
 replacement from j != i, so the matrix costs B(K+1) continuations instead of B^2. Unsampled entries
@@ -165,9 +165,10 @@ def _run(model, embeds, attention_mask, kv, past_len, pos_start=None):
     cache = _cache(model, kv) if kv is not None else None
     pos = torch.arange(T, device=embeds.device).unsqueeze(0).expand(N, -1)
     pos = pos + (past_len if pos_start is None else pos_start.unsqueeze(1))
-    out = _decoder(model)(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=pos,
-                          past_key_values=cache, use_cache=True)
-    new_kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+    dec = _decoder(model)
+    out = dec(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=pos, use_cache=True,
+              **backbone.cache_kwargs(dec, cache))
+    new_kv = [(layer.keys, layer.values) for layer in backbone.output_cache(out).layers]
     return out.last_hidden_state, new_kv
 
 

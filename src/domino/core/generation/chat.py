@@ -179,6 +179,7 @@ class HFChatGenerator(_ChatGenerator):
         import torch
         from transformers import DynamicCache
 
+        from domino.core.backbone import cache_kwargs, output_cache
         from domino.core.generation.hf import last_logits
         sep = " " if prefix and not prefix.endswith(" ") else ""
         opt_ids = [list(self.tok(sep + o, add_special_tokens=False)["input_ids"]) for o in options]
@@ -186,19 +187,19 @@ class HFChatGenerator(_ChatGenerator):
         model, dev = self.engine.model, self.engine.device
         with torch.no_grad():
             first, out = last_logits(model, 1, input_ids=torch.tensor([base], device=dev),
-                                     past_key_values=DynamicCache(config=model.config), use_cache=True)
+                                     use_cache=True, **cache_kwargs(model, DynamicCache(config=model.config)))
             logp0 = first[0, -1].log_softmax(-1)
             scores = [float(logp0[ids[0]]) if ids else 0.0 for ids in opt_ids]
             T = max(len(ids) for ids in opt_ids) - 1
             if T > 0:  # position j of the continuation predicts option token j + 1
-                cache = out.past_key_values
+                cache = output_cache(out)
                 cache.batch_repeat_interleave(len(opt_ids))
                 cont = torch.full((len(opt_ids), T), self.tok.pad_token_id or 0, dtype=torch.long)
                 for i, ids in enumerate(opt_ids):
                     cont[i, :max(0, len(ids) - 1)] = torch.tensor(ids[:-1], dtype=torch.long)
                 pos = torch.arange(len(base), len(base) + T)[None].expand(len(opt_ids), -1)
                 logits, _ = last_logits(model, T, input_ids=cont.to(dev), position_ids=pos.to(dev),
-                                        past_key_values=cache, use_cache=True)
+                                        use_cache=True, **cache_kwargs(model, cache))
                 logp = logits.log_softmax(-1)
                 for i, ids in enumerate(opt_ids):
                     scores[i] += sum(float(logp[i, j - 1, t]) for j, t in enumerate(ids) if j > 0)

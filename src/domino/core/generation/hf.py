@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from domino.core.backbone import cache_kwargs, output_cache
 from domino.core.generation import packed
 from domino.core.generation.params import Generation, SamplingParams
 from domino.core.scratch import Scratch
@@ -217,8 +218,8 @@ class HFEngine:
         if embeds.dim() != 2 or embeds.shape[0] < 1:
             raise ValueError(f"prefix embeddings must be (P>=1, hidden), got {tuple(embeds.shape)}")
         logits, out = self._prefill_forward(inputs_embeds=embeds[None].to(self.device, self.dtype),
-                                            past_key_values=DynamicCache(config=self.model.config), use_cache=True)
-        kv = [(layer.keys.detach(), layer.values.detach()) for layer in out.past_key_values.layers]
+                                            use_cache=True, **self._cache_kw(DynamicCache(config=self.model.config)))
+        kv = [(layer.keys.detach(), layer.values.detach()) for layer in output_cache(out).layers]
         return SharedPrefix(kv=kv, logits=logits[0, -1], length=embeds.shape[0])
 
     def _expand(self, prefix: SharedPrefix, B: int):
@@ -311,9 +312,12 @@ class HFEngine:
             mask[i, T - len(p):] = 1
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         logits, out = self._prefill_forward(input_ids=ids, attention_mask=mask, position_ids=position_ids,
-                                            past_key_values=DynamicCache(config=self.model.config), use_cache=True)
+                                            use_cache=True, **self._cache_kw(DynamicCache(config=self.model.config)))
         self.n_prefill += 1
-        return out.past_key_values, logits[:, -1], mask.sum(-1), mask
+        return output_cache(out), logits[:, -1], mask.sum(-1), mask
+
+    def _cache_kw(self, cache) -> dict:
+        return cache_kwargs(self.model, cache)
 
     def _prefill_forward(self, **inputs):
         """`last_logits` of a prefill (a prefix or prompts), counted in n_forward and timed in prefill_s."""
@@ -418,7 +422,7 @@ class HFEngine:
                 if mask is not None:
                     mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
                 out = self.model(input_ids=nxt[:, None], attention_mask=self._step_mask(mask, cache, len(rows)),
-                                 position_ids=pos[:, None], past_key_values=cache, use_cache=True)
+                                 position_ids=pos[:, None], use_cache=True, **self._cache_kw(cache))
                 self.n_forward += 1
                 pos = pos + 1
                 head = out.logits[:, -1]
