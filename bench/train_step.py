@@ -11,9 +11,9 @@ vocabulary, every text full length: no padding). One step = forward + backward o
 `combine(...)["loss"]` (paper form) on an embedded backbone (default SmolLM2-135M, fp32), CPU.
 Each subprocess runs `--steps` steps (default 2): the first (cold: first touch of its memory) and
 the rest (warm: what every later step of a training run costs; with more than one, the warm
-figures are those of the median warm step, and every step's time is kept). The second step can still
-pay for first touches the third no longer does (0.5B bf16, 4x64x128, AMD: 20-22 s second, 18-19 s
-third), so `--steps 4` reads the steady state.
+figures are those of the median warm step, and every step's time is kept). Later steps can still
+get faster (0.5B bf16, 4x64x128, AMD, `--steps 4`: warm steps 21.4, 19.9, 18.8 s; the released
+computation 56.9, 50.7, 51.0 s), so more steps read nearer the steady state.
 
 Every (shape, impl, repetition) runs in a fresh subprocess, interleaved (rep 0: s,e; rep 1: e,s;
 ...), so that each step's peak memory can be read from the kernel: peak RSS of the process
