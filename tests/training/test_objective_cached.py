@@ -265,6 +265,18 @@ def test_qwen2_family_matches():
                     step(straightforward_nll, model, D0, S0, ids, am, form))
 
 
+def test_eager_attention_matches():
+    """HF's eager attention reads the same 4D masks (prefix columns, padding) as SDPA: same contract
+    (its own model: setting the implementation mutates it)."""
+    bb = load_backbone(path="tiny", tiny=TINY, dtype="float32")
+    bb.model.set_attn_implementation("eager")
+    ids, am = batch(bb.tokenizer.pad_token_id)
+    D0, S0 = prompts(64)
+    ref = step(straightforward_nll, bb.model, D0, S0, ids, am)
+    for layout in ("joint", "split"):
+        assert_same(step(cached_nll, bb.model, D0, S0, ids, am, chunk_size=3, layout=layout), ref)
+
+
 # ------------------------------------------------------------------------ sampled negatives
 
 
