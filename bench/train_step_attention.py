@@ -10,15 +10,14 @@ The first step of the process (whichever variant) is also its cold one: read the
 """
 import argparse
 import contextlib
+import functools
 import json
-import time
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from train_step import step_inputs
+from train_step import step_inputs, timed_step
 
 from domino.core.backbone import load_backbone
-from domino.training.objective import combine
 from domino.training.objective_cached import cached_nll
 
 VARIANTS = ("sdpa", "math", "eager")
@@ -36,23 +35,19 @@ def main() -> None:
     B, k, L = (int(x) for x in a.shape.lower().split("x"))
     model = load_backbone(path=a.backbone, dtype=a.dtype).model
     ids, am, D, S = step_inputs(model, B, k, L, 0)
+    fn = functools.partial(cached_nll, layout=a.layout)
     ref, rows = None, []
     for r in range(a.reps):
         for v in (VARIANTS if r % 2 == 0 else VARIANTS[::-1]):
             model.set_attn_implementation("eager" if v == "eager" else "sdpa")
             ctx = sdpa_kernel(SDPBackend.MATH) if v == "math" else contextlib.nullcontext()
-            D.grad = S.grad = None
-            t = time.perf_counter()
             with ctx:
-                dom, mat = cached_nll(model, D, S, ids, am, layout=a.layout)
-                loss = combine(dom, mat, form="paper")["loss"]
-                loss.backward()
-            s = time.perf_counter() - t
+                s, loss = timed_step(fn, model, D, S, ids, am)
             g = (D.grad.clone(), S.grad.clone())
             ref = ref or g
             diff = [((x - y).norm() / y.norm()).item() for x, y in zip(g, ref)]
-            rows.append({"variant": v, "rep": r, "step_s": s, "loss": loss.item(), "grad_rel_diff": diff})
-            print(f"{v}: {s:.2f} s, loss {loss.item():.6f}, D/S gradients {diff[0]:.2e} / {diff[1]:.2e} "
+            rows.append({"variant": v, "rep": r, "step_s": s, "loss": loss, "grad_rel_diff": diff})
+            print(f"{v}: {s:.2f} s, loss {loss:.6f}, D/S gradients {diff[0]:.2e} / {diff[1]:.2e} "
                   "from the first step's", flush=True)
     out = {"shape": a.shape, "backbone": a.backbone, "dtype": a.dtype, "layout": a.layout,
            "threads": torch.get_num_threads(), "steps": rows}

@@ -28,6 +28,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture()
+def one_thread():
+    """torch on one thread for the test (2 shared cores: oversubscribed OpenMP threads make tiny
+    models 10x slower), restored after it."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_backbone():
     from domino.core.backbone import load_backbone

@@ -11,14 +11,7 @@ import torch
 from domino.core.generation.hf import HFEngine
 from domino.core.generation.params import SamplingParams, sample_seed
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # 2 shared cores: oversubscribed OpenMP threads make tiny models 10x slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -20,13 +20,7 @@ from domino.core.generation.params import SamplingParams
 from domino.training.objective import combine
 from domino.training.objective_cached import cached_nll
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class _OldModel(torch.nn.Module):  # a forward from before the rename

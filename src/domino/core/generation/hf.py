@@ -214,12 +214,10 @@ class HFEngine:
     @engine_call
     def prefill(self, embeds: torch.Tensor) -> SharedPrefix:
         """Run a (P, h) prefix once and keep its cache: the only time the prefix is computed."""
-        from transformers import DynamicCache
         if embeds.dim() != 2 or embeds.shape[0] < 1:
             raise ValueError(f"prefix embeddings must be (P>=1, hidden), got {tuple(embeds.shape)}")
-        logits, out = self._prefill_forward(inputs_embeds=embeds[None].to(self.device, self.dtype),
-                                            use_cache=True, **self._cache_kw(DynamicCache(config=self.model.config)))
-        kv = [(layer.keys.detach(), layer.values.detach()) for layer in output_cache(out).layers]
+        logits, cache = self._prefill_forward(inputs_embeds=embeds[None].to(self.device, self.dtype))
+        kv = [(layer.keys.detach(), layer.values.detach()) for layer in cache.layers]
         return SharedPrefix(kv=kv, logits=logits[0, -1], length=embeds.shape[0])
 
     def _expand(self, prefix: SharedPrefix, B: int):
@@ -302,7 +300,6 @@ class HFEngine:
 
     def _prefill_prompts(self, prompts: list[list[int]]):
         """(cache, last logits, next positions, attention mask) of left-padded token-id prompts."""
-        from transformers import DynamicCache
         B, T = len(prompts), max(len(p) for p in prompts)
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
         ids = torch.full((B, T), pad, dtype=torch.long, device=self.device)
@@ -311,21 +308,20 @@ class HFEngine:
             ids[i, T - len(p):] = torch.tensor(p, device=self.device)
             mask[i, T - len(p):] = 1
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits, out = self._prefill_forward(input_ids=ids, attention_mask=mask, position_ids=position_ids,
-                                            use_cache=True, **self._cache_kw(DynamicCache(config=self.model.config)))
+        logits, cache = self._prefill_forward(input_ids=ids, attention_mask=mask, position_ids=position_ids)
         self.n_prefill += 1
-        return output_cache(out), logits[:, -1], mask.sum(-1), mask
-
-    def _cache_kw(self, cache) -> dict:
-        return cache_kwargs(self.model, cache)
+        return cache, logits[:, -1], mask.sum(-1), mask
 
     def _prefill_forward(self, **inputs):
-        """`last_logits` of a prefill (a prefix or prompts), counted in n_forward and timed in prefill_s."""
+        """(`last_logits`, the new KV cache) of a prefill (a prefix or prompts) into a fresh
+        DynamicCache, counted in n_forward and timed in prefill_s."""
+        from transformers import DynamicCache
         t = time.perf_counter()
-        out = last_logits(self.model, **inputs)
+        logits, out = last_logits(self.model, use_cache=True,
+                                  **cache_kwargs(self.model, DynamicCache(config=self.model.config)), **inputs)
         self.n_forward += 1
         self.prefill_s += time.perf_counter() - t
-        return out
+        return logits, output_cache(out)
 
     def _join(self, cache, mask: torch.Tensor, new_cache, new_mask: torch.Tensor):
         """The running batch's cache and mask with the new rows' appended below. Each side first
@@ -422,7 +418,7 @@ class HFEngine:
                 if mask is not None:
                     mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
                 out = self.model(input_ids=nxt[:, None], attention_mask=self._step_mask(mask, cache, len(rows)),
-                                 position_ids=pos[:, None], use_cache=True, **self._cache_kw(cache))
+                                 position_ids=pos[:, None], use_cache=True, **cache_kwargs(self.model, cache))
                 self.n_forward += 1
                 pos = pos + 1
                 head = out.logits[:, -1]
