@@ -120,14 +120,26 @@ def test_packing_keeps_per_example_labels_and_attention(tok, lora):
     torch.testing.assert_close(sp, sa, rtol=1e-5, atol=1e-4)
 
 
-def test_head_on_labelled_positions_equals_full_logits(tok, lora):
+@pytest.mark.parametrize("targets", [None, ("q_proj", "lm_head")])
+def test_head_on_labelled_positions_equals_full_logits(tok, lora, targets):
+    """The loss and the LoRA gradients of nll_sum (the fused head, or plain autograd where LoRA
+    wraps the head) equal cross-entropy over the adapted model's full logits."""
+    if targets is not None:
+        lora = LoRAModule(TINY, r=4, alpha=8, dropout=0.0, seed=0, target_modules=targets).eval()
+        with torch.no_grad():
+            for p in lora.parameters():
+                if p.requires_grad:
+                    p.add_(0.2 * torch.randn_like(p))
     batch = Collate(tok.pad_token_id, False)(as_rows([encode_chat(tok, r["messages"]) for r in load_sft(SMALL)[:3]]))
-    with torch.no_grad():
-        total, count = lora.nll_sum(batch)
-        full = lora(batch["input_ids"], batch["attention_mask"])[:, :-1]
+    params = [p for p in lora.parameters() if p.requires_grad]
+    total, count = lora.nll_sum(batch)
+    got = torch.autograd.grad(total, params)
+    full = lora(batch["input_ids"], batch["attention_mask"])[:, :-1]
     ref = torch.nn.functional.cross_entropy(full.reshape(-1, full.shape[-1]), batch["labels"][:, 1:].reshape(-1),
                                             ignore_index=IGNORE, reduction="sum")
     torch.testing.assert_close(total, ref, rtol=1e-5, atol=1e-4)
+    for g, r in zip(got, torch.autograd.grad(ref, params)):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
     assert count == (batch["labels"][:, 1:] != IGNORE).sum()
 
 

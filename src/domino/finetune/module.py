@@ -15,6 +15,7 @@ from torchmetrics import MeanMetric
 from domino.core.backbone import count_params, load_backbone, params_line
 from domino.core.trainer import load_metric_states, save_metric_states
 from domino.finetune.data import IGNORE
+from domino.training.objective_cached import token_nll
 
 log = logging.getLogger(__name__)
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -74,7 +75,10 @@ class LoRAModule(L.LightningModule):
 
     def nll_sum(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed NLL, count) over the assistant tokens of the batch. The LM head runs only on the
-        positions that predict a labelled token, which at a 150k vocabulary is most of the memory."""
+        positions that predict a labelled token, through the fused head + cross-entropy of the
+        objective (`token_nll`): no (tokens x vocabulary) logits or their fp32 copy and gradient are
+        kept, the softmax runs in cache-sized row blocks (at a 150k vocabulary that was 12% of a
+        step and most of its memory: bench/README.md)."""
         targets = batch["labels"][:, 1:]
         sel = targets != IGNORE
         base = self.model.get_base_model()
@@ -83,11 +87,9 @@ class LoRAModule(L.LightningModule):
                       position_ids=batch.get("position_ids"), use_cache=False)
         if getattr(base.config, "final_logit_softcapping", None):  # the head is more than a linear layer
             logits = self.model(**kwargs).logits[:, :-1][sel]
-        else:
-            hidden = base.get_decoder()(**kwargs).last_hidden_state
-            logits = base.get_output_embeddings()(hidden[:, :-1][sel])
-        nll = F.cross_entropy(logits.float(), targets[sel], reduction="sum")
-        return nll, sel.sum()
+            return F.cross_entropy(logits.float(), targets[sel], reduction="sum"), sel.sum()
+        hidden = base.get_decoder()(**kwargs).last_hidden_state
+        return token_nll(base.get_output_embeddings(), hidden[:, :-1][sel], targets[sel]).sum(), sel.sum()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         # LoRA dropout masks from (seed, step, batch), not the global RNG stream, which no checkpoint

@@ -114,9 +114,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 def token_nll(head: torch.nn.Module, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """fp32 NLL of `target` (M,) under head(hidden) (M, h)."""
-    weight, bias = head.weight, getattr(head, "bias", None)
-    if weight.requires_grad or (bias is not None and bias.requires_grad):
-        # an unfrozen head needs its own gradient: plain autograd
+    weight, bias = getattr(head, "weight", None), getattr(head, "bias", None)
+    if (type(head) is not torch.nn.Linear or weight.requires_grad
+            or (bias is not None and bias.requires_grad)):
+        # an unfrozen head needs its own gradient, and a wrapped one (a LoRA adapter on the head)
+        # computes more than its weight: plain autograd
         logits = head(hidden).float()
         return F.cross_entropy(logits, target, reduction="none")
     chunk = max(1, LOGIT_BUDGET // weight.shape[0])
