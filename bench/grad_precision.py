@@ -7,7 +7,8 @@ tree's path on the same backbone run in fp32, same inputs.
 
 Prints the loss of each and the relative error ||g - g_fp32|| / ||g_fp32|| of the gradients of D
 and S: the scale against which a change's effect on bf16 gradients is to be read. `--attn`: the
-bf16 steps of this tree under each listed attention implementation (the fp32 reference runs SDPA).
+bf16 steps of this tree under each listed attention implementation (the fp32 reference runs SDPA;
+sdpa_fp32 and math_fp32 are bench/train_step_attention.py's).
 """
 from __future__ import annotations
 
@@ -25,6 +26,9 @@ def main() -> None:
 
     from train_step import step_inputs, timed_step  # bench/train_step.py
     from train_step_ab import load_old
+    from train_step_attention import register
+
+    register()  # --attn may name sdpa_fp32 / math_fp32
 
     from domino.core.backbone import load_backbone
     from domino.training import objective_cached
