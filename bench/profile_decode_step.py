@@ -4,13 +4,15 @@ embedded Qwen2.5-Coder-0.5B-Instruct (bf16 on a CPU with bf16 kernels), each ste
 2-D attention mask as the engine's prompt batches are.
 
     .venv/bin/python bench/profile_decode_step.py dynamic buffered static engine [--batch 64 --prompt 160 --steps 8]
+        [--adapter <finetune run>/adapter]
 
 dynamic: transformers' DynamicCache (concatenates the whole cache every step); buffered: the same
 cache with `domino.core.generation.hf.buffered` layers (spare columns, one column written a step);
 static: transformers' StaticCache; engine: `HFEngine.generate_shared` itself (its picks, stop
 checks, step masks and `--packed` weights) decoding `--steps` tokens a row from a prefix prefilled
-before the profiler starts, the weights packed before it too. Prints each kind's median step (the
-engine's: its decoding loop's time over the steps) and the costliest ops.
+before the profiler starts, the weights packed before it too (`--adapter DIR`: with a LoRA adapter
+attached as evaluate.py attaches it). Prints each kind's median step (the engine's: its decoding
+loop's time over the steps) and the costliest ops.
 """
 import argparse
 import time
@@ -48,6 +50,7 @@ def main():
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--packed", choices=["auto", "false"], default="auto", help="engine: engine.packed_weights")
     ap.add_argument("--rows", type=int, default=10, help="ops shown")
+    ap.add_argument("--adapter", default=None, help="engine: a LoRA adapter directory (finetune.py's adapter/)")
     a = ap.parse_args()
     from transformers import DynamicCache, StaticCache
     bb = load_backbone(path="embedded:qwen2.5-coder-0.5b-instruct")
@@ -57,7 +60,11 @@ def main():
     dec, head = model.get_decoder(), model.get_output_embeddings()
     for kind in a.kinds:
         if kind == "engine":
-            profile_engine(model, bb.tokenizer, ids, N, a.packed, a.rows)
+            m = model
+            if a.adapter:  # as evaluate.py attaches a fine-tuned adapter (unmerged on a bf16 backbone)
+                from domino.evaluation.generation import load_adapter
+                m = load_adapter(model, a.adapter, merge=bb.dtype == "float32")[0]
+            profile_engine(m, bb.tokenizer, ids, N, a.packed, a.rows)
             continue
         cache = (StaticCache(config=model.config, max_cache_len=P + N + 8) if kind == "static"
                  else DynamicCache(config=model.config))
