@@ -63,7 +63,7 @@ def main():
             m = model
             if a.adapter:  # as evaluate.py attaches a fine-tuned adapter (unmerged on a bf16 backbone)
                 from domino.evaluation.generation import load_adapter
-                m = load_adapter(model, a.adapter, merge=bb.dtype == "float32")[0]
+                m = load_adapter(model, a.adapter)[0]
             profile_engine(m, bb.tokenizer, ids, N, a.packed, a.rows)
             continue
         cache = (StaticCache(config=model.config, max_cache_len=P + N + 8) if kind == "static"

@@ -241,3 +241,28 @@ def test_adapter_run_scores_its_heldout_split_and_records_the_lineage(tmp_path):
     assert s["benchmark"]["path"] == str(FX / "bench_heldout.jsonl") and s["tasks"] == 3
     assert s["lineage"]["heldout"] == str(FX / "bench_heldout.jsonl") and s["lineage"]["train_run"] == "/runs/train"
     assert s["adapter_fingerprint"] and s["adapter"] == str(adapter)
+
+
+@pytest.mark.parametrize("dtype,merged", [("float32", True), ("bfloat16", False)])
+def test_an_adapter_is_merged_into_fp32_weights_only(tmp_path, dtype, merged):
+    """load_adapter's default: merged into an fp32 backbone (base-model speed), kept unmerged on a
+    bf16 one (W + BA rounded to bf16 would blur the update); the same outputs either way."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from domino.core.backbone import load_backbone
+    from domino.evaluation.generation import load_adapter
+
+    from ..conftest import TINY
+    peft = get_peft_model(load_backbone(**TINY).model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
+                                                                  init_lora_weights=False))
+    peft.save_pretrained(str(tmp_path / "adapter"))
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        ref = peft(input_ids=ids).logits.float()
+    model, fp = load_adapter(load_backbone(**{**TINY, "dtype": dtype}).model, str(tmp_path / "adapter"))
+    assert isinstance(model, PeftModel) is not merged and fp
+    with torch.no_grad():
+        got = model(input_ids=ids).logits.float()
+    tol = 1e-5 if dtype == "float32" else 5e-2
+    torch.testing.assert_close(got, ref, rtol=tol, atol=tol)

@@ -31,16 +31,20 @@ COMPLETIONS_VERSION = 2
 
 
 # ---------------------------------------------------------------------------------- adapters
-def load_adapter(model, adapter: str | None, merge: bool = True):
-    """Attach a peft LoRA directory, merged into the weights (base-model speed) when `merge`. A
-    bf16 backbone keeps the adapter unmerged: rounding W + BA to bf16 would blur the small update
-    that training learnt on top of the bf16 weights (its fp32 LoRA path is what was trained)."""
+def load_adapter(model, adapter: str | None, merge: bool | None = None):
+    """Attach a peft LoRA directory, merged into the weights (base-model speed) when `merge`; by
+    default (None) where the backbone's weights are fp32 only. A bf16 backbone keeps the adapter
+    unmerged: rounding W + BA to bf16 would blur the small update that training learnt on top of
+    the bf16 weights (its fp32 LoRA path is what was trained)."""
     if not adapter:
         return model, None
+    import torch
     from peft import PeftModel
     path = Path(adapter).expanduser()
     if not (path / "adapter_config.json").exists():
         raise FileNotFoundError(f"adapter={adapter}: no adapter_config.json there (a peft LoRA dir?)")
+    if merge is None:
+        merge = next(model.parameters()).dtype == torch.float32
     model = PeftModel.from_pretrained(model, str(path))
     if merge:
         model = model.merge_and_unload()
@@ -91,7 +95,7 @@ def build_engine(backbone_cfg: dict, ecfg: dict[str, Any], params: SamplingParam
         return (eng, tok, ident["backbone_id"],
                 adapter_fingerprint(Path(adapter).expanduser()) if adapter else None, ident["dtype"])
     bb = factory.load_model(backbone_cfg, ecfg)
-    model, adapter_fp = load_adapter(bb.model, adapter, merge=bb.dtype == "float32")
+    model, adapter_fp = load_adapter(bb.model, adapter)
     model = model.to(bb.model.device)
     return factory.open_hf(model, bb.tokenizer, params, ecfg), bb.tokenizer, bb.id, adapter_fp, bb.dtype
 
