@@ -61,16 +61,20 @@ def tok(tiny_backbone):
     return tiny_backbone.tokenizer
 
 
-@pytest.fixture(scope="module")
-def lora(tiny_backbone):
+def perturbed_lora(**kw) -> LoRAModule:
     """A LoRA module whose B matrices are non-zero (fresh LoRA is a no-op by construction)."""
-    m = LoRAModule(TINY, r=4, alpha=8, dropout=0.0, seed=0)
+    m = LoRAModule(TINY, r=4, alpha=8, dropout=0.0, seed=0, **kw)
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(1)
         for n, p in m.named_parameters():
             if p.requires_grad:
                 p.add_(0.2 * torch.randn_like(p))
     return m.eval()
+
+
+@pytest.fixture(scope="module")
+def lora(tiny_backbone):
+    return perturbed_lora()
 
 
 # ---------------------------------------------------------------------------- records & labels
@@ -125,11 +129,7 @@ def test_head_on_labelled_positions_equals_full_logits(tok, lora, targets):
     """The loss and the LoRA gradients of nll_sum (the fused head, or plain autograd where LoRA
     wraps the head) equal cross-entropy over the adapted model's full logits."""
     if targets is not None:
-        lora = LoRAModule(TINY, r=4, alpha=8, dropout=0.0, seed=0, target_modules=targets).eval()
-        with torch.no_grad():
-            for p in lora.parameters():
-                if p.requires_grad:
-                    p.add_(0.2 * torch.randn_like(p))
+        lora = perturbed_lora(target_modules=targets)
     batch = Collate(tok.pad_token_id, False)(as_rows([encode_chat(tok, r["messages"]) for r in load_sft(SMALL)[:3]]))
     params = [p for p in lora.parameters() if p.requires_grad]
     total, count = lora.nll_sum(batch)
