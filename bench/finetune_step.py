@@ -1,16 +1,21 @@
 """One LoRA SFT step (`LoRAModule.nll_sum` forward + backward) with the LM head fused to its
 cross-entropy (`fused`, the default since this bench: `objective_cached.token_nll`) against the
-head's logits then `F.cross_entropy` (`plain`, what nll_sum did before).
+head's logits then `F.cross_entropy` (`plain`, what nll_sum did before), or against `masked`:
+nll_sum with the batch's attention mask and position ids always passed to the model (what it did
+before `module.attention_inputs` dropped them for right-padded rows).
 
     cd bench && PYTHONPATH=../src ../.venv/bin/python finetune_step.py [--shape 4x530] [--labelled 0.68]
         [--steps 3] [--reps 2] [--backbone embedded:qwen2.5-coder-0.5b-instruct] [--dtype auto]
+        [--variants fused,plain] [--lengths 530,470,420,300]
         [--out results/x.json]
 
 A shape BxT is B rows of T random tokens, no padding; the last `labelled` fraction of each row
 carries labels (make demo's SFT data: 33 records, 17,529 tokens, 11,840 labelled: 531 tokens a
-record, 68% labelled; batch 4). LoRA as the demo trains it (r=16, q/k/v/o, dropout 0.05). Every
-(variant, repetition) runs `--steps` steps in a fresh subprocess, interleaved (rep 0: fused, plain;
-rep 1: plain, fused), and reports each step's seconds, the median of the steps after the first
+record, 68% labelled; batch 4). `--lengths`: rows of these lengths instead, right-padded to the
+longest by finetune's own Collate (attention mask, position ids), as a real batch is. LoRA as the
+demo trains it (r=16, q/k/v/o, dropout 0.05). Every (variant, repetition) runs `--steps` steps in
+a fresh subprocess, interleaved (rep 0: the two `--variants` in order; rep 1: reversed), and
+reports each step's seconds, the median of the steps after the first
 (warm), the peak RSS over the steps minus the RSS before them (MiB) and the loss; the first
 subprocess's LoRA gradients (after its last step) are compared with the other variant's, as one
 vector (same seed, same inputs, same dropout masks).
@@ -28,7 +33,7 @@ from pathlib import Path
 
 from train_step import rss_kb
 
-VARIANTS = ("fused", "plain")
+VARIANTS = ("fused", "plain", "masked")
 
 
 def plain_nll_sum(lora, batch):
@@ -48,17 +53,24 @@ def plain_nll_sum(lora, batch):
 def child(a) -> dict:
     import torch
 
+    from domino.finetune import module
+    from domino.finetune.data import IGNORE, Collate, Row
     from domino.finetune.module import LoRAModule
     B, T = (int(x) for x in a.shape.lower().split("x"))
     lora = LoRAModule({"path": a.backbone, "dtype": a.dtype}, r=16, alpha=32, dropout=0.05, seed=0)
     lora.train()
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, lora.tokenizer.vocab_size, (B, T), generator=g)
-    labels = ids.clone()
-    labels[:, : T - int(round(a.labelled * T))] = -100
-    batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
+    lengths = [int(x) for x in a.lengths.split(",")] if a.lengths else [T] * B
+    rows = []
+    for n in lengths:
+        ids = torch.randint(0, lora.tokenizer.vocab_size, (n,), generator=g).tolist()
+        cut = n - int(round(a.labelled * n))
+        rows.append(Row(ids, [IGNORE] * cut + ids[cut:], list(range(n))))
+    batch = Collate(lora.tokenizer.pad_token_id, False)(rows)
     params = [p for p in lora.parameters() if p.requires_grad]
-    nll_sum = lora.nll_sum if a.variant == "fused" else (lambda b: plain_nll_sum(lora, b))
+    if a.variant == "masked":
+        module.attention_inputs = lambda b: (b.get("attention_mask"), b.get("position_ids"))
+    nll_sum = (lambda b: plain_nll_sum(lora, b)) if a.variant == "plain" else lora.nll_sum
     before, times, loss = rss_kb(), [], None
     for s in range(a.steps):
         for p in params:
@@ -84,6 +96,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--backbone", default="embedded:qwen2.5-coder-0.5b-instruct")
     ap.add_argument("--dtype", default="auto", help="the backbone's (auto: bf16 where the CPU has bf16 kernels)")
+    ap.add_argument("--variants", default="fused,plain", help="the two variants compared: fused, plain, masked")
+    ap.add_argument("--lengths", default=None, help="comma-separated row lengths (right-padded): a padded batch")
     ap.add_argument("--out", default=None)
     ap.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # a child run
     ap.add_argument("--grads", default=None, help=argparse.SUPPRESS)
@@ -92,11 +106,16 @@ def main() -> None:
         print(json.dumps(child(a)))
         return
     import torch
+    pair = tuple(a.variants.split(","))
+    if len(pair) != 2 or not set(pair) <= set(VARIANTS):
+        ap.error(f"--variants: two of {VARIANTS}, comma-separated")
     rows, grads = [], {}
     for r in range(a.reps):
-        for v in (VARIANTS if r % 2 == 0 else VARIANTS[::-1]):
+        for v in (pair if r % 2 == 0 else pair[::-1]):
             cmd = [sys.executable, __file__, "--variant", v, "--shape", a.shape, "--labelled", str(a.labelled),
                    "--steps", str(a.steps), "--backbone", a.backbone, "--dtype", a.dtype]
+            if a.lengths:
+                cmd += ["--lengths", a.lengths]
             if v not in grads:
                 grads[v] = f"/tmp/finetune_step_grads_{v}.pt"
                 cmd += ["--grads", grads[v]]
@@ -106,16 +125,17 @@ def main() -> None:
             steps = ", ".join(f"{s:.2f}" for s in row["steps_s"])
             print(f"{v}: steps {steps} s, peak RSS +{row['peak_rss_delta_mib']:.0f} MiB, loss {row['loss']:.6f}",
                   flush=True)
-    gf, gp = (torch.load(grads[v]) for v in VARIANTS)
-    gf, gp = (torch.cat([x.flatten().float() for x in g]) for g in (gf, gp))
-    rel = ((gf - gp).norm() / gp.norm()).item()  # all LoRA tensors as one vector (a fresh B's A gets 0)
-    med = {v: statistics.median(x["warm_s"] for x in rows if x["variant"] == v) for v in VARIANTS}
-    print(f"warm medians: fused {med['fused']:.2f} s, plain {med['plain']:.2f} s: plain / fused "
-          f"{med['plain'] / med['fused']:.2f}x; LoRA gradients' relative difference {rel:.2e}")
+    g0, g1 = (torch.load(grads[v]) for v in pair)
+    g0, g1 = (torch.cat([x.flatten().float() for x in g]) for g in (g0, g1))
+    rel = ((g0 - g1).norm() / g1.norm()).item()  # all LoRA tensors as one vector (a fresh B's A gets 0)
+    med = {v: statistics.median(x["warm_s"] for x in rows if x["variant"] == v) for v in pair}
+    print(f"warm medians: {pair[0]} {med[pair[0]]:.2f} s, {pair[1]} {med[pair[1]]:.2f} s: {pair[1]} / {pair[0]} "
+          f"{med[pair[1]] / med[pair[0]]:.2f}x; LoRA gradients' relative difference {rel:.2e}")
     if a.out:
         with open(a.out, "w") as fh:
-            json.dump({"shape": a.shape, "labelled": a.labelled, "backbone": a.backbone, "dtype": a.dtype, "runs": rows,
-                       "warm_median_s": med, "lora_grad_rel_diff": rel}, fh, indent=2)
+            json.dump({"shape": a.shape, "lengths": a.lengths, "labelled": a.labelled, "backbone": a.backbone,
+                       "dtype": a.dtype, "variants": pair, "runs": rows, "warm_median_s": med,
+                       "lora_grad_rel_diff": rel}, fh, indent=2)
 
 
 if __name__ == "__main__":

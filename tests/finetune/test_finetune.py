@@ -143,6 +143,36 @@ def test_head_on_labelled_positions_equals_full_logits(tok, lora, targets):
     assert count == (batch["labels"][:, 1:] != IGNORE).sum()
 
 
+def test_right_padded_rows_run_without_a_mask_and_lose_nothing(tok, lora, monkeypatch):
+    """Collate's unpacked (right-padded) rows go to the model without attention mask or position ids
+    (SDPA's causal path), with the loss and LoRA gradients of the masked forward; any other layout
+    keeps what the batch gives."""
+    from domino.finetune import module
+    rows = as_rows([encode_chat(tok, r["messages"]) for r in load_sft(SMALL)[:4]])
+    batch = Collate(tok.pad_token_id, False)(rows)
+    assert not batch["attention_mask"].all()  # padded: the rows differ in length
+    assert module.attention_inputs(batch) == (None, None)
+    packed = Collate(tok.pad_token_id, True)(pack([encode_chat(tok, r["messages"]) for r in load_sft(SMALL)[:6]], 160))
+    assert module.attention_inputs(packed) == (None, packed["position_ids"])
+    for name, edit in [("left-padded", lambda b: b["attention_mask"].flip(1)),
+                       ("a hole", lambda b: b["attention_mask"].index_fill(1, torch.tensor([1]), 0))]:
+        odd = {**batch, "attention_mask": edit(batch)}
+        got = module.attention_inputs(odd)
+        assert got[0] is odd["attention_mask"] and got[1] is odd["position_ids"], name
+    shifted = {**batch, "position_ids": batch["position_ids"] + 1}
+    assert module.attention_inputs(shifted)[0] is shifted["attention_mask"]
+
+    params = [p for p in lora.parameters() if p.requires_grad]
+    total, count = lora.nll_sum(batch)
+    got = torch.autograd.grad(total, params)
+    monkeypatch.setattr(module, "attention_inputs", lambda b: (b.get("attention_mask"), b.get("position_ids")))
+    ref_total, ref_count = lora.nll_sum(batch)
+    assert count == ref_count
+    torch.testing.assert_close(total, ref_total, rtol=1e-6, atol=1e-5)
+    for g, r in zip(got, torch.autograd.grad(ref_total, params)):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("body,line,match", [
     ('{"id": "a", "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}\n{oops\n',
      2, "malformed JSON"),

@@ -22,6 +22,21 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 CKPT_META = "domino_finetune"
 
 
+def attention_inputs(batch: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(attention_mask, position_ids) for the model. Right-padded rows whose tokens sit at positions
+    0..n-1 (Collate's unpacked rows) need neither: causal attention never lets a real token see the
+    padding after it, and no label falls on the padding, so every labelled position computes what
+    it would with the mask. Without a mask transformers hands SDPA its causal flag, which skips the
+    masked-out upper triangle instead of applying a (rows x T x T) mask (a LoRA step on the 0.5B in
+    bf16 with a padded demo-like batch: bench/README.md). Packed rows keep their position blocks."""
+    mask, pos = batch.get("attention_mask"), batch.get("position_ids")
+    if mask is None:
+        return mask, pos
+    right_padded = bool((mask[:, 1:] <= mask[:, :-1]).all())
+    at_zero = pos is None or bool(((pos == torch.arange(pos.shape[1], device=pos.device)) | (mask == 0)).all())
+    return (None, None) if right_padded and at_zero else (mask, pos)
+
+
 class LoRAModule(L.LightningModule):
     def __init__(self, backbone: dict[str, Any], r: int = 16, alpha: float = 32, dropout: float = 0.05,
                  target_modules: Sequence[str] = DEFAULT_TARGETS, bias: str = "none", lr: float = 2e-4,
@@ -82,9 +97,9 @@ class LoRAModule(L.LightningModule):
         targets = batch["labels"][:, 1:]
         sel = targets != IGNORE
         base = self.model.get_base_model()
+        mask, pos = attention_inputs(batch)
         # use_cache=False: with a cache transformers skips its packed-sequence (block-diagonal) mask
-        kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                      position_ids=batch.get("position_ids"), use_cache=False)
+        kwargs = dict(input_ids=batch["input_ids"], attention_mask=mask, position_ids=pos, use_cache=False)
         if getattr(base.config, "final_logit_softcapping", None):  # the head is more than a linear layer
             logits = self.model(**kwargs).logits[:, :-1][sel]
             return F.cross_entropy(logits.float(), targets[sel], reduction="sum"), sel.sum()
