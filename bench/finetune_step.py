@@ -15,10 +15,10 @@ record, 68% labelled; batch 4). `--lengths`: rows of these lengths instead, righ
 longest by finetune's own Collate (attention mask, position ids), as a real batch is. LoRA as the
 demo trains it (r=16, q/k/v/o, dropout 0.05). Every (variant, repetition) runs `--steps` steps in
 a fresh subprocess, interleaved (rep 0: the two `--variants` in order; rep 1: reversed), and
-reports each step's seconds, the median of the steps after the first
-(warm), the peak RSS over the steps minus the RSS before them (MiB) and the loss; the first
-subprocess's LoRA gradients (after its last step) are compared with the other variant's, as one
-vector (same seed, same inputs, same dropout masks).
+reports each step's seconds, the median of the steps after the first (warm), the peak RSS over
+the steps minus the RSS before them (MiB) and the loss; the first subprocess's LoRA gradients
+(after its last step) are compared with the other variant's, as one vector (same seed, same
+inputs, same dropout masks).
 """
 from __future__ import annotations
 

@@ -11,10 +11,10 @@ and module calls around them, so the same bits (the tokens are compared).
 Each round decodes `--steps` greedy tokens for `--batch` rows from the same prefilled random
 prefix on each side in turn, the order rotated each round (HFEngine.generate_shared, packed
 weights as the engine packs them), so a slow spell of the machine falls on all three sides of a
-round; reports each side's seconds a
-step per round, the per-round ratios and their medians, and whether the tokens are the same.
-`--ops`: the pieces alone (torch.utils.benchmark, random tensors of the 0.5B's 896 -> 896 and
-896 -> 128 projections, `--batch` rows, r 16): the bf16 base product (plain F.linear, unpacked),
+round; reports each side's seconds a step per round, the per-round ratios and their medians, and
+whether the tokens are the same. `--ops`: the pieces alone (torch.utils.benchmark, random tensors
+of the 0.5B's 896 -> 896 and 896 -> 128 projections, `--batch` rows, r 16, scaling 2 as alpha 32
+gives): the bf16 base product (plain F.linear, unpacked),
 the fp32 update's six ops, and a bf16 update (A, then an addmm of B into the output).
 Without `--adapter`, a random adapter of the demo's shape (conf/lora/default.yaml: r 16, alpha 32,
 q/k/v/o) with nonzero B.
