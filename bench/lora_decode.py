@@ -46,6 +46,15 @@ def random_adapter(where: Path) -> str:
     return str(where)
 
 
+def add_update(result, x, a, b, scaling):
+    """peft's `result + lora_B(lora_A(x)) * scaling` (in the promoted dtype, cast back to result's),
+    as the same ops in the same order: the same bits."""
+    update = F.linear(F.linear(x.to(a.dtype), a), b)
+    update.mul_(scaling)
+    update.add_(result)  # the same sum (addition commutes), without the promoted copy
+    return update.to(result.dtype)
+
+
 @contextlib.contextmanager
 def lean(model):
     """Each LoRA layer (one active adapter, no dropout in eval) on the lean forward in the block."""
@@ -55,14 +64,7 @@ def lean(model):
     def forward_of(m):
         name = m.active_adapters[0]
         base, a, b, s = m.base_layer, m.lora_A[name].weight, m.lora_B[name].weight, m.scaling[name]
-
-        def forward(x):
-            result = base(x)
-            update = F.linear(F.linear(x.to(a.dtype), a), b)
-            update.mul_(s)        # peft: result + lora_B(lora_A(x)) * scaling, in the promoted dtype
-            update.add_(result)   # the same sum (addition commutes), without the promoted copy
-            return update.to(result.dtype)
-        return forward
+        return lambda x: add_update(base(x), x, a, b, s)
     try:
         for m in layers:
             assert len(m.active_adapters) == 1 and not m.merged and not m.lora_dropout[m.active_adapters[0]].training
@@ -80,13 +82,7 @@ def time_ops(rows: int) -> None:
     for out in (896, 128):
         w, a, b = torch.randn(out, 896).bfloat16(), torch.randn(16, 896) * 0.01, torch.randn(out, 16) * 0.01
         a16, b16t, r = a.bfloat16(), b.t().contiguous().bfloat16(), F.linear(x, w)
-
-        def update():
-            u = F.linear(F.linear(x.to(a.dtype), a), b)
-            u.mul_(2.0)
-            u.add_(r)
-            return u.to(torch.bfloat16)
-        cases = {"base product": lambda: F.linear(x, w), "fp32 update (6 ops)": update,
+        cases = {"base product": lambda: F.linear(x, w), "fp32 update (6 ops)": lambda: add_update(r, x, a, b, 2.0),
                  "bf16 update (mm, addmm)": lambda: torch.addmm(r.view(rows, out), F.linear(x.view(rows, 896), a16),
                                                                 b16t)}
         for name, fn in cases.items():
