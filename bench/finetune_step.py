@@ -2,23 +2,27 @@
 cross-entropy (`fused`, the default since this bench: `objective_cached.token_nll`) against the
 head's logits then `F.cross_entropy` (`plain`, what nll_sum did before), or against `masked`:
 nll_sum with the batch's attention mask and position ids always passed to the model (what it did
-before `module.attention_inputs` dropped them for right-padded rows).
+before `module.attention_inputs` dropped them for right-padded rows), or against `whole`: one
+decoder forward over the whole padded batch (`forward_cost=None`, what nll_sum did on a CPU before
+`module.forward_groups`; `fused` runs the CPU default, `sft.forward_cost=auto`; `plain` and
+`masked` never group).
 
     cd bench && PYTHONPATH=../src ../.venv/bin/python finetune_step.py [--shape 4x530] [--labelled 0.68]
         [--steps 3] [--reps 2] [--backbone embedded:qwen2.5-coder-0.5b-instruct] [--dtype auto]
-        [--variants fused,plain] [--lengths 530,470,420,300]
+        [--variants fused,plain] [--lengths 530,470,420,300] [--dropout 0.05]
         [--out results/x.json]
 
 A shape BxT is B rows of T random tokens, no padding; the last `labelled` fraction of each row
 carries labels (make demo's SFT data: 33 records, 17,529 tokens, 11,840 labelled: 531 tokens a
 record, 68% labelled; batch 4). `--lengths`: rows of these lengths instead, right-padded to the
 longest by finetune's own Collate (attention mask, position ids), as a real batch is. LoRA as the
-demo trains it (r=16, q/k/v/o, dropout 0.05). Every (variant, repetition) runs `--steps` steps in
+demo trains it (r=16, q/k/v/o, dropout 0.05; `--dropout 0` for exact comparisons between variants
+that draw their masks per forward differently: `fused` and `whole`). Every (variant, repetition) runs `--steps` steps in
 a fresh subprocess, interleaved (rep 0: the two `--variants` in order; rep 1: reversed), and
 reports each step's seconds, the median of the steps after the first (warm), the peak RSS over
 the steps minus the RSS before them (MiB) and the loss; the first subprocess's LoRA gradients
 (after its last step) are compared with the other variant's, as one vector (same seed, same
-inputs, same dropout masks).
+inputs).
 """
 from __future__ import annotations
 
@@ -33,7 +37,7 @@ from pathlib import Path
 
 from train_step import rss_kb
 
-VARIANTS = ("fused", "plain", "masked")
+VARIANTS = ("fused", "plain", "masked", "whole")
 
 
 def plain_nll_sum(lora, batch):
@@ -57,7 +61,8 @@ def child(a) -> dict:
     from domino.finetune.data import IGNORE, Collate, Row
     from domino.finetune.module import LoRAModule
     B, T = (int(x) for x in a.shape.lower().split("x"))
-    lora = LoRAModule({"path": a.backbone, "dtype": a.dtype}, r=16, alpha=32, dropout=0.05, seed=0)
+    lora = LoRAModule({"path": a.backbone, "dtype": a.dtype}, r=16, alpha=32, dropout=a.dropout, seed=0,
+                      forward_cost="auto" if a.variant == "fused" else None)
     lora.train()
     g = torch.Generator().manual_seed(0)
     lengths = [int(x) for x in a.lengths.split(",")] if a.lengths else [T] * B
@@ -97,6 +102,8 @@ def main() -> None:
     ap.add_argument("--backbone", default="embedded:qwen2.5-coder-0.5b-instruct")
     ap.add_argument("--dtype", default="auto", help="the backbone's (auto: bf16 where the CPU has bf16 kernels)")
     ap.add_argument("--variants", default="fused,plain", help="the two variants compared: fused, plain, masked")
+    ap.add_argument("--dropout", type=float, default=0.05,
+                    help="LoRA dropout (0: variants that draw their masks differently compare exactly)")
     ap.add_argument("--lengths", default=None, help="comma-separated row lengths (right-padded): a padded batch")
     ap.add_argument("--out", default=None)
     ap.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # a child run
@@ -113,7 +120,7 @@ def main() -> None:
     for r in range(a.reps):
         for v in (pair if r % 2 == 0 else pair[::-1]):
             cmd = [sys.executable, __file__, "--variant", v, "--shape", a.shape, "--labelled", str(a.labelled),
-                   "--steps", str(a.steps), "--backbone", a.backbone, "--dtype", a.dtype]
+                   "--steps", str(a.steps), "--backbone", a.backbone, "--dtype", a.dtype, "--dropout", str(a.dropout)]
             if a.lengths:
                 cmd += ["--lengths", a.lengths]
             if v not in grads:

@@ -173,6 +173,85 @@ def test_right_padded_rows_run_without_a_mask_and_lose_nothing(tok, lora, monkey
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
 
 
+def partitions(items):
+    if not items:
+        yield []
+        return
+    for rest in partitions(items[1:]):
+        for k in range(len(rest)):
+            yield rest[:k] + [[items[0]] + rest[k]] + rest[k + 1:]
+        yield [[items[0]]] + rest
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_length_groups_minimise_padded_tokens_plus_a_cost_per_forward(seed):
+    """`length_groups` is optimal against every partition of the rows (brute force), covers each row
+    once, and spans the two ends: no fixed cost splits every distinct length, a large one keeps the
+    batch whole."""
+    import random
+
+    from domino.finetune.module import length_groups
+
+    def cost_of(groups, c):
+        return sum(len(g) * max(lengths[i] for i in g) + c for g in groups)
+
+    rng = random.Random(seed)
+    lengths = [rng.choice([5, 40, 41, 90, 200, 380, 600]) for _ in range(rng.randint(1, 7))]
+    for c in (0, 30, 64, 500, 10**6):
+        got = length_groups(lengths, c)
+        assert sorted(i for g in got for i in g) == list(range(len(lengths)))
+        assert cost_of(got, c) == min(cost_of(p, c) for p in partitions(list(range(len(lengths)))))
+    assert len(length_groups(lengths, 0)) == len(set(lengths))  # equal rows share a forward at equal cost
+    assert len(length_groups(lengths, 10**6)) == 1
+    assert length_groups([606, 546, 471, 366], 64) == [[0, 1], [2], [3]]  # the demo-like batch of bench/
+    assert length_groups([160, 140, 110, 80], 64) == [[0, 1], [2, 3]]
+
+
+def test_padded_batch_runs_as_length_groups_and_loses_nothing(tok, lora, monkeypatch):
+    """With a forward cost, a right-padded batch's decoder runs once per length group, rows cut to
+    the group's longest: the loss, the count and every LoRA gradient equal those of one forward
+    over the whole batch. A kept mask (packed rows), or no cost, is one forward."""
+    from domino.finetune import module
+    rows = as_rows([encode_chat(tok, r["messages"]) for r in load_sft(SMALL)[:5]])
+    batch = Collate(tok.pad_token_id, False)(rows)
+    lengths = batch["attention_mask"].sum(1).tolist()
+    assert len(set(lengths)) > 2
+    calls = []
+    hook = lora.model.get_base_model().get_decoder().register_forward_hook(
+        lambda m, args, kw, out: calls.append(kw["input_ids"].shape), with_kwargs=True)
+    params = [p for p in lora.parameters() if p.requires_grad]
+    try:
+        results = {}
+        for cost in (0, None):
+            calls.clear()
+            monkeypatch.setitem(lora.hparams, "forward_cost", cost)
+            total, count = lora.nll_sum(batch)
+            results[cost] = (total, count, torch.autograd.grad(total, params), list(calls))
+        assert results[None][3] == [batch["input_ids"].shape]
+        groups = module.length_groups(lengths, 0)
+        assert sorted(results[0][3]) == sorted(torch.Size([len(g), max(lengths[i] for i in g)]) for g in groups)
+        assert results[0][1] == results[None][1] == (batch["labels"][:, 1:] != IGNORE).sum()
+        torch.testing.assert_close(results[0][0], results[None][0], rtol=1e-6, atol=1e-5)
+        for g, r in zip(results[0][2], results[None][2]):
+            torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+        monkeypatch.setitem(lora.hparams, "forward_cost", "auto")
+        assert lora.forward_cost() == module.CPU_FORWARD_COST
+        enc = [encode_chat(tok, r["messages"]) for r in load_sft(SMALL)[:6]]
+        packed = Collate(tok.pad_token_id, True)(pack(enc, 160))
+        calls.clear()
+        with torch.no_grad():
+            lora.nll_sum(packed)
+        assert calls == [packed["input_ids"].shape]
+    finally:
+        hook.remove()
+
+
+@pytest.mark.parametrize("bad", ["fast", -1, True, [64]])
+def test_forward_cost_is_checked(bad):
+    with pytest.raises(ValueError, match=r"sft\.forward_cost"):
+        LoRAModule(TINY, r=4, alpha=8, dropout=0.0, forward_cost=bad)
+
+
 @pytest.mark.parametrize("body,line,match", [
     ('{"id": "a", "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}\n{oops\n',
      2, "malformed JSON"),
