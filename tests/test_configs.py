@@ -127,7 +127,7 @@ def test_code_defaults_equal_the_yaml(compose):
            if v.default is not inspect.Parameter.empty}
     yaml = {**{k: v for k, v in ft["lora"].items()}, "lr": ft["optim"]["lr"],
             "weight_decay": ft["optim"]["weight_decay"], "betas": ft["optim"]["betas"],
-            "warmup_steps": ft["optim"]["warmup_steps"], "seed": ft["seed"]}
+            "warmup_steps": ft["optim"]["warmup_steps"], "seed": ft["seed"], "forward_cost": ft["sft"]["forward_cost"]}
     assert {k: (list(v) if isinstance(v, tuple) else v) for k, v in sig.items()} == yaml
     sampling = OmegaConf.to_container(compose("synthesize", ["backbone=tiny", "sampling=default"]))["sampling"]
     code = {f.name: f.default for f in dataclasses.fields(SamplingParams) if f.name in sampling}

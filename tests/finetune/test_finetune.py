@@ -15,6 +15,7 @@ from omegaconf.errors import MissingMandatoryValue
 from safetensors.torch import load_file
 
 from domino.core.backbone import load_backbone
+from domino.core.batching import CPU_FORWARD_COST
 from domino.core.records import RecordError
 from domino.finetune.data import IGNORE, Collate, as_rows, encode_chat, encode_records, load_sft, pack, sha256_file
 from domino.finetune.module import LoRAModule
@@ -190,7 +191,7 @@ def test_length_groups_minimise_padded_tokens_plus_a_cost_per_forward(seed):
     batch whole."""
     import random
 
-    from domino.finetune.module import length_groups
+    from domino.core.batching import length_groups
 
     def cost_of(groups, c):
         return sum(len(g) * max(lengths[i] for i in g) + c for g in groups)
@@ -235,7 +236,7 @@ def test_padded_batch_runs_as_length_groups_and_loses_nothing(tok, lora, monkeyp
         for g, r in zip(results[0][2], results[None][2]):
             torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
         monkeypatch.setitem(lora.hparams, "forward_cost", "auto")
-        assert lora.forward_cost() == module.CPU_FORWARD_COST
+        assert lora.forward_cost() == CPU_FORWARD_COST
         enc = [encode_chat(tok, r["messages"]) for r in load_sft(SMALL)[:6]]
         packed = Collate(tok.pad_token_id, True)(pack(enc, 160))
         calls.clear()

@@ -82,12 +82,14 @@ def oracle(models, form, with_samples=True):
 @pytest.mark.parametrize("chunk_size", [None, 3])
 @pytest.mark.parametrize("which", ["plain", "gc"])
 @pytest.mark.parametrize("layout", ["joint", "split"])
-def test_matches_straightforward(models, form, chunk_size, which, layout):
+@pytest.mark.parametrize("forward_cost", [None, 0])
+def test_matches_straightforward(models, form, chunk_size, which, layout, forward_cost):
     model = models[which]
     ids, am = batch(models["pad"])
     D0, S0 = prompts(model.config.hidden_size)
     ref = oracle(models, form)
-    got = step(cached_nll, model, D0, S0, ids, am, form, chunk_size=chunk_size, layout=layout)
+    got = step(cached_nll, model, D0, S0, ids, am, form, chunk_size=chunk_size, layout=layout,
+               forward_cost=forward_cost)
     assert_same(got, ref)
     assert ref["gS"].abs().amin(dim=(1, 2)).gt(0).all()  # every S_i gets a gradient
 
@@ -133,12 +135,47 @@ def test_layout_is_chosen_per_device_and_size(models, monkeypatch):
     ids, am = batch(models["pad"])
     D0, S0 = prompts(64)
     for layout in ("auto", "joint"):
-        cached_nll(models["plain"], D0, S0, ids, am, layout=layout)
+        cached_nll(models["plain"], D0, S0, ids, am, layout=layout, forward_cost=None)
     assert seen == [(1, K_), (B, T), (B, L_), (B * B, T), (B, K_ + L_), (B + B * B, T)]
     seen.clear()
     monkeypatch.setattr(efficient, "SPLIT_MIN_TOKENS", (B - 1) * K_ + 1)
-    cached_nll(models["plain"], D0, S0, ids, am)
+    cached_nll(models["plain"], D0, S0, ids, am, forward_cost=None)
     assert seen == [(B, K_ + L_), (B + B * B, T)]
+
+
+def test_continuations_run_in_length_groups(models, monkeypatch):
+    """With a forward cost the continuations go in groups of texts of neighbouring lengths, each cut
+    to its longest text (`batching.length_groups`), `chunk_size` at most a forward within a group;
+    "auto" groups on a CPU only; a bad value is named (the results: test_matches_straightforward)."""
+    from domino.core.batching import CPU_FORWARD_COST, resolve_forward_cost
+    seen = []
+    run = efficient._run
+
+    def counted(model, embeds, *args, **kw):
+        seen.append(tuple(embeds.shape[:2]))
+        return run(model, embeds, *args, **kw)
+    monkeypatch.setattr(efficient, "_run", counted)
+    ids, am = batch(models["pad"])
+    D0, S0 = prompts(64)
+    n = B + B * B  # joint: l(x|D)'s B continuations and the B^2 pairs, each text B + 1 times
+    cached_nll(models["plain"], D0, S0, ids, am, layout="joint", forward_cost=0)
+    assert seen == [(B, K_ + L_)] + [(n // B, w) for w in LENGTHS]
+    seen.clear()
+    cached_nll(models["plain"], D0, S0, ids, am, layout="joint", forward_cost=0, chunk_size=3)
+    assert seen == [(B, K_ + L_)] + [(c, w) for w in LENGTHS for c in (3, 2)]
+    seen.clear()
+    cached_nll(models["plain"], D0, S0, ids, am, layout="joint", forward_cost=30)  # 12 with 8, 5 with 1
+    assert seen == [(B, K_ + L_), (2 * n // B, 12), (2 * n // B, 5)]
+    seen.clear()
+    cached_nll(models["plain"], D0, S0, ids, am, layout="joint", forward_cost=200)
+    assert seen == [(B, K_ + L_), (n, T)]
+    seen.clear()
+    cached_nll(models["plain"], D0, S0, ids, am, layout="joint")  # auto, 64: 298 tokens' worth against 304
+    assert seen == [(B, K_ + L_), (2 * n // B, 12), (2 * n // B, 5)]
+    assert resolve_forward_cost("auto", "cpu") == CPU_FORWARD_COST and resolve_forward_cost("auto", "cuda:0") is None
+    assert resolve_forward_cost(0, "cuda") == 0 and resolve_forward_cost(None, "cpu") is None
+    with pytest.raises(ValueError, match="objective.forward_cost='cheap'"):
+        cached_nll(models["plain"], D0, S0, ids, am, forward_cost="cheap")
 
 
 def test_fused_head_chunks_over_tokens(models, monkeypatch):

@@ -115,6 +115,56 @@ class ResumableLoader(DataLoader):
             yield batch
 
 
+# tokens' worth of a forward + backward's fixed cost on a CPU (reading the frozen weights whatever
+# the rows): measured 27 on Qwen2.5-Coder-0.5B in bf16 and 52 on SmolLM2-135M in fp32 on a 2-core
+# AMD EPYC (bench/forward_cost.py, bench/README.md); rounded up, so a close call keeps fewer forwards
+CPU_FORWARD_COST = 64
+
+
+def check_forward_cost(cost, key: str):
+    """`cost` ("auto", None or a number of tokens >= 0), or a ValueError naming the config `key`."""
+    number = isinstance(cost, (int, float)) and not isinstance(cost, bool)
+    if not (cost in ("auto", None) or (number and cost >= 0)):
+        raise ValueError(f"{key}={cost!r}: 'auto', null or a number of tokens >= 0")
+    return cost
+
+
+def resolve_forward_cost(cost, device) -> float | None:
+    """A forward cost for `length_groups` on `device`: "auto" is CPU_FORWARD_COST on a CPU and None
+    (one forward, no grouping) elsewhere, where fewer and larger forwards are what counts (kernel
+    launches; not measured here)."""
+    if cost == "auto":
+        return CPU_FORWARD_COST if torch.device(device).type == "cpu" else None
+    return cost
+
+
+def length_groups(lengths: list[int], cost: float) -> list[list[int]]:
+    """The rows (indices into `lengths`) in groups, longest rows first, that minimise the sum over
+    groups of (rows x the group's longest row + cost): the tokens the forwards compute, padding
+    included, plus a fixed cost per forward in tokens. Some optimal partition keeps rows of equal
+    length together and groups neighbouring lengths, so a dynamic programme over the distinct
+    lengths, longest first, finds one; at equal cost the fewer forwards win."""
+    distinct = sorted(set(lengths), reverse=True)
+    counts = [sum(1 for x in lengths if x == v) for v in distinct]
+    best, cut = [0.0] + [float("inf")] * len(distinct), [0] * (len(distinct) + 1)
+    for j in range(1, len(distinct) + 1):  # best[j]: the rows of the j longest lengths grouped
+        rows = 0
+        for i in range(j - 1, -1, -1):  # the last group: lengths distinct[i:j], its longest distinct[i]
+            rows += counts[i]
+            c = best[i] + rows * distinct[i] + cost
+            if c <= best[j]:
+                best[j], cut[j] = c, i
+    bounds, j = [], len(distinct)
+    while j:
+        bounds.append((cut[j], j))
+        j = cut[j]
+    where = {v: g for g, (i, j) in enumerate(reversed(bounds)) for v in distinct[i:j]}
+    groups: list[list[int]] = [[] for _ in bounds]
+    for r in sorted(range(len(lengths)), key=lambda r: (-lengths[r], r)):
+        groups[where[lengths[r]]].append(r)
+    return groups
+
+
 def resumable_loader(dataset, batch_size: int, seed: int, trainer=None, shuffle: bool = True,
                      **kwargs) -> ResumableLoader:
     """A ResumableLoader over `dataset` for this process's rank. Its worker seeds come from `seed`

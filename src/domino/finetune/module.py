@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
 from domino.core.backbone import count_params, load_backbone, params_line
+from domino.core.batching import check_forward_cost, length_groups, resolve_forward_cost
 from domino.core.trainer import load_metric_states, save_metric_states
 from domino.finetune.data import IGNORE
 from domino.training.objective_cached import token_nll
@@ -20,7 +21,6 @@ from domino.training.objective_cached import token_nll
 log = logging.getLogger(__name__)
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 CKPT_META = "domino_finetune"
-CPU_FORWARD_COST = 64  # tokens: a LoRA forward + backward's fixed cost on a CPU (`forward_groups`)
 
 
 def attention_inputs(batch: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -36,26 +36,6 @@ def attention_inputs(batch: dict) -> tuple[torch.Tensor | None, torch.Tensor | N
     right_padded = bool((mask[:, 1:] <= mask[:, :-1]).all())
     at_zero = pos is None or bool(((pos == torch.arange(pos.shape[1], device=pos.device)) | (mask == 0)).all())
     return (None, None) if right_padded and at_zero else (mask, pos)
-
-
-def length_groups(lengths: Sequence[int], cost: float) -> list[list[int]]:
-    """The rows (indices into `lengths`) in groups, longest rows first, that minimise the sum over
-    groups of (rows x the group's longest row + cost): the tokens the forwards compute, padding
-    included, plus a fixed cost per forward in tokens (reading the frozen weights forward and
-    backward, whatever the rows). Some optimal partition groups rows of neighbouring lengths, so
-    a dynamic programme over the sorted rows finds one; at equal cost the fewer forwards win."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    best, cut = [0.0] + [float("inf")] * len(order), [0] * (len(order) + 1)
-    for j in range(1, len(order) + 1):  # best[j]: the j longest rows grouped
-        for i in range(j):  # the last group: order[i:j], its longest row order[i]
-            c = best[i] + (j - i) * lengths[order[i]] + cost
-            if c < best[j]:
-                best[j], cut[j] = c, i
-    groups, j = [], len(order)
-    while j:
-        groups.append(order[cut[j]:j])
-        j = cut[j]
-    return groups[::-1]
 
 
 def forward_groups(batch: dict, cost: float | None) -> list[tuple]:
@@ -88,9 +68,7 @@ class LoRAModule(L.LightningModule):
                  weight_decay: float = 0.0, betas: Sequence[float] = (0.9, 0.999), warmup_steps: int = 10,
                  seed: int = 0, forward_cost: float | str | None = "auto"):
         super().__init__()
-        number = isinstance(forward_cost, (int, float)) and not isinstance(forward_cost, bool)
-        if not (forward_cost in ("auto", None) or (number and forward_cost >= 0)):
-            raise ValueError(f"sft.forward_cost={forward_cost!r}: 'auto', null or a number of tokens >= 0")
+        check_forward_cost(forward_cost, "sft.forward_cost")
         from peft import LoraConfig, get_peft_model
 
         # plain config values only: a checkpoint rebuilds the backbone from them
@@ -137,12 +115,8 @@ class LoRAModule(L.LightningModule):
                           use_cache=False).logits
 
     def forward_cost(self) -> float | None:
-        """`sft.forward_cost` resolved for the device the module is on ("auto": CPU_FORWARD_COST
-        tokens on a CPU, one forward per batch elsewhere)."""
-        cost = self.hparams.forward_cost
-        if cost == "auto":
-            return CPU_FORWARD_COST if self.device.type == "cpu" else None
-        return cost
+        """`sft.forward_cost` for the device the module is on (`batching.resolve_forward_cost`)."""
+        return resolve_forward_cost(self.hparams.forward_cost, self.device)
 
     def nll_sum(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed NLL, count) over the assistant tokens of the batch. The LM head runs only on the

@@ -22,7 +22,7 @@ TERMS = ("loss", "loss_dom", "loss_con", "contrast_gap", "nll_pos")  # what obje
 # what each config group of conf/train.yaml holds, with the defaults a bare DominoModule(...) gets:
 # equal to the YAML's (conf/train.yaml, conf/objective/domino.yaml; tests/test_configs.py checks it)
 OBJECTIVE = {"name": "domino", "lambda": 1.0, "w_dom": 1.0, "form": "paper", "beta": 1.0, "impl": "efficient",
-             "layout": "auto", "chunk_size": None, "negatives": None}
+             "layout": "auto", "chunk_size": None, "negatives": None, "forward_cost": "auto"}
 PROMPT = {"k": 8, "l": 8, "init": "sample_vocab", "init_text": None, "domain_head": False,
           "domain_head_hidden": 256, "sample_rank": None}
 OPTIM = {"lr_domain": 3e-3, "lr_sample": 3e-3, "weight_decay": 0.0, "warmup_steps": 2}
@@ -71,8 +71,10 @@ class DominoModule(L.LightningModule):
         optim = _merged("optim", OPTIM, optim)
         if objective["form"] not in obj.FORMS:
             raise ValueError(f"objective.form={objective['form']!r} is not one of {obj.FORMS}")
+        from domino.core.batching import check_forward_cost
         from domino.training.objective_cached import check_layout
         check_layout(objective["layout"])
+        check_forward_cost(objective["forward_cost"], "objective.forward_cost")
         self.with_samples = obj.has_sample_tokens(prompt["l"], objective["lambda"])
         if self.with_samples and n_references < 2:
             raise ValueError(f"the contrastive objective (prompt.l > 0, objective.lambda > 0) needs at "
@@ -125,7 +127,8 @@ class DominoModule(L.LightningModule):
         D = self.prompts.domain_tokens()
         S = self.prompts.sample_tokens(batch["index"]) if with_samples else None
         if o["impl"] == "efficient":
-            kwargs = {"chunk_size": o["chunk_size"], "negatives": o["negatives"], "layout": o["layout"]}
+            kwargs = {"chunk_size": o["chunk_size"], "negatives": o["negatives"], "layout": o["layout"],
+                      "forward_cost": o["forward_cost"]}
             if o["negatives"]:  # negatives drawn from (seed, step), not the global RNG: a resume replays them
                 kwargs["generator"] = torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + self.global_step)
         elif o["negatives"]:

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from domino.core import backbone
+from domino.core.batching import check_forward_cost, length_groups, resolve_forward_cost
 from domino.core.scratch import Scratch
 from domino.training.objective import NLL, embed_texts
 
@@ -174,41 +175,55 @@ def _run(model, embeds, attention_mask, kv, past_len, pos_start=None):
     return out.last_hidden_state, new_kv
 
 
-def _continuations(model, kv, hidden, rows, cols, plen, emb, input_ids, attention_mask):
+def _continuations(model, kv, hidden, rows, cols, plen, emb, input_ids, attention_mask, width=None):
     """Summed NLL (N,) of texts `cols` after prefixes `rows` (prefix caches `kv` and prefix hidden
     states `hidden` (R, P, h), batch-indexed by row) of lengths `plen` (N,) <= P: a shorter prefix
-    is the first plen positions of its row (the rest is masked out); its last hidden state predicts x_1."""
+    is the first plen positions of its row (the rest is masked out); its last hidden state predicts x_1.
+    `width`: the texts' first columns only (the rest is right padding for every one of `cols`)."""
     N = rows.shape[0]
     P = kv[0][0].shape[-2]
     if kv[0][0].shape[0] == 1:  # one shared prefix: a view, no copy
         pkv = [(k.expand(N, -1, -1, -1), v.expand(N, -1, -1, -1)) for k, v in kv]
     else:
         pkv = [(k[rows], v[rows]) for k, v in kv]
-    am = attention_mask[cols]
+    am = attention_mask[cols, :width]
     pmask = (torch.arange(P, device=plen.device).unsqueeze(0) < plen.unsqueeze(1)).to(am.dtype)
     mask = torch.cat([pmask, am], dim=1)
-    hid, _ = _run(model, emb[cols], mask, pkv, P, pos_start=plen)
+    hid, _ = _run(model, emb[cols, :width], mask, pkv, P, pos_start=plen)
     # position t-1 predicts text token t; the prefix's last position predicts token 0
     h_last = hidden[rows, plen - 1]
     pred = torch.cat([h_last.unsqueeze(1).to(hid.dtype), hid[:, :-1]], dim=1)
     valid = am.bool()
-    nll = token_nll(model.get_output_embeddings(), pred[valid], input_ids[cols][valid])
+    nll = token_nll(model.get_output_embeddings(), pred[valid], input_ids[cols, :width][valid])
     which = torch.arange(N, device=rows.device).unsqueeze(1).expand_as(valid)[valid]
     return torch.zeros(N, dtype=torch.float32, device=nll.device).index_add(0, which, nll)
 
 
-def _chunked(model, kv, hidden, rows, cols, plen, emb, input_ids, attention_mask, chunk_size, ckpt):
+def _chunked(model, kv, hidden, rows, cols, plen, emb, input_ids, attention_mask, chunk_size, ckpt, cost=None):
+    """`_continuations` of every (rows, cols) pair, `chunk_size` pairs a forward at most. With a
+    forward cost (tokens, `batching.length_groups`) the pairs go in groups of texts of neighbouring
+    lengths, each forward cut to its longest text: right padding computes nothing that a real token
+    reads, so the NLLs are the same, over fewer tokens."""
     n = rows.shape[0]
     step = n if not chunk_size else max(1, int(chunk_size))
+    if cost is None:
+        groups, widths = [torch.arange(n, device=rows.device)], [None]
+    else:
+        lengths = attention_mask.sum(1)[cols].tolist()
+        idx = length_groups(lengths, cost)
+        groups = [torch.tensor(g, device=rows.device) for g in idx]
+        widths = [max(1, max(lengths[i] for i in g)) for g in idx]
     parts = []
-    for s in range(0, n, step):
-        args = (model, kv, hidden, rows[s:s + step], cols[s:s + step], plen[s:s + step], emb, input_ids,
-                attention_mask)
-        if ckpt:
-            parts.append(checkpoint(_continuations, *args, use_reentrant=False))
-        else:
-            parts.append(_continuations(*args))
-    return torch.cat(parts)
+    for g, width in zip(groups, widths):
+        for s in range(0, len(g), step):
+            sel = g[s:s + step]
+            args = (model, kv, hidden, rows[sel], cols[sel], plen[sel], emb, input_ids, attention_mask, width)
+            if ckpt:
+                parts.append(checkpoint(_continuations, *args, use_reentrant=False))
+            else:
+                parts.append(_continuations(*args))
+    out = torch.cat(parts)
+    return out if cost is None else out[torch.cat(groups).argsort()]
 
 
 def sample_pairs(B: int, negatives: int | None, device=None, generator: torch.Generator | None = None):
@@ -266,13 +281,16 @@ def resolve_layout(layout: str, device, B: int = 0, k: int = 0, itemsize: int = 
 
 def cached_nll(model, domain: torch.Tensor, samples: torch.Tensor | None, input_ids: torch.Tensor,
                attention_mask: torch.Tensor, chunk_size: int | None = None, negatives: int | None = None,
-               generator: torch.Generator | None = None, layout: str = "auto") -> tuple[NLL, NLL | None]:
+               generator: torch.Generator | None = None, layout: str = "auto",
+               forward_cost: float | str | None = "auto") -> tuple[NLL, NLL | None]:
     """(l(x|D) for each text, the matrix l_ij or None when there are no sample tokens).
 
     domain: (k, h); samples: (B, l, h) or None; input_ids/attention_mask: (B, T), right-padded.
     chunk_size: most continuations per forward (None: all at once). negatives: K sampled
     negatives per row (None: all B-1); unsampled entries come back as +inf. layout: how the
-    prefixes and continuations are grouped into forwards (`resolve_layout`)."""
+    prefixes and continuations are grouped into forwards (`resolve_layout`). forward_cost: the
+    continuations go in length groups (`_chunked`; "auto": on a CPU, `batching.resolve_forward_cost`),
+    None: every continuation padded to the longest text."""
     if _checkpointing(model) and model.training:
         raise RuntimeError("objective.impl=efficient: HF gradient checkpointing in train mode drops the "
                            "prefix cache; keep the frozen backbone in eval() mode")
@@ -285,9 +303,11 @@ def cached_nll(model, domain: torch.Tensor, samples: torch.Tensor | None, input_
     dt = emb.dtype
     layout = resolve_layout(layout, dev, B, domain.shape[0], emb.element_size())
     count = attention_mask.sum(1).float()
+    cost = resolve_forward_cost(check_forward_cost(forward_cost, "objective.forward_cost"), dev)
 
     def continue_(kv, hidden, rows, cols, plen):
-        return _chunked(model, kv, hidden, rows, cols, plen, emb, input_ids, attention_mask, chunk_size, ckpt)
+        return _chunked(model, kv, hidden, rows, cols, plen, emb, input_ids, attention_mask, chunk_size, ckpt,
+                        cost)
 
     k = domain.shape[0]
     ar = torch.arange(B, device=dev)

@@ -1,0 +1,79 @@
+"""The objective's continuations in length groups (`objective.forward_cost`) against every
+continuation padded to the longest text, in one process: warm steps alternating (whole, grouped,
+grouped, whole, ...), medians, every sample kept, and how far apart the two steps' gradients are.
+
+    cd bench && PYTHONPATH=../src ../.venv/bin/python train_step_groups.py
+        [--backbone embedded:qwen2.5-coder-0.5b-instruct] [--dtype auto] [--k 16] [--lengths 128,118,94,76]
+        [--reps 3] [--cost auto] [--out results/x.json]
+
+B = len(--lengths) texts of random tokens, right-padded to the longest (the demo's references run
+43-128 tokens at max_len 128: random batches of 4 are 18% padding, and 128/118/94/76 is such a
+batch), k = l = `--k` soft tokens (random vocabulary rows), paper form, the default layout; one step
+= forward + backward of the loss.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backbone", default="embedded:qwen2.5-coder-0.5b-instruct")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--k", type=int, default=16)
+    ap.add_argument("--lengths", default="128,118,94,76")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--cost", default="auto", help="the grouped side's objective.forward_cost")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    import torch
+    from train_step import step_inputs, timed_step  # bench/train_step.py
+
+    from domino.core.backbone import load_backbone
+    from domino.core.batching import length_groups, resolve_forward_cost
+    from domino.training.objective_cached import cached_nll
+
+    model = load_backbone(path=a.backbone, dtype=a.dtype).model
+    lengths = [int(x) for x in a.lengths.split(",")]
+    ids, am, D, S = step_inputs(model, len(lengths), a.k, max(lengths))
+    for i, n in enumerate(lengths):
+        am[i, n:] = 0
+    cost = a.cost if a.cost == "auto" else float(a.cost)
+    sides = {"whole": None, "grouped": cost}
+    grads, res, losses = {}, {s: [] for s in sides}, {}
+
+    def step(side: str) -> float:
+        t, losses[side] = timed_step(functools.partial(cached_nll, forward_cost=sides[side]), model, D, S, ids, am)
+        grads.setdefault(side, (D.grad.clone(), S.grad.clone()))
+        return t
+
+    step("whole")
+    step("grouped")  # warm-up of both (their gradients are the ones compared)
+    for r in range(a.reps):
+        for side in (("whole", "grouped") if r % 2 == 0 else ("grouped", "whole")):
+            res[side].append(step(side))
+    med = {s: statistics.median(v) for s, v in res.items()}
+    rel = {name: ((g - r).norm() / r.norm()).item()
+           for name, g, r in zip(("D", "S"), grads["grouped"], grads["whole"])}
+    B = len(lengths)
+    cont = [n for n in lengths for _ in range(B + 1)]  # joint: l(x|D)'s continuation and B pairs per text
+    groups = length_groups(cont, resolve_forward_cost(cost, "cpu"))
+    padded = {"whole": len(cont) * max(lengths), "grouped": sum(len(g) * max(cont[i] for i in g) for g in groups)}
+    print(f"{a.lengths}, k = l = {a.k}: whole {med['whole']:.3f} s, grouped {med['grouped']:.3f} s, "
+          f"whole/grouped {med['whole'] / med['grouped']:.2f}x; continuation tokens {padded['whole']} against "
+          f"{padded['grouped']} ({len(groups)} groups, joint layout's count); losses {losses['whole']:.6f} / "
+          f"{losses['grouped']:.6f}; gradients apart D {rel['D']:.2e}, S {rel['S']:.2e}", flush=True)
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps({
+            "backbone": a.backbone, "dtype": str(model.dtype), "k": a.k, "lengths": lengths, "cost": a.cost,
+            "reps": a.reps, "threads": torch.get_num_threads(), "samples": res, "median": med, "losses": losses,
+            "grad_rel_diff": rel, "continuation_tokens": padded, "groups": len(groups)}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
