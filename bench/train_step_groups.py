@@ -5,11 +5,14 @@ grouped, whole, ...), medians, every sample kept, and how far apart the two step
     cd bench && PYTHONPATH=../src ../.venv/bin/python train_step_groups.py
         [--backbone embedded:qwen2.5-coder-0.5b-instruct] [--dtype auto] [--k 16] [--lengths 128,118,94,76]
         [--reps 3] [--cost auto] [--out results/x.json]
+    cd bench && PYTHONPATH=../src ../.venv/bin/python train_step_groups.py --pool <demo>/train/references.jsonl
 
 B = len(--lengths) texts of random tokens, right-padded to the longest (the demo's references run
 43-128 tokens at max_len 128: random batches of 4 are 18% padding, and 128/118/94/76 is such a
 batch), k = l = `--k` soft tokens (random vocabulary rows), paper form, the default layout; one step
-= forward + backward of the loss.
+= forward + backward of the loss. `--pool`: no steps; the continuation tokens of 2,000 random
+batches of B texts from a references.jsonl (its `prompt` field, tokenized as training does, EOS and
+`--max-len` included), whole against grouped, joint layout's count.
 """
 from __future__ import annotations
 
@@ -18,6 +21,34 @@ import functools
 import json
 import statistics
 from pathlib import Path
+
+
+def continuation_tokens(lengths: list[int], cost) -> tuple[int, int, int]:
+    """(whole, grouped, groups): the joint layout's continuations, l(x|D)'s and B pairs per text."""
+    from domino.core.batching import length_groups, resolve_forward_cost
+    cont = [n for n in lengths for _ in range(len(lengths) + 1)]
+    groups = length_groups(cont, resolve_forward_cost(cost, "cpu"))
+    return len(cont) * max(lengths), sum(len(g) * max(cont[i] for i in g) for g in groups), len(groups)
+
+
+def pool_padding(a) -> None:
+    import random
+
+    from transformers import AutoTokenizer
+
+    from domino.core import embedded
+    from domino.core.batching import tokenize_texts
+    texts = [json.loads(line)[a.field] for line in Path(a.pool).read_text().splitlines() if line.strip()]
+    m = embedded.lookup(a.backbone)
+    tok = AutoTokenizer.from_pretrained(str(embedded.tokenizer_dir(m)) if m else a.backbone)
+    lengths = [len(ids) for ids in tokenize_texts(tok, texts, a.max_len)]
+    rng = random.Random(0)
+    batches = [rng.sample(lengths, a.batch) for _ in range(2000)]
+    whole, grouped, groups = (statistics.mean(x) for x in zip(*(continuation_tokens(b, a.cost) for b in batches)))
+    real, padded = statistics.mean(sum(b) for b in batches), statistics.mean(a.batch * max(b) for b in batches)
+    print(f"{len(texts)} texts of {min(lengths)}-{max(lengths)} tokens; random batches of {a.batch}: {real:.0f} text "
+          f"tokens of {padded:.0f} padded ({1 - real / padded:.0%} padding); continuation tokens {whole:.0f} whole, "
+          f"{grouped:.0f} grouped ({groups:.1f} groups)")
 
 
 def main() -> None:
@@ -29,12 +60,17 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--cost", default="auto", help="the grouped side's objective.forward_cost")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--pool", default=None, help="references.jsonl: the padding of random batches from it")
+    ap.add_argument("--field", default="prompt")
+    ap.add_argument("--max-len", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=4)
     a = ap.parse_args()
+    if a.pool:
+        return pool_padding(a)
     import torch
     from train_step import step_inputs, timed_step  # bench/train_step.py
 
     from domino.core.backbone import load_backbone
-    from domino.core.batching import length_groups, resolve_forward_cost
     from domino.training.objective_cached import cached_nll
 
     model = load_backbone(path=a.backbone, dtype=a.dtype).model
@@ -59,20 +95,18 @@ def main() -> None:
     med = {s: statistics.median(v) for s, v in res.items()}
     rel = {name: ((g - r).norm() / r.norm()).item()
            for name, g, r in zip(("D", "S"), grads["grouped"], grads["whole"])}
-    B = len(lengths)
-    cont = [n for n in lengths for _ in range(B + 1)]  # joint: l(x|D)'s continuation and B pairs per text
-    groups = length_groups(cont, resolve_forward_cost(cost, "cpu"))
-    padded = {"whole": len(cont) * max(lengths), "grouped": sum(len(g) * max(cont[i] for i in g) for g in groups)}
+    whole, grouped, n_groups = continuation_tokens(lengths, cost)
+    padded = {"whole": whole, "grouped": grouped}
     print(f"{a.lengths}, k = l = {a.k}: whole {med['whole']:.3f} s, grouped {med['grouped']:.3f} s, "
           f"whole/grouped {med['whole'] / med['grouped']:.2f}x; continuation tokens {padded['whole']} against "
-          f"{padded['grouped']} ({len(groups)} groups, joint layout's count); losses {losses['whole']:.6f} / "
+          f"{padded['grouped']} ({n_groups} groups, joint layout's count); losses {losses['whole']:.6f} / "
           f"{losses['grouped']:.6f}; gradients apart D {rel['D']:.2e}, S {rel['S']:.2e}", flush=True)
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps({
             "backbone": a.backbone, "dtype": str(model.dtype), "k": a.k, "lengths": lengths, "cost": a.cost,
             "reps": a.reps, "threads": torch.get_num_threads(), "samples": res, "median": med, "losses": losses,
-            "grad_rel_diff": rel, "continuation_tokens": padded, "groups": len(groups)}, indent=1))
+            "grad_rel_diff": rel, "continuation_tokens": padded, "groups": n_groups}, indent=1))
 
 
 if __name__ == "__main__":
