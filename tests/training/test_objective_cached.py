@@ -104,6 +104,18 @@ def test_soft_prompt_no_sample_tokens(models, layout):
     assert_same(got, ref)
 
 
+def count_runs(monkeypatch) -> list[tuple[int, int]]:
+    """The (rows, tokens) of every decoder forward `cached_nll` runs from here on, in order."""
+    seen = []
+    run = efficient._run
+
+    def counted(model, embeds, *args, **kw):
+        seen.append(tuple(embeds.shape[:2]))
+        return run(model, embeds, *args, **kw)
+    monkeypatch.setattr(efficient, "_run", counted)
+    return seen
+
+
 def test_layout_is_chosen_per_device_and_size(models, monkeypatch):
     """auto: split on a CPU whose products are bound by arithmetic (fp32; bf16 without AMX) once
     (B-1) k saved tokens outweigh two more weight passes, joint otherwise, in bf16 on AMX and on a
@@ -124,13 +136,7 @@ def test_layout_is_chosen_per_device_and_size(models, monkeypatch):
     with pytest.raises(ValueError, match="objective.layout='fused'"):
         r("fused", "cpu")
     # the chosen layout is the one that runs: split runs D alone (a batch-1 forward of k tokens)
-    seen = []
-    run = efficient._run
-
-    def counted(model, embeds, *args, **kw):
-        seen.append(tuple(embeds.shape[:2]))
-        return run(model, embeds, *args, **kw)
-    monkeypatch.setattr(efficient, "_run", counted)
+    seen = count_runs(monkeypatch)
     monkeypatch.setattr(efficient, "SPLIT_MIN_TOKENS", 1)
     ids, am = batch(models["pad"])
     D0, S0 = prompts(64)
@@ -148,13 +154,7 @@ def test_continuations_run_in_length_groups(models, monkeypatch):
     to its longest text (`batching.length_groups`), `chunk_size` at most a forward within a group;
     "auto" groups on a CPU only; a bad value is named (the results: test_matches_straightforward)."""
     from domino.core.batching import CPU_FORWARD_COST, resolve_forward_cost
-    seen = []
-    run = efficient._run
-
-    def counted(model, embeds, *args, **kw):
-        seen.append(tuple(embeds.shape[:2]))
-        return run(model, embeds, *args, **kw)
-    monkeypatch.setattr(efficient, "_run", counted)
+    seen = count_runs(monkeypatch)
     ids, am = batch(models["pad"])
     D0, S0 = prompts(64)
     n = B + B * B  # joint: l(x|D)'s B continuations and the B^2 pairs, each text B + 1 times

@@ -6,6 +6,7 @@ from `last.ckpt` sees exactly the batches the uninterrupted run would have seen.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -144,8 +145,9 @@ def length_groups(lengths: list[int], cost: float) -> list[list[int]]:
     included, plus a fixed cost per forward in tokens. Some optimal partition keeps rows of equal
     length together and groups neighbouring lengths, so a dynamic programme over the distinct
     lengths, longest first, finds one; at equal cost the fewer forwards win."""
-    distinct = sorted(set(lengths), reverse=True)
-    counts = [sum(1 for x in lengths if x == v) for v in distinct]
+    per_length = Counter(lengths)
+    distinct = sorted(per_length, reverse=True)
+    counts = [per_length[v] for v in distinct]
     best, cut = [0.0] + [float("inf")] * len(distinct), [0] * (len(distinct) + 1)
     for j in range(1, len(distinct) + 1):  # best[j]: the rows of the j longest lengths grouped
         rows = 0
