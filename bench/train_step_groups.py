@@ -6,13 +6,17 @@ grouped, whole, ...), medians, every sample kept, and how far apart the two step
         [--backbone embedded:qwen2.5-coder-0.5b-instruct] [--dtype auto] [--k 16] [--lengths 128,118,94,76]
         [--reps 3] [--cost auto] [--out results/x.json]
     cd bench && PYTHONPATH=../src ../.venv/bin/python train_step_groups.py --pool <demo>/train/references.jsonl
+        [--steps 12]
 
 B = len(--lengths) texts of random tokens, right-padded to the longest (the demo's references run
 43-128 tokens at max_len 128: random batches of 4 are 18% padding, and 128/118/94/76 is such a
 batch), k = l = `--k` soft tokens (random vocabulary rows), paper form, the default layout; one step
 = forward + backward of the loss. `--pool`: no steps; the continuation tokens of 2,000 random
 batches of B texts from a references.jsonl (its `prompt` field, tokenized as training does, EOS and
-`--max-len` included), whole against grouped, joint layout's count.
+`--max-len` included), whole against grouped, joint layout's count. `--pool` with `--steps N`: N
+such random batches (their lengths, random tokens), each stepped whole and grouped back to back
+(the order alternating from batch to batch), every step's time kept: the gain on a training
+run's mix of lengths, paired step by step so that the machine's drift cancels.
 """
 from __future__ import annotations
 
@@ -31,9 +35,8 @@ def continuation_tokens(lengths: list[int], cost) -> tuple[int, int, int]:
     return len(cont) * max(lengths), sum(len(g) * max(cont[i] for i in g) for g in groups), len(groups)
 
 
-def pool_padding(a) -> None:
-    import random
-
+def pool_lengths(a) -> list[int]:
+    """The token count of every text of the --pool file, as training tokenizes it."""
     from transformers import AutoTokenizer
 
     from domino.core import embedded
@@ -41,14 +44,54 @@ def pool_padding(a) -> None:
     texts = [json.loads(line)[a.field] for line in Path(a.pool).read_text().splitlines() if line.strip()]
     m = embedded.lookup(a.backbone)
     tok = AutoTokenizer.from_pretrained(str(embedded.tokenizer_dir(m)) if m else a.backbone)
-    lengths = [len(ids) for ids in tokenize_texts(tok, texts, a.max_len)]
+    return [len(ids) for ids in tokenize_texts(tok, texts, a.max_len)]
+
+
+def pool_padding(a) -> None:
+    import random
+    lengths = pool_lengths(a)
     rng = random.Random(0)
     batches = [rng.sample(lengths, a.batch) for _ in range(2000)]
     whole, grouped, groups = (statistics.mean(x) for x in zip(*(continuation_tokens(b, a.cost) for b in batches)))
     real, padded = statistics.mean(sum(b) for b in batches), statistics.mean(a.batch * max(b) for b in batches)
-    print(f"{len(texts)} texts of {min(lengths)}-{max(lengths)} tokens; random batches of {a.batch}: {real:.0f} text "
+    print(f"{len(lengths)} texts of {min(lengths)}-{max(lengths)} tokens; random batches of {a.batch}: {real:.0f} text "
           f"tokens of {padded:.0f} padded ({1 - real / padded:.0%} padding); continuation tokens {whole:.0f} whole, "
           f"{grouped:.0f} grouped ({groups:.1f} groups)")
+
+
+def pool_steps(a, model, sides: dict) -> None:
+    """--pool with --steps: random batches of the pool's lengths, each stepped by both sides."""
+    import random
+
+    import torch
+    from train_step import step_inputs, timed_step  # bench/train_step.py
+
+    from domino.training.objective_cached import cached_nll
+    pool = pool_lengths(a)
+    rng = random.Random(0)
+    batches = [rng.sample(pool, a.batch) for _ in range(a.steps)]
+    rows = []
+    for i, lengths in enumerate(batches):
+        ids, am, D, S = step_inputs(model, a.batch, a.k, max(lengths), seed=i)
+        am[:] = (torch.arange(max(lengths))[None] < torch.tensor(lengths)[:, None]).long()
+        whole, grouped, n_groups = continuation_tokens(lengths, sides["grouped"])
+        row = {"lengths": lengths, "tokens": {"whole": whole, "grouped": grouped}, "groups": n_groups}
+        for side in (("whole", "grouped") if i % 2 == 0 else ("grouped", "whole")):
+            row[side] = timed_step(functools.partial(cached_nll, forward_cost=sides[side]), model, D, S, ids, am)[0]
+        rows.append(row)
+        print(f"batch {i + 1}/{a.steps} {lengths}: whole {row['whole']:.2f} s, grouped {row['grouped']:.2f} s; "
+              f"continuation tokens {whole} / {grouped} ({n_groups} groups)", flush=True)
+    warm = rows[1:]  # the first batch is each side's cold step
+    tot = {side: sum(r[side] for r in warm) for side in sides}
+    tok = {side: sum(r["tokens"][side] for r in warm) for side in sides}
+    print(f"batches 2-{a.steps}: whole {tot['whole']:.1f} s, grouped {tot['grouped']:.1f} s, "
+          f"whole/grouped {tot['whole'] / tot['grouped']:.3f}x; continuation tokens {tok['whole']} / {tok['grouped']} "
+          f"({tok['whole'] / tok['grouped']:.3f}x)", flush=True)
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps({
+            "backbone": a.backbone, "dtype": str(model.dtype), "k": a.k, "pool": a.pool, "cost": a.cost,
+            "threads": torch.get_num_threads(), "batches": rows, "warm_seconds": tot, "warm_tokens": tok}, indent=1))
 
 
 def main() -> None:
@@ -64,8 +107,9 @@ def main() -> None:
     ap.add_argument("--field", default="prompt")
     ap.add_argument("--max-len", type=int, default=128)
     ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=0, help="with --pool: step this many random batches of it")
     a = ap.parse_args()
-    if a.pool:
+    if a.pool and not a.steps:
         return pool_padding(a)
     import torch
     from train_step import step_inputs, timed_step  # bench/train_step.py
@@ -74,12 +118,14 @@ def main() -> None:
     from domino.training.objective_cached import cached_nll
 
     model = load_backbone(path=a.backbone, dtype=a.dtype).model
+    cost = a.cost if a.cost == "auto" else float(a.cost)
+    sides = {"whole": None, "grouped": cost}
+    if a.pool:
+        return pool_steps(a, model, sides)
     lengths = [int(x) for x in a.lengths.split(",")]
     ids, am, D, S = step_inputs(model, len(lengths), a.k, max(lengths))
     for i, n in enumerate(lengths):
         am[i, n:] = 0
-    cost = a.cost if a.cost == "auto" else float(a.cost)
-    sides = {"whole": None, "grouped": cost}
     grads, res, losses = {}, {s: [] for s in sides}, {}
 
     def step(side: str) -> float:
