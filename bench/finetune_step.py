@@ -5,7 +5,9 @@ nll_sum with the batch's attention mask and position ids always passed to the mo
 before `module.attention_inputs` dropped them for right-padded rows), or against `whole`: one
 decoder forward over the whole padded batch (`forward_cost=None`, what nll_sum did on a CPU before
 `module.forward_groups`; `fused` runs the CPU default, `sft.forward_cost=auto`; `plain` and
-`masked` never group).
+`masked` never group), or against `bernoulli`: `fused` with LoRA dropout drawn by nn.Dropout
+(`lora.dropout_draws=bernoulli`, what every variant drew before `finetune/dropout.py`; the
+others draw by gaps, the default).
 
     cd bench && PYTHONPATH=../src ../.venv/bin/python finetune_step.py [--shape 4x530] [--labelled 0.68]
         [--steps 3] [--reps 2] [--backbone embedded:qwen2.5-coder-0.5b-instruct] [--dtype auto]
@@ -37,7 +39,7 @@ from pathlib import Path
 
 from train_step import rss_kb
 
-VARIANTS = ("fused", "plain", "masked", "whole")
+VARIANTS = ("fused", "plain", "masked", "whole", "bernoulli")
 
 
 def plain_nll_sum(lora, batch):
@@ -62,7 +64,8 @@ def child(a) -> dict:
     from domino.finetune.module import LoRAModule
     B, T = (int(x) for x in a.shape.lower().split("x"))
     lora = LoRAModule({"path": a.backbone, "dtype": a.dtype}, r=16, alpha=32, dropout=a.dropout, seed=0,
-                      forward_cost="auto" if a.variant == "fused" else None)
+                      forward_cost="auto" if a.variant in ("fused", "bernoulli") else None,
+                      dropout_draws="bernoulli" if a.variant == "bernoulli" else "gaps")
     lora.train()
     g = torch.Generator().manual_seed(0)
     lengths = [int(x) for x in a.lengths.split(",")] if a.lengths else [T] * B

@@ -16,6 +16,7 @@ from domino.core.backbone import count_params, load_backbone, params_line
 from domino.core.batching import check_forward_cost, length_groups, resolve_forward_cost
 from domino.core.trainer import load_metric_states, save_metric_states
 from domino.finetune.data import IGNORE
+from domino.finetune.dropout import DROPOUT_DRAWS, use_gap_dropout
 from domino.training.objective_cached import token_nll
 
 log = logging.getLogger(__name__)
@@ -66,9 +67,11 @@ class LoRAModule(L.LightningModule):
     def __init__(self, backbone: dict[str, Any], r: int = 16, alpha: float = 32, dropout: float = 0.05,
                  target_modules: Sequence[str] = DEFAULT_TARGETS, bias: str = "none", lr: float = 2e-4,
                  weight_decay: float = 0.0, betas: Sequence[float] = (0.9, 0.999), warmup_steps: int = 10,
-                 seed: int = 0, forward_cost: float | str | None = "auto"):
+                 seed: int = 0, forward_cost: float | str | None = "auto", dropout_draws: str = "gaps"):
         super().__init__()
         check_forward_cost(forward_cost, "sft.forward_cost")
+        if dropout_draws not in DROPOUT_DRAWS:
+            raise ValueError(f"lora.dropout_draws={dropout_draws!r} is not one of {DROPOUT_DRAWS}")
         from peft import LoraConfig, get_peft_model
 
         # plain config values only: a checkpoint rebuilds the backbone from them
@@ -83,6 +86,8 @@ class LoRAModule(L.LightningModule):
         with torch.random.fork_rng(devices=[]):  # LoRA A is randomly initialised: make it a function of seed
             torch.manual_seed(seed)
             self.model = get_peft_model(bb.model, self.lora_config)
+        if dropout_draws == "gaps":
+            use_gap_dropout(self.model)
         if not self.trainable_keys():
             raise ValueError(f"lora.target_modules={list(target_modules)} matched no module of {bb.id}")
 

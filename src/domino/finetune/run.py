@@ -30,9 +30,9 @@ VAL_METRIC = "val/loss"
 def build_module(cfg: DictConfig) -> LoRAModule:
     lo, opt = cfg.lora, cfg.optim
     return LoRAModule(backbone=OmegaConf.to_container(cfg.backbone, resolve=True), r=lo.r, alpha=lo.alpha,
-                      dropout=lo.dropout, target_modules=list(lo.target_modules), bias=lo.bias, lr=opt.lr,
-                      weight_decay=opt.weight_decay, betas=list(opt.betas), warmup_steps=opt.warmup_steps,
-                      seed=cfg.seed, forward_cost=cfg.sft.forward_cost)
+                      dropout=lo.dropout, dropout_draws=lo.dropout_draws, target_modules=list(lo.target_modules),
+                      bias=lo.bias, lr=opt.lr, weight_decay=opt.weight_decay, betas=list(opt.betas),
+                      warmup_steps=opt.warmup_steps, seed=cfg.seed, forward_cost=cfg.sft.forward_cost)
 
 
 def read_data(cfg: DictConfig) -> tuple[list[dict], list[dict], dict[str, Any]]:
