@@ -22,18 +22,18 @@ GAP_MAX_P = 0.5
 DROPOUT_DRAWS = ("gaps", "bernoulli")  # lora.dropout_draws: GapDropout, or nn.Dropout as peft builds it
 
 
-def drop_positions(n: int, p: float, device=None) -> torch.Tensor:
-    """Sorted positions (int64) among n elements where i.i.d. Bernoulli(p) drops fall: cumulative
-    sums of Geometric(p) gaps, drawn in fp64 (exact integers), until they pass n."""
+def drop_positions(n: int, p: float) -> torch.Tensor:
+    """Sorted positions (int64, CPU) among n elements where i.i.d. Bernoulli(p) drops fall: the
+    cumulative sums (1-based) of Geometric(p) gaps, drawn in fp64 (exact integers) until they reach n."""
     if not 0.0 < p < 1.0:
         raise ValueError(f"dropout probability {p} is not in (0, 1)")
     mean = n * p
     k = int(mean + 6.0 * math.sqrt(mean * (1.0 - p)) + 16)  # nearly always one draw is enough
     pos = torch.empty(k, dtype=torch.float64).geometric_(p).cumsum_(0)
-    while pos[-1].item() <= n:
+    while pos[-1].item() < n:  # rare: the drops after these could still fall within n
         more = torch.empty(k, dtype=torch.float64).geometric_(p).cumsum_(0).add_(pos[-1])
         pos = torch.cat([pos, more])
-    return (pos[pos <= n].long() - 1).to(device)
+    return pos[pos <= n].long() - 1
 
 
 class GapDropout(nn.Module):
