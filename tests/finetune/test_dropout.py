@@ -83,7 +83,7 @@ def test_gap_dropout_output_and_gradient():
     assert GapDropout(0.0).train()(x) is x
 
 
-def test_gap_dropout_falls_back_to_f_dropout_for_large_p(monkeypatch):
+def test_gap_dropout_falls_back_to_f_dropout_for_large_p_and_off_the_cpu(monkeypatch):
     calls = []
     real = torch.nn.functional.dropout
     monkeypatch.setattr(torch.nn.functional, "dropout", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
@@ -91,6 +91,9 @@ def test_gap_dropout_falls_back_to_f_dropout_for_large_p(monkeypatch):
     GapDropout(0.6).train()(x)
     GapDropout(0.05).train()(x)
     assert calls == [0.6]
+    # any other device (a GPU draws Bernoulli numbers fast): F.dropout; "meta" stands in for it here
+    out = GapDropout(0.05).train()(torch.empty(8, 8, device="meta"))
+    assert calls == [0.6, 0.05] and out.device.type == "meta"
 
 
 def test_lora_module_draws_dropout_by_gaps_unless_told():
