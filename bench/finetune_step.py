@@ -56,25 +56,33 @@ def plain_nll_sum(lora, batch):
     return F.cross_entropy(logits.float(), targets[sel], reduction="sum"), sel.sum()
 
 
+def sft_batch(lora, lengths: list[int], labelled: float) -> dict:
+    """One batch of rows of random tokens of these lengths (seed 0), the last `labelled` fraction of
+    each carrying labels, right-padded by finetune's own Collate (attention mask, position ids)."""
+    import torch
+
+    from domino.finetune.data import IGNORE, Collate, Row
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for n in lengths:
+        ids = torch.randint(0, lora.tokenizer.vocab_size, (n,), generator=g).tolist()
+        cut = n - int(round(labelled * n))
+        rows.append(Row(ids, [IGNORE] * cut + ids[cut:], list(range(n))))
+    return Collate(lora.tokenizer.pad_token_id, False)(rows)
+
+
 def child(a) -> dict:
     import torch
 
     from domino.finetune import module
-    from domino.finetune.data import IGNORE, Collate, Row
     from domino.finetune.module import LoRAModule
     B, T = (int(x) for x in a.shape.lower().split("x"))
     lora = LoRAModule({"path": a.backbone, "dtype": a.dtype}, r=16, alpha=32, dropout=a.dropout, seed=0,
                       forward_cost="auto" if a.variant in ("fused", "bernoulli") else None,
                       dropout_draws="bernoulli" if a.variant == "bernoulli" else "gaps")
     lora.train()
-    g = torch.Generator().manual_seed(0)
     lengths = [int(x) for x in a.lengths.split(",")] if a.lengths else [T] * B
-    rows = []
-    for n in lengths:
-        ids = torch.randint(0, lora.tokenizer.vocab_size, (n,), generator=g).tolist()
-        cut = n - int(round(a.labelled * n))
-        rows.append(Row(ids, [IGNORE] * cut + ids[cut:], list(range(n))))
-    batch = Collate(lora.tokenizer.pad_token_id, False)(rows)
+    batch = sft_batch(lora, lengths, a.labelled)
     params = [p for p in lora.parameters() if p.requires_grad]
     if a.variant == "masked":
         module.attention_inputs = lambda b: (b.get("attention_mask"), b.get("position_ids"))

@@ -49,9 +49,9 @@ def main() -> None:
     a = ap.parse_args()
 
     import torch
+    from finetune_step import sft_batch  # bench/finetune_step.py
     from torch import nn
 
-    from domino.finetune.data import IGNORE, Collate, Row
     from domino.finetune.dropout import GapDropout
     from domino.finetune.module import LoRAModule
 
@@ -62,13 +62,7 @@ def main() -> None:
     alone = dropout_alone(sum(lengths) // 2, hidden, a.dropout, 5)
     print(f"dropout alone, {sum(lengths) // 2} x {hidden} fp32, forward + backward: bernoulli "
           f"{alone['bernoulli'] * 1e3:.2f} ms, gaps {alone['gaps'] * 1e3:.2f} ms", flush=True)
-    g = torch.Generator().manual_seed(0)
-    rows = []
-    for n in lengths:
-        ids = torch.randint(0, lora.tokenizer.vocab_size, (n,), generator=g).tolist()
-        cut = n - int(round(a.labelled * n))
-        rows.append(Row(ids, [IGNORE] * cut + ids[cut:], list(range(n))))
-    batch = Collate(lora.tokenizer.pad_token_id, False)(rows)
+    batch = sft_batch(lora, lengths, a.labelled)
     slots = [(md, key) for name, md in lora.model.named_modules() if name.endswith("lora_dropout") for key in md]
     params = [p for p in lora.parameters() if p.requires_grad]
 
