@@ -573,3 +573,43 @@ def test_timing_splits_prefills_from_decoding_steps(tiny_backbone, monkeypatch):
     before = e.prefill_s
     e.generate_shared(e.prefill(torch.zeros(2, bb.model.config.hidden_size)), [0])
     assert e.prefill_s - before >= 0.2 and e.decode_s < 0.4
+
+
+@torch.no_grad()
+def test_stop_fns_end_rows_at_a_line_break_and_match_the_same_cut_after_decoding(tiny_backbone):
+    """A row's `stop_fn` is asked only when its newest token holds a line break, and the number it
+    returns ends that row there: the tokens are the undisturbed row's up to that token, the text is
+    cut to the number, other rows (and a stop_fn that never answers) change nothing. Cutting the
+    whole decoded rows afterwards (`params.stop_after`, what vLLM gets) gives the same texts."""
+    from domino.core.generation.params import stop_after
+    bb = tiny_backbone
+    tok = bb.tokenizer
+    prompts = [tok(f"row {i}:")["input_ids"] for i in range(40)]
+    seeds = [sample_seed(11, i) for i in range(40)]
+    e = engine(bb, batch_size=8, temperature=1.0, max_new_tokens=40)
+    full = e.generate_many(prompts, seeds)
+    broken = [i for i, g in enumerate(full) if "\n" in g.text]
+    assert len(broken) >= 3  # a random model writes ~0.3% line-break tokens: some rows have one
+
+    asked = []
+
+    def first_line(text):
+        asked.append(text)
+        return text.index("\n")
+
+    cut = e.generate_many(prompts, seeds, stop_fns=[first_line if i % 2 == 0 else None for i in range(40)])
+    assert asked and all("\n" in t for t in asked)
+    for i, (g, f) in enumerate(zip(cut, full)):
+        if i % 2 or i not in broken:
+            assert (g.token_ids, g.text, g.finish_reason, g.stop_reason) == \
+                (f.token_ids, f.text, f.finish_reason, f.stop_reason)
+            continue
+        k = next(n for n in range(1, len(f.token_ids) + 1) if "\n" in tok.decode(f.token_ids[:n]))
+        assert g.token_ids == f.token_ids[:k] and (g.finish_reason, g.stop_reason) == ("stop", "stop_fn")
+        assert g.text == f.text[:f.text.index("\n")]
+        assert stop_after(f, first_line).text == g.text
+    assert e.generate_many(prompts, seeds, stop_fns=[lambda text: None] * 40) == full
+    assert [g.text for g in e.generate_prompts(prompts[:8], seeds[:8], stop_fns=[first_line] * 8)] == \
+        [stop_after(f, first_line).text for f in full[:8]]
+    with pytest.raises(ValueError, match="one stop_fn"):
+        e.generate_many(prompts, seeds, stop_fns=[None])

@@ -64,6 +64,9 @@ def test_k_larger_than_n_fails_before_generation(tmp_path):
     r = evaluate(tmp_path, "backbone=tiny", "benchmark.limit=1", "n_samples=1", "k=[1,5]", check=False)
     assert r.returncode != 0 and "n_samples=1" in r.stderr
     assert not (tmp_path / "completions.jsonl").exists()
+    r = evaluate(tmp_path / "b", "backbone=tiny", "benchmark.limit=1", "prompt.stop_after_solution=maybe", check=False)
+    assert r.returncode != 0 and "prompt.stop_after_solution='maybe': expected true or false" in r.stderr
+    assert not (tmp_path / "b" / "completions.jsonl").exists()
 
 
 def test_samples_mode_scores_heldout_and_empty(tmp_path):
@@ -266,3 +269,59 @@ def test_an_adapter_is_merged_into_fp32_weights_only(tmp_path, dtype, merged):
         got = model(input_ids=ids).logits.float()
     tol = 1e-5 if dtype == "float32" else 5e-2
     torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
+
+
+def test_stop_after_solution_cuts_the_models_own_tests_and_keys_its_completions(tmp_path, monkeypatch, tiny_backbone):
+    """prompt.stop_after_solution: each evalplus-style function problem's row gets a stop_fn that
+    ends it where its entry point is complete and the model's own tests begin; the stored output
+    ends there (stop_reason "solution_end"), the program is the one the whole answer gives, and
+    those completions have their own key (a resume never mixes cut and whole answers). An engine
+    stands in for the model: it writes a solution and then tests, and applies the stop_fns it is
+    given after decoding, as vLLM's engine does."""
+    from domino.core.benchmarks import load_benchmark
+    from domino.core.generation.params import Generation, SamplingParams, stop_after
+    from domino.evaluation import generation as gen_mod
+    from domino.evaluation.prompting import to_program
+    problems = load_benchmark("humaneval", limit=2)
+    tok = tiny_backbone.tokenizer
+    answer = "def {ep}(*args):\n    return helper(args)\n\ndef helper(a):\n    return a\n\n# Test\nprint({ep}(1))\n"
+    given = []
+
+    class Scripted:
+        batch_size, params = 4, None
+
+        def generate_prompts(self, prompts, seeds, stop_fns=None):
+            given.append(stop_fns)
+            out = []
+            for j, ids in enumerate(prompts):
+                ep = next(p["entry_point"] for p in problems if f"def {p['entry_point']}(" in tok.decode(ids))
+                out.append(stop_after(Generation([1, 2, 3], answer.format(ep=ep), "stop", "```"),
+                                      stop_fns[j] if stop_fns else None))
+            return out
+
+        def generate_many(self, prompts, seeds, on_result=None, stop_fns=None):
+            out = self.generate_prompts(prompts, seeds, stop_fns)
+            for j, g in enumerate(out):
+                on_result(j, g)
+            return out
+
+    monkeypatch.setattr(gen_mod, "build_engine", lambda *a, **k: (Scripted(), tok, "scripted", None, "float32"))
+    params = SamplingParams(temperature=0.0, max_new_tokens=64)
+
+    def run(name, on, refill=True):
+        recs, prov = gen_mod.generate_completions(problems, {}, params, 1, 0, tmp_path / name / "completions.jsonl",
+                                                  engine={"name": "hf", "batch_size": 4, "refill": refill},
+                                                  chat=True, stop_after_solution=on)
+        return {r["task_id"]: r for r in recs}, prov
+
+    cut, prov = run("on", True)
+    assert given[-1] is not None and all(f is not None for f in given[-1]) and prov["stop_after_solution"]
+    assert run("fixed", True, refill=False)[0] == cut  # fixed batches pass them too
+    whole, prov_off = run("off", False)
+    assert given[-1] is None and not prov_off["stop_after_solution"]
+    for p in problems:
+        c, w = cut[p["task_id"]], whole[p["task_id"]]
+        assert w["output"] == answer.format(ep=p["entry_point"]) and "stop_reason" not in w
+        assert c["output"] == w["output"][:w["output"].index("# Test")] and c["stop_reason"] == "solution_end"
+        assert c["program"] == w["program"] == to_program(p, w["output"], chat=True, style="evalplus")
+        assert c["gen_key"] != w["gen_key"]

@@ -12,6 +12,7 @@ resumed (`resume=<old completions.jsonl or run dir>`) without regenerating finis
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -108,11 +109,13 @@ def sample_index(task_id: str, sample_idx: int) -> int:
 
 
 def gen_key(model_id: str, adapter_fp: str | None, engine: str, params: SamplingParams, seed: int,
-            chat: bool, prompt: str, dtype: str = "float32") -> str:
+            chat: bool, prompt: str, dtype: str = "float32", stop_after_solution: bool = False) -> str:
     """What a task's completions depend on; resumed records are reused only when it matches. (fp32
-    keys are those of releases before the dtype rule: the dtype enters only when it is another.)"""
+    keys are those of releases before the dtype rule: the dtype enters only when it is another;
+    likewise `stop_after_solution` only when decoding of that task stops there.)"""
     parts = [COMPLETIONS_VERSION, model_id, adapter_fp, engine, params.to_dict(), seed, chat, prompt]
-    blob = json.dumps(parts + ([] if dtype == "float32" else [dtype]), sort_keys=True)
+    parts += ([] if dtype == "float32" else [dtype]) + (["stop_after_solution"] if stop_after_solution else [])
+    blob = json.dumps(parts, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -120,12 +123,18 @@ def gen_key(model_id: str, adapter_fp: str | None, engine: str, params: Sampling
 def generate_completions(problems: list[dict], backbone_cfg: dict, params: SamplingParams, n_samples: int,
                          seed: int, out_path: Path, engine: Any = "hf", adapter: str | None = None,
                          chat: bool | None = None, resume: str | None = None, batch_size: int | None = None,
-                         progress: Callable | None = None, style: str = "evalplus") -> tuple[list[dict], dict]:
+                         progress: Callable | None = None, style: str = "evalplus",
+                         stop_after_solution: bool = True) -> tuple[list[dict], dict]:
     """Sample `n_samples` outputs per problem, appending each completion to `out_path` as soon as it
     exists (`engine.refill`: continuous batching on the HF engine; else in fixed batches). Whether a
     completion was decoded with refill is not part of its key: a resume may mix the two.
     Prompts are text (prompting.build_prompt), tokenised as the model sees them: chat templates
-    carry their own special tokens, plain prompts get the tokenizer's (BOS)."""
+    carry their own special tokens, plain prompts get the tokenizer's (BOS).
+    `stop_after_solution` (`prompt.stop_after_solution`): where the answer is the code itself (an
+    opened fence) and the problem names its entry point, decoding stops once the entry point and
+    what it uses are complete and the model starts top-level code of its own (its example calls
+    and asserts, which `to_program` drops): `generation.code.solution_end`."""
+    from domino.core.generation.code import solution_end
     from domino.evaluation.prompting import CLOSE_FENCE, build_prompt, opens_fence, to_program, use_chat
     ecfg = engine_config(engine, batch_size)  # domino.core.generation.factory's one schema
     eng, tok, model_id, adapter_fp, dtype = build_engine(backbone_cfg, ecfg, params, adapter, seed)
@@ -135,7 +144,9 @@ def generate_completions(problems: list[dict], backbone_cfg: dict, params: Sampl
         params = dataclasses.replace(params, stop=params.stop + (CLOSE_FENCE,))
         eng.params = params
     prompts = {p["task_id"]: build_prompt(p, tok, chat, style) for p in problems}
-    keys = {t: gen_key(model_id, adapter_fp, ecfg["name"], params, seed, chat, pr, dtype)
+    stop_fn = {p["task_id"]: functools.partial(solution_end, entry_point=p["entry_point"])
+               for p in problems if stop_after_solution and opens_fence(p, chat, style) and p.get("entry_point")}
+    keys = {t: gen_key(model_id, adapter_fp, ecfg["name"], params, seed, chat, pr, dtype, t in stop_fn)
             for t, pr in prompts.items()}
     # the run's own completions.jsonl is one append-only store keyed by (task, sample, gen_key):
     # a rerun or a crash resumes from it (a torn last line is dropped, see records.JsonlStore),
@@ -180,18 +191,23 @@ def generate_completions(problems: list[dict], backbone_cfg: dict, params: Sampl
                 rec = {"task_id": t, "sample_idx": i, "gen_key": keys[t], "output": g.text,
                        "finish_reason": g.finish_reason, "n_tokens": len(g.token_ids),
                        "program": program, "solution": program}
+                if g.stop_reason == "stop_fn":  # the output ends where the solution did
+                    rec["stop_reason"] = "solution_end"
                 done[(t, i)] = rec
                 store.add(rec)
                 rate = n_tok / max(1e-9, time.monotonic() - started)
                 bar.update(job, advance=1, rate=f"{rate:.1f} tok/s")
 
             seeds = [sample_seed(seed, sample_index(t, i)) for t, i in todo]
+            fns = [stop_fn.get(t) for t, _ in todo] if stop_fn else None
             if ecfg.get("refill") and hasattr(eng, "generate_many"):
                 # continuous batching: finished rows are refilled; each completion is stored as it ends
-                eng.generate_many([ids[t] for t, _ in todo], seeds, on_result=lambda j, g: record(*todo[j], g))
+                eng.generate_many([ids[t] for t, _ in todo], seeds, on_result=lambda j, g: record(*todo[j], g),
+                                  stop_fns=fns)
             else:
                 for b in range(0, len(todo), bs):
-                    gens = eng.generate_prompts([ids[t] for t, _ in todo[b: b + bs]], seeds[b: b + bs])
+                    gens = eng.generate_prompts([ids[t] for t, _ in todo[b: b + bs]], seeds[b: b + bs],
+                                                stop_fns=fns[b: b + bs] if fns else None)
                     for (t, i), g in zip(todo[b: b + bs], gens):
                         record(t, i, g)
         gen_s = time.monotonic() - started
@@ -203,6 +219,7 @@ def generate_completions(problems: list[dict], backbone_cfg: dict, params: Sampl
                   "engine": {k: v for k, v in ecfg.items() if k not in RUNTIME_KEYS
                              and not (k == "refill" and ecfg["name"] != "hf")},
                   "chat_template": chat, "prompt_style": style, "sampling": params.to_dict(),
+                  "stop_after_solution": bool(stop_fn),
                   "n_samples": n_samples, "seed": seed,
                   "completions_version": COMPLETIONS_VERSION, "reused_completions": reused,
                   "truncated_completions": truncated,

@@ -191,6 +191,9 @@ def _run_passk(cfg: Any, output_dir: Path) -> dict:
     scfg = OmegaConf.to_container(cfg.sampling, resolve=True)
     params = SamplingParams.from_config(scfg)
     ks = list(cfg.k)
+    stop_after_solution = cfg.prompt.get("stop_after_solution", True)
+    if not isinstance(stop_after_solution, bool):
+        raise ValueError(f"prompt.stop_after_solution={stop_after_solution!r}: expected true or false")
     if cfg.samples:
         completions = completions_from_samples(problems, cfg.samples)
         n_min = min(Counter(c["task_id"] for c in completions).values())
@@ -204,7 +207,8 @@ def _run_passk(cfg: Any, output_dir: Path) -> dict:
             problems, OmegaConf.to_container(cfg.backbone, resolve=True), params, int(cfg.n_samples),
             int(cfg.seed), output_dir / "completions.jsonl", engine=engine, adapter=cfg.adapter,
             chat=cfg.prompt.chat, resume=cfg.resume, batch_size=scfg.get("batch_size"), progress=_progress,
-            style=str(cfg.prompt.get("style") or "evalplus"))
+            style=str(cfg.prompt.get("style") or "evalplus"),
+            stop_after_solution=stop_after_solution)
     provenance["lineage"] = lineage.read(cfg.get("adapter"))  # {} without an adapter or its lineage.json
     sb_cfg = SandboxConfig(**OmegaConf.to_container(cfg.sandbox, resolve=True))
     cache = ExecutionCache(cfg.cache_path)

@@ -44,6 +44,27 @@ def extract_code(text: str | None, language: str | None = None) -> str | None:
     return None
 
 
+def _top_level(tree) -> tuple[dict, set[str]]:
+    """(name -> the top-level def, class or assignment that defines it, the names imports bind)
+    of a module: a function or class defined twice is its last definition (what runs), a name
+    assigned twice its first assignment."""
+    import ast
+    defs: dict[str, ast.stmt] = {}
+    imported: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            defs[node.name] = node
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for t in targets:
+                for n in ast.walk(t):
+                    if isinstance(n, ast.Name):
+                        defs.setdefault(n.id, node)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            imported |= {(a.asname or a.name).split(".")[0] for a in node.names}
+    return defs, imported
+
+
 def sanitize(code: str, entry_point: str | None) -> str:
     """The part of `code` a function-level test can see: every import, and the top-level
     functions, classes and assignments that `entry_point` reaches through the names it uses; the
@@ -64,16 +85,7 @@ def sanitize(code: str, entry_point: str | None) -> str:
     if tree is None:
         return code
     src = "\n".join(lines)
-    defs: dict[str, ast.stmt] = {}
-    for node in tree.body:
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            defs[node.name] = node
-        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
-            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            for t in targets:
-                for n in ast.walk(t):
-                    if isinstance(n, ast.Name):
-                        defs.setdefault(n.id, node)
+    defs, _ = _top_level(tree)
     if not entry_point or entry_point not in defs:
         return src
     keep: set[int] = set()
@@ -87,3 +99,76 @@ def sanitize(code: str, entry_point: str | None) -> str:
     out = [ast.get_source_segment(src, node, padded=True) for node in tree.body
            if isinstance(node, (ast.Import, ast.ImportFrom)) or id(node) in keep]
     return "\n\n".join(s for s in out if s) + "\n"
+
+
+# a top-level line that starts these may still be part of the solution: it is never where it ends
+_SOLUTION_GOES_ON = ("def ", "async ", "class ", "@", "import ", "from ", "```")
+
+
+def solution_end(code: str, entry_point: str) -> int | None:
+    """Where the part of `code` that `sanitize(code, entry_point)` keeps has ended, or None: the
+    offset of the first complete top-level line that does not start a def, class, decorator or
+    import (the model's own example calls, prints, asserts, comments) and before which the code
+    parses, defines `entry_point`, and resolves every global name the entry point reaches (to a
+    top-level def, class or assignment, an import, or a builtin). Evaluation stops decoding there
+    (`prompt.stop_after_solution`): what follows is dropped by `sanitize` unless it redefines a
+    name the entry point reaches or adds an import, which a model's tests rarely do
+    (bench/stop_after_solution.py measures it on saved completions)."""
+    pos = 0
+    while (nl := code.find("\n", pos)) >= 0:
+        line = code[pos:nl]
+        if line.strip() and line[0] not in " \t" and not line.startswith(_SOLUTION_GOES_ON) \
+                and _resolves(code[:pos], entry_point):
+            return pos
+        pos = nl + 1
+    return None
+
+
+def _resolves(code: str, entry_point: str) -> bool:
+    """Whether `code` parses, defines `entry_point`, and every global name the entry point reaches
+    (through functions, classes and assignments, as `sanitize` follows them) is defined there,
+    imported or a builtin. Names are read from the symbol table: a function's parameters and
+    locals are not globals; decorators, defaults and base classes run at the top level."""
+    import ast
+    import builtins
+    import symtable
+    try:
+        tree = ast.parse(code)
+        table = symtable.symtable(code, "<solution>", "exec")
+    except (SyntaxError, ValueError):
+        return False
+    defs, imported = _top_level(tree)
+    if entry_point not in defs:
+        return False
+    scopes: dict[str, list] = {}
+    for child in table.get_children():
+        scopes.setdefault(child.get_name(), []).append(child)
+
+    def globals_of(t) -> set[str]:
+        names = {s.get_name() for s in t.get_symbols() if s.is_referenced() and s.is_global()}
+        for child in t.get_children():
+            names |= globals_of(child)
+        return names
+
+    seen: set[str] = set()
+    todo = [entry_point]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        node = defs.get(name)
+        if node is None:
+            if name in imported or hasattr(builtins, name):
+                continue
+            return False
+        if isinstance(node, (ast.Assign, ast.AnnAssign)):
+            todo += [n.id for n in ast.walk(node) if isinstance(n, ast.Name)]
+            continue
+        for scope in scopes.get(name, []):
+            todo += globals_of(scope)
+        args = getattr(node, "args", None)
+        top = [*node.decorator_list, *getattr(node, "bases", []), *getattr(node, "keywords", []),
+               *(args.defaults + [d for d in args.kw_defaults if d is not None] if args else [])]
+        todo += [n.id for sub in top for n in ast.walk(sub) if isinstance(n, ast.Name)]
+    return True

@@ -29,7 +29,7 @@ from torch import nn
 
 from domino.core.backbone import cache_kwargs, output_cache
 from domino.core.generation import packed
-from domino.core.generation.params import Generation, SamplingParams
+from domino.core.generation.params import Generation, SamplingParams, StopFn, check_rows
 from domino.core.scratch import Scratch
 
 
@@ -191,6 +191,7 @@ class HFEngine:
         self.prefill_s = self.decode_s = 0.0
         self._nucleus_tau: dict[int, float] = {}  # per row (by its generator's id): where _top_p_pick starts
         self._scratch = Scratch()  # full-vocabulary fp32 tensors kept across steps
+        self._newline: dict[int, bool] = {}  # token id -> whether its text holds a line break
         self.kv_spare = 256  # most free key/value columns a decoding batch's buffers hold (BufferedLayer)
         cfg = model.config
         heads, kv = getattr(cfg, "num_attention_heads", None), getattr(cfg, "num_key_value_heads", None)
@@ -239,27 +240,32 @@ class HFEngine:
         return self._decode(cache, logits, pos, None, seeds)
 
     @engine_call
-    def generate_prompts(self, prompts: list[list[int]], seeds: list[int]) -> list[Generation]:
-        """One sample per (token-id prompt, seed); prompts are left-padded into one batch."""
-        if len(prompts) != len(seeds):
-            raise ValueError("one seed per prompt")
+    def generate_prompts(self, prompts: list[list[int]], seeds: list[int],
+                         stop_fns: list[StopFn | None] | None = None) -> list[Generation]:
+        """One sample per (token-id prompt, seed); prompts are left-padded into one batch.
+        `stop_fns` (one per prompt, or None): see `generate_many`."""
+        check_rows(prompts, seeds, stop_fns)
         cache, logits, pos, mask = self._prefill_prompts(prompts)
-        return self._decode(cache, logits, pos, mask, seeds)
+        return self._decode(cache, logits, pos, mask, seeds, stop_fns=stop_fns)
 
     @engine_call
     def generate_many(self, prompts: list[list[int]], seeds: list[int],
-                      on_result: Callable[[int, Generation], None] | None = None) -> list[Generation]:
+                      on_result: Callable[[int, Generation], None] | None = None,
+                      stop_fns: list[StopFn | None] | None = None) -> list[Generation]:
         """One sample per (token-id prompt, seed), at most `batch_size` rows decoding at once, with
         continuous batching: prompts are admitted shortest first, and once a quarter of the
         `batch_size` slots are free, the next prompts are prefilled and join the running batch
         (`_join`), so a batch no longer decodes for its longest row alone. `on_result(i,
         generation)` is called as prompt i finishes (results in prompt order too). A model whose
-        cache cannot take new rows (`can_join`) decodes in fixed batches instead."""
-        if len(prompts) != len(seeds):
-            raise ValueError("one seed per prompt")
+        cache cannot take new rows (`can_join`) decodes in fixed batches instead.
+        `stop_fns[i]`, where given, ends prompt i's row early: it is called with the row's text
+        whenever the row's newest token holds a line break, and a number it returns ends the row
+        there, its text cut to that many characters (finish "stop", stop reason "stop_fn"); stop
+        tokens and stop strings are checked before it, max_new_tokens after it."""
+        check_rows(prompts, seeds, stop_fns)
         return self._refill(sorted(range(len(prompts)), key=lambda i: len(prompts[i])),
                             lambda take: (*self._prefill_prompts([prompts[i] for i in take]), [seeds[i] for i in take]),
-                            on_result)
+                            on_result, stop_fns)
 
     @engine_call
     def generate_shared_many(self, prefix: SharedPrefix, seeds: list[int],
@@ -276,7 +282,7 @@ class HFEngine:
             return self._expand(prefix, n), logits, pos, mask, [seeds[i] for i in take]
         return self._refill(list(range(len(seeds))), rows, on_result)
 
-    def _refill(self, order: list[int], rows: Callable, on_result) -> list[Generation]:
+    def _refill(self, order: list[int], rows: Callable, on_result, stop_fns=None) -> list[Generation]:
         """Decode the samples `order` names, admitted in that order, refilling freed rows
         (`_decode`); `rows(ids)` builds (cache, logits, pos, mask, seeds) of the samples `ids`."""
         pending = deque(order)
@@ -290,12 +296,13 @@ class HFEngine:
             return []
         cache, logits, pos, mask, first_seeds, ids = first
         if not self.can_join(cache):  # this model's cache cannot take new rows: fixed batches
-            done = self._decode(cache, logits, pos, mask, first_seeds, ids=ids, on_result=on_result)
+            done = self._decode(cache, logits, pos, mask, first_seeds, ids=ids, on_result=on_result,
+                                stop_fns=stop_fns)
             while (nxt := admit(self.batch_size)) is not None:
-                done.update(self._decode(*nxt[:4], nxt[4], ids=nxt[5], on_result=on_result))
+                done.update(self._decode(*nxt[:4], nxt[4], ids=nxt[5], on_result=on_result, stop_fns=stop_fns))
         else:
             done = self._decode(cache, logits, pos, mask, first_seeds, ids=ids, admit=admit,
-                                min_free=max(1, self.batch_size // 4), on_result=on_result)
+                                min_free=max(1, self.batch_size // 4), on_result=on_result, stop_fns=stop_fns)
         return [done[i] for i in range(len(order))]
 
     def _prefill_prompts(self, prompts: list[list[int]]):
@@ -357,11 +364,12 @@ class HFEngine:
     # ------------------------------------------------------------------ decoding
     def _decode(self, cache, logits: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None,
                 seeds: list[int], ids: list[int] | None = None, admit: Callable | None = None, min_free: int = 1,
-                on_result: Callable[[int, Generation], None] | None = None) -> list[Generation] | dict:
+                on_result: Callable[[int, Generation], None] | None = None,
+                stop_fns: list[StopFn | None] | None = None) -> list[Generation] | dict:
         """Decode the rows of `cache` (result index `ids[j]` for row j, default j) until each stops.
         With `admit(n_free)` (continuous batching), whenever at least `min_free` of `batch_size` rows
         are free, the rows it returns ((cache, logits, pos, mask, seeds, ids), or None when no prompt
-        is left) join the batch; results are then a dict by id."""
+        is left) join the batch; results are then a dict by id. `stop_fns[id]`: see generate_many."""
         t0, pre0 = time.perf_counter(), self.prefill_s
         p = self.params
         V = logits.shape[-1]
@@ -394,7 +402,15 @@ class HFEngine:
                 if hit is not None:
                     results[r] = Generation(list(tokens[r]), hit[0], "stop", hit[1])
                     done.append(j)
-                elif len(tokens[r]) >= p.max_new_tokens:
+                    continue
+                if stop_fns is not None and stop_fns[r] is not None and self._has_newline(t):
+                    text = self.tok.decode(tokens[r], skip_special_tokens=True)
+                    end = stop_fns[r](text)
+                    if end is not None:
+                        results[r] = Generation(list(tokens[r]), text[:end], "stop", "stop_fn")
+                        done.append(j)
+                        continue
+                if len(tokens[r]) >= p.max_new_tokens:
                     results[r] = self._finish(tokens[r], "length", None)
                     done.append(j)
             if on_result is not None:
@@ -457,6 +473,13 @@ class HFEngine:
             keys = cache.get_seq_length() + 1
             return torch.ones((n, 1, 1, keys), dtype=torch.bool, device=self.device)
         return mask[:, None, None, :].bool()
+
+    def _has_newline(self, t: int) -> bool:
+        """Whether token `t` decodes to text with a line break (asked once per token id)."""
+        has = self._newline.get(t)
+        if has is None:
+            has = self._newline[t] = "\n" in self.tok.decode([t], skip_special_tokens=True)
+        return has
 
     def _finish(self, toks: list[int], finish: str, reason) -> Generation:
         return Generation(list(toks), self.tok.decode(toks, skip_special_tokens=True), finish, reason)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 FINISH_REASONS = ("stop", "length")  # vLLM's vocabulary: "stop" = EOS, stop token or stop string
 
@@ -64,6 +64,33 @@ class Generation:
     finish_reason: str              # "stop" | "length" (hit max_new_tokens: flagged, kept)
     stop_reason: str | int | None = None  # "eos", the stop string or the stop token id
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+# a row's own early end (HFEngine.generate_many's `stop_fns`): its text so far -> how many characters
+# of it to keep, ending the row, or None to go on
+StopFn = Callable[[str], "int | None"]
+
+
+def check_rows(prompts: list, seeds: list, stop_fns: list | None) -> None:
+    if len(prompts) != len(seeds):
+        raise ValueError("one seed per prompt")
+    if stop_fns is not None and len(stop_fns) != len(prompts):
+        raise ValueError(f"one stop_fn (or None) per prompt: {len(stop_fns)} for {len(prompts)} prompts")
+
+
+def stop_after(g: Generation, fn: StopFn | None) -> Generation:
+    """`fn` applied to a generation decoded to its end (an engine that cannot stop a row on a
+    callable, vLLM): asked at each line break of the text in order, as HFEngine asks while decoding;
+    its first answer cuts the text (the tokens stay all those decoded)."""
+    if fn is None or g.finish_reason == "stop" and g.stop_reason == "stop_fn":
+        return g
+    at = g.text.find("\n")
+    while at >= 0:
+        end = fn(g.text[:at + 1])
+        if end is not None:
+            return Generation(g.token_ids, g.text[:end], "stop", "stop_fn", g.extra)
+        at = g.text.find("\n", at + 1)
+    return g
 
 
 def sample_seed(seed: int, index: int) -> int:

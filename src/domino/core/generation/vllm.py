@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from domino.core.generation.params import Generation, SamplingParams
+from domino.core.generation.params import Generation, SamplingParams, StopFn, check_rows, stop_after
 
 log = logging.getLogger(__name__)
 
@@ -90,5 +90,10 @@ class VLLMEngine:
         req = {"prompt_token_ids": list(prefix)} if isinstance(prefix, list) else {"prompt_embeds": prefix}
         return self._run([req] * len(seeds), seeds)
 
-    def generate_prompts(self, prompts: list[list[int]], seeds: list[int]) -> list[Generation]:
-        return self._run([{"prompt_token_ids": list(p)} for p in prompts], seeds)
+    def generate_prompts(self, prompts: list[list[int]], seeds: list[int],
+                         stop_fns: list[StopFn | None] | None = None) -> list[Generation]:
+        """`stop_fns` as HFEngine's, applied after decoding (`params.stop_after`): vLLM decodes
+        each row to its end, so they cut the text but save no time."""
+        check_rows(prompts, seeds, stop_fns)
+        gens = self._run([{"prompt_token_ids": list(p)} for p in prompts], seeds)
+        return gens if stop_fns is None else [stop_after(g, f) for g, f in zip(gens, stop_fns)]
