@@ -106,3 +106,26 @@ def test_every_stage_hands_engine_packed_weights_to_the_hf_engine(mode, monkeypa
     for yaml in (CONF / "engine" / "hf.yaml", CONF / "curation" / "default.yaml"):
         conf = OmegaConf.load(yaml)
         assert (conf.get("engine") or conf)["packed_weights"] == "auto", yaml
+
+
+@pytest.mark.parametrize("mode", [True, False])
+def test_every_stage_hands_engine_shared_prefix_to_the_hf_engine(mode):
+    """engine.shared_prefix reaches the HF engine of evaluation, synthesis and curation's chat
+    stages; it is on by default in both engine blocks, and a value that is not a bool is refused."""
+    from domino.core.generation import chat as G
+    from domino.core.generation import hf
+    from domino.evaluation.generation import build_engine
+    from domino.synthesis.methods import Plan
+    from domino.synthesis.run import _build_engine
+    ecfg = {"name": "hf", "device": "cpu", "shared_prefix": mode, "batch_size": 2}
+    engines = [build_engine(TINY, ecfg, SamplingParams(), None, 0)[0],
+               _build_engine({"engine": ecfg, "seed": 0}, TINY, {}, lambda tok, ident: Plan(method="prompt"))[0],
+               G.build_generator(TINY, None, {"engine": ecfg}, where="curation.judge.generation").engine]
+    G.release_models()
+    assert all(isinstance(e, hf.HFEngine) and e.shared_prefix is mode for e in engines)
+    assert "shared_prefix" in factory.HF_KEYS and "shared_prefix" in factory.RUNTIME_KEYS
+    for yaml in (CONF / "engine" / "hf.yaml", CONF / "curation" / "default.yaml"):
+        conf = OmegaConf.load(yaml)
+        assert (conf.get("engine") or conf)["shared_prefix"] is True, yaml
+    with pytest.raises(ValueError, match="engine.shared_prefix='yes': expected true or false"):
+        build_engine(TINY, {**ecfg, "shared_prefix": "yes"}, SamplingParams(), None, 0)

@@ -613,3 +613,56 @@ def test_stop_fns_end_rows_at_a_line_break_and_match_the_same_cut_after_decoding
         [stop_after(f, first_line).text for f in full[:8]]
     with pytest.raises(ValueError, match="one stop_fn"):
         e.generate_many(prompts, seeds, stop_fns=[None])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kw", [dict(temperature=0.0, repetition_penalty=1.5), dict(temperature=1.0, top_k=40)])
+def test_a_shared_prompt_prefix_runs_once_and_decodes_what_the_plain_prefill_does(tiny_backbone, kw):
+    """Prompts that begin alike (a chat template's system turn, an instruction): the shared tokens
+    run once as one row and every row continues that cache after padding of its own (a mask with
+    zeros between the prefix and the row's tokens). The tokens are those of the plain left-padded
+    prefill (fp32: the logits agree to rounding), in fixed batches and with continuous batching,
+    where rows with such masks join and leave running batches."""
+    from domino.core.generation.hf import FORWARD_COST, MIN_SHARED
+    bb = tiny_backbone
+    tok = bb.tokenizer
+    system = tok("You are a careful assistant. Read the problem below, think about the edge cases, and answer "
+                 "with one python code block that defines the function it asks for, nothing else.")["input_ids"]
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    prompts = [system + tok(" ".join(words[: 1 + (5 * i) % 11]))["input_ids"] for i in range(9)]
+    assert len(system) >= MIN_SHARED and 2 * len(system) > len(system) + FORWARD_COST  # 3 rows share it
+    seeds = [sample_seed(9, i) for i in range(9)]
+    stops = tuple(range(0, bb.model.config.vocab_size, 5))
+    widths = []
+    hook = bb.model.get_decoder().register_forward_pre_hook(  # prefills run the decoder alone (last_logits)
+        lambda m, a, k: widths.append(k["input_ids"].shape) if k.get("input_ids") is not None else None,
+        with_kwargs=True)
+    try:
+        shared = engine(bb, batch_size=3, max_new_tokens=12, stop_token_ids=stops, **kw)
+        plain = engine(bb, batch_size=3, max_new_tokens=12, stop_token_ids=stops, **kw)
+        plain.shared_prefix = False
+        widths.clear()
+        got = shared.generate_prompts(prompts[:3], seeds[:3])
+        # the prefix as one row, then the three rows' own tokens only
+        assert widths[0] == (1, len(system)) and widths[1] == (3, max(len(p) for p in prompts[:3]) - len(system))
+        assert got == plain.generate_prompts(prompts[:3], seeds[:3])
+        many = shared.generate_many(prompts, seeds)
+        assert many == plain.generate_many(prompts, seeds)
+        assert shared.n_prefill > 3 and len({len(g.token_ids) for g in many}) > 1  # rows joined and left
+    finally:
+        hook.remove()
+    # the logits after the shared prefill are the plain prefill's, row by row
+    c1, l1, pos1, m1 = shared._prefill_prompts(prompts[:4])
+    c2, l2, pos2, m2 = plain._prefill_prompts(prompts[:4])
+    assert torch.equal(pos1, pos2) and torch.allclose(l1, l2, atol=1e-5, rtol=1e-5)
+    assert m1.shape[1] == m2.shape[1] and not torch.equal(m1, m2)  # padding moved between prefix and rest
+
+
+def test_common_prefix_and_live_width():
+    from domino.core.generation.hf import _common_prefix, _live_width
+    assert _common_prefix([[1, 2, 3, 4], [1, 2, 3, 5]]) == 3
+    assert _common_prefix([[1, 2, 3], [1, 2, 3, 4]]) == 2  # every row keeps a token of its own
+    assert _common_prefix([[7], [7, 8]]) == 0 and _common_prefix([[1, 2], [3, 2]]) == 0
+    assert _live_width(torch.tensor([[0, 0, 1, 1], [0, 1, 0, 1]])) == 3
+    assert _live_width(torch.tensor([[1, 0, 0, 1], [0, 0, 1, 1]])) == 4
+    assert _live_width(torch.tensor([[0, 0, 0, 1]])) == 1

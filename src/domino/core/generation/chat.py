@@ -145,16 +145,18 @@ class HFChatGenerator(_ChatGenerator):
 
     def __init__(self, backbone, sampling: dict[str, Any] | None = None, batch_size: int = 8,
                  seed: int = 0, stop_tokens: list[str] | None = None, refill: bool = False,
-                 packed_weights: bool | str = "auto"):
+                 packed_weights: bool | str = "auto", shared_prefix: bool = True):
         """`backbone` as factory.load_model returns it: on the device of the one device and thread rule.
         `refill`: a call decodes its conversations `batch_size` rows at a time with continuous
-        batching (HFEngine.generate_many) instead of in fixed batches. `packed_weights`: HFEngine's."""
+        batching (HFEngine.generate_many) instead of in fixed batches. `packed_weights`,
+        `shared_prefix`: HFEngine's."""
         from domino.core.generation.factory import open_hf
         self.tok, self.seed = backbone.tokenizer, seed
         _need_chat_template(self.tok, backbone.id)
         params = _params(self.tok, sampling, stop_tokens)
         self.engine = open_hf(backbone.model, self.tok, params,
-                              {"batch_size": batch_size, "packed_weights": packed_weights})
+                              {"batch_size": batch_size, "packed_weights": packed_weights,
+                               "shared_prefix": shared_prefix})
         self.batch_size, self.refill = batch_size, bool(refill)
         self.model_id = backbone.id
         self.fingerprint = _fingerprint(backbone=backbone.id, hash=backbone.model_hash, params=params.to_dict(),
@@ -276,7 +278,8 @@ def build_generator(model_cfg: dict[str, Any] | str | None, default_backbone: di
         log.info("curation: loading %s", bcfg.get("path"))
         _MODELS[key] = load_model(bcfg, ecfg)  # on `device`; engine.dtype (null = model.dtype): the one dtype rule
     return HFChatGenerator(_MODELS[key], batch_size=int(gen_cfg.get("batch_size", HF_BATCH)),
-                           refill=bool(ecfg.get("refill")), packed_weights=ecfg.get("packed_weights", "auto"), **kw)
+                           refill=bool(ecfg.get("refill")), packed_weights=ecfg.get("packed_weights", "auto"),
+                           shared_prefix=ecfg.get("shared_prefix", True), **kw)
 
 
 def release_models() -> None:

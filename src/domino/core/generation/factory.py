@@ -13,13 +13,14 @@ from typing import Any
 
 ENGINES = ("hf", "vllm")
 # the keys of the one schema (conf/engine/*.yaml); batch_size is the caller's (resume granularity)
-HF_KEYS = ("device", "dtype", "num_threads", "packed_weights")
+HF_KEYS = ("device", "dtype", "num_threads", "packed_weights", "shared_prefix")
 VLLM_KEYS = ("tensor_parallel_size", "dtype", "gpu_memory_utilization", "max_model_len", "enforce_eager",
              "enable_prefix_caching", "extra")
 # settings of where and how fast a model runs, which change at most the float rounding of what it
 # outputs: left out of fingerprints (packed_weights: oneDNN on weights reordered once; at some row
-# counts it blocks a sum differently and a few bf16 outputs round differently, packed.py)
-RUNTIME_KEYS = ("device", "num_threads", "packed_weights")
+# counts it blocks a sum differently and a few bf16 outputs round differently, packed.py;
+# shared_prefix: a batch's common prompt prefix computed as one row, which rounds as a row alone does)
+RUNTIME_KEYS = ("device", "num_threads", "packed_weights", "shared_prefix")
 # how rows are scheduled into batches (continuous batching), which changes at most the rounding of
 # what is output: left out of the fingerprints of synthesis and curation (evaluation records it)
 SCHEDULE_KEYS = ("refill",)
@@ -79,10 +80,14 @@ def vllm_identity(bcfg: dict[str, Any], ecfg: dict[str, Any]) -> tuple[Any, dict
 
 
 def open_hf(model, tokenizer, params, ecfg: dict[str, Any]):
-    """An HFEngine on a loaded model with the schema's settings (batch_size, packed_weights)."""
+    """An HFEngine on a loaded model with the schema's settings (batch_size, packed_weights,
+    shared_prefix)."""
     from domino.core.generation.hf import HFEngine
+    shared = ecfg.get("shared_prefix", True)
+    if not isinstance(shared, bool):
+        raise ValueError(f"engine.shared_prefix={shared!r}: expected true or false")
     return HFEngine(model, tokenizer, params, batch_size=int(ecfg.get("batch_size", 32)),
-                    packed_weights=ecfg.get("packed_weights", "auto"))
+                    packed_weights=ecfg.get("packed_weights", "auto"), shared_prefix=shared)
 
 
 def vllm_kwargs(ecfg: dict[str, Any]) -> dict[str, Any]:

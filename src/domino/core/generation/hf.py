@@ -6,8 +6,9 @@ fresh cache filled with those tensors expanded along the batch axis (the stored 
 are never mutated). While a batch decodes, each layer's keys/values live in a buffer with spare
 columns (`BufferedLayer`): a step writes one column instead of re-copying the whole cache as
 `DynamicCache`'s concatenation does (that copy was 18% of a decoding step at batch 64 on the 0.5B,
-on a 2-core CPU). Per-sample prompts (few-shot) are
-left-padded and prefilled per batch. Finished rows are dropped from the batch (and from the cache)
+on a 2-core CPU). Per-sample prompts (few-shot, benchmark problems, chat
+conversations) are left-padded and prefilled per batch; the first tokens they all share (a chat
+template's system turn, an instruction) run once, as one row (`shared_prefix`). Finished rows are dropped from the batch (and from the cache)
 as soon as they finish; `generate_many` (prompts) and `generate_shared_many` (a shared prefix)
 also refill the freed rows with the next samples (continuous batching), so a batch does not decode
 for its longest row alone.
@@ -142,6 +143,29 @@ def buffered(cache, spare: int):
     return cache
 
 
+# fewest tokens a batch's prompts must share for `_prefill_prompts` to run them once, and what the
+# prefix's own forward costs beyond its tokens, in tokens (bench/forward_cost.py measured 27 on the
+# 0.5B in bf16 and 52 on SmolLM2 in fp32): sharing must save more than the prefix row and that
+MIN_SHARED, FORWARD_COST = 8, 32
+
+
+def _common_prefix(prompts: list[list[int]]) -> int:
+    """How many first tokens every prompt shares, at most the shortest prompt's length less one
+    (every row keeps a token of its own, whose logits start its decoding)."""
+    n = min(len(p) for p in prompts) - 1
+    first = prompts[0]
+    for i in range(max(n, 0)):
+        if any(p[i] != first[i] for p in prompts):
+            return i
+    return max(n, 0)
+
+
+def _live_width(mask: torch.Tensor) -> int:
+    """Columns from the earliest first unmasked column of any row to the end."""
+    first = (mask != 0).int().argmax(-1)  # a row's first 1 (0 for a row of zeros: it keeps the whole width)
+    return int(mask.shape[-1] - first.min())
+
+
 def eos_token_ids(model: nn.Module, tokenizer) -> list[int]:
     ids = set()
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -166,17 +190,19 @@ class HFEngine:
     name = "hf"
 
     def __init__(self, model: nn.Module, tokenizer, params: SamplingParams, batch_size: int = 32,
-                 packed_weights: bool | str = "auto"):
+                 packed_weights: bool | str = "auto", shared_prefix: bool = True):
         """`packed_weights` (engine.packed_weights): auto | true | false, whether each call runs the
         model's bf16 linear layers on weights reordered once for oneDNN in its decoding steps (at
         most `batch_size` rows; prefills run plain F.linear): packed.py, faster on a CPU, the same
         bits except at some row counts, where a few outputs round differently; auto = where
-        supported and the copies fit in memory."""
+        supported and the copies fit in memory. `shared_prefix` (engine.shared_prefix): whether the
+        first tokens a batch's prompts share are prefilled once (`_prefill_prompts`)."""
         from transformers import DynamicCache  # noqa: F401 - fail early on an old transformers
         if batch_size < 1:
             raise ValueError(f"engine.batch_size={batch_size} must be >= 1")
         self.model, self.tok, self.params, self.batch_size = model.eval(), tokenizer, params, batch_size
         self.pack = packed.should_pack(model, packed_weights)
+        self.shared_prefix = bool(shared_prefix)
         self.n_packed = 0  # layers the last call ran on packed weights, for tests and benchmarks
         self.device = next(model.parameters()).device
         self.dtype = model.get_input_embeddings().weight.dtype
@@ -221,12 +247,12 @@ class HFEngine:
         kv = [(layer.keys.detach(), layer.values.detach()) for layer in cache.layers]
         return SharedPrefix(kv=kv, logits=logits[0, -1], length=embeds.shape[0])
 
-    def _expand(self, prefix: SharedPrefix, B: int):
+    def _expand(self, kv: list[tuple[torch.Tensor, torch.Tensor]], B: int):
         from transformers import DynamicCache
 
         # update() concatenates onto an empty tensor, so each batch owns a copy; the stored prefix
         # tensors are only read
-        data = [(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in prefix.kv]
+        data = [(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in kv]
         return DynamicCache(ddp_cache_data=data, config=self.model.config)
 
     # ------------------------------------------------------------------ entry points
@@ -234,7 +260,7 @@ class HFEngine:
     def generate_shared(self, prefix: SharedPrefix, seeds: list[int]) -> list[Generation]:
         """One sample per seed, all continuing the same cached prefix."""
         B = len(seeds)
-        cache = self._expand(prefix, B)
+        cache = self._expand(prefix.kv, B)
         logits = prefix.logits[None].expand(B, -1).clone()
         pos = torch.full((B,), prefix.length, dtype=torch.long, device=self.device)
         return self._decode(cache, logits, pos, None, seeds)
@@ -279,7 +305,7 @@ class HFEngine:
             logits = prefix.logits.float()[None].repeat(n, 1)  # rows own their logits
             pos = torch.full((n,), prefix.length, dtype=torch.long, device=self.device)
             mask = torch.ones((n, prefix.length), dtype=torch.long, device=self.device)
-            return self._expand(prefix, n), logits, pos, mask, [seeds[i] for i in take]
+            return self._expand(prefix.kv, n), logits, pos, mask, [seeds[i] for i in take]
         return self._refill(list(range(len(seeds))), rows, on_result)
 
     def _refill(self, order: list[int], rows: Callable, on_result, stop_fns=None) -> list[Generation]:
@@ -306,37 +332,56 @@ class HFEngine:
         return [done[i] for i in range(len(order))]
 
     def _prefill_prompts(self, prompts: list[list[int]]):
-        """(cache, last logits, next positions, attention mask) of left-padded token-id prompts."""
-        B, T = len(prompts), max(len(p) for p in prompts)
+        """(cache, last logits, next positions, attention mask) of token-id prompts, left-padded.
+        With `shared_prefix`, the first tokens every prompt of the batch shares (a chat template's
+        system turn, an instruction; at least MIN_SHARED of them, and more in all than the prefix's
+        own forward costs) run once, as one row, and each row is that prefix's cache, then padding,
+        then its own left-padded rest: the padding sits between the two (masked out; positions
+        count real tokens only)."""
+        B = len(prompts)
+        shared = _common_prefix(prompts) if self.shared_prefix and B > 1 else 0
+        head = None
+        if shared >= MIN_SHARED and (B - 1) * shared > shared + FORWARD_COST:
+            _, head = self._prefill_forward(input_ids=torch.tensor([prompts[0][:shared]], device=self.device))
+            if not self.can_join(head):  # a cache that cannot be expanded and extended: the plain way
+                shared, head = 0, None
+            else:
+                head = self._expand([(layer.keys, layer.values) for layer in head.layers], B)
+        else:
+            shared = 0
+        rest = [p[shared:] for p in prompts]
+        T = max(len(p) for p in rest)
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
         ids = torch.full((B, T), pad, dtype=torch.long, device=self.device)
-        mask = torch.zeros((B, T), dtype=torch.long, device=self.device)
-        for i, p in enumerate(prompts):
+        mask = torch.ones((B, shared + T), dtype=torch.long, device=self.device)
+        for i, p in enumerate(rest):
             ids[i, T - len(p):] = torch.tensor(p, device=self.device)
-            mask[i, T - len(p):] = 1
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits, cache = self._prefill_forward(input_ids=ids, attention_mask=mask, position_ids=position_ids)
+            mask[i, shared:shared + T - len(p)] = 0
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
+        logits, cache = self._prefill_forward(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+                                              cache=head)
         self.n_prefill += 1
         return cache, logits[:, -1], mask.sum(-1), mask
 
-    def _prefill_forward(self, **inputs):
-        """(`last_logits`, the new KV cache) of a prefill (a prefix or prompts) into a fresh
-        DynamicCache, counted in n_forward and timed in prefill_s."""
+    def _prefill_forward(self, cache=None, **inputs):
+        """(`last_logits`, the KV cache) of a prefill (a prefix or prompts) into `cache` (default a
+        fresh DynamicCache), counted in n_forward and timed in prefill_s."""
         from transformers import DynamicCache
         t = time.perf_counter()
-        logits, out = last_logits(self.model, use_cache=True,
-                                  **cache_kwargs(self.model, DynamicCache(config=self.model.config)), **inputs)
+        cache = DynamicCache(config=self.model.config) if cache is None else cache
+        logits, out = last_logits(self.model, use_cache=True, **cache_kwargs(self.model, cache), **inputs)
         self.n_forward += 1
         self.prefill_s += time.perf_counter() - t
         return logits, output_cache(out)
 
     def _join(self, cache, mask: torch.Tensor, new_cache, new_mask: torch.Tensor):
         """The running batch's cache and mask with the new rows' appended below. Each side first
-        loses the leading columns no row of it uses any more (every row's mask is zeros, then
-        ones), then both are left-padded (zeros, masked out) to the longer: the width stays the
-        longest live row's, not everything the batch has decoded since it started."""
+        loses the leading columns no row of it uses any more (those before every row's first
+        unmasked column; a row's mask may have zeros after that, between a shared prefix and its
+        own tokens), then both are left-padded (zeros, masked out) to the longer: the width stays
+        the longest live row's, not everything the batch has decoded since it started."""
         from transformers import DynamicCache
-        need = (int(mask.sum(-1).max()), int(new_mask.sum(-1).max()))
+        need = (_live_width(mask), _live_width(new_mask))
         L = max(need)
 
         def fit(t: torch.Tensor, dim: int, keep: int) -> torch.Tensor:
