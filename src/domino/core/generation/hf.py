@@ -343,7 +343,9 @@ class HFEngine:
         head = None
         if shared >= MIN_SHARED and (B - 1) * shared > shared + FORWARD_COST:
             _, head = self._prefill_forward(input_ids=torch.tensor([prompts[0][:shared]], device=self.device))
-            if not self.can_join(head):  # a cache that cannot be expanded and extended: the plain way
+            # plain key/value layers only: a sliding window counts columns, and the padding between
+            # the prefix and a row's tokens would take some of its width
+            if not all(type(layer).__name__ == "DynamicLayer" for layer in head.layers):
                 shared, head = 0, None
             else:
                 head = self._expand([(layer.keys, layer.values) for layer in head.layers], B)
