@@ -54,6 +54,13 @@ PROGRAMS = {"sleeper": (SLEEPER, 1), "setsid-daemon": (DAEMON, 2)}  # program, l
 IGNORE_ALARM = "signal.signal(signal.SIGALRM, signal.SIG_IGN)"
 
 
+@pytest.fixture(autouse=True)
+def _harness_temp_dir(tmp_path, monkeypatch):
+    """A harness killed on purpose cannot remove its scratch directory (the job and the program's
+    stderr): the harness subprocesses make theirs under this test's tmp_path, not in /tmp."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+
+
 def _procs():
     """pid -> (ppid, state, starttime, comm) of every process, read from /proc/<pid>/stat."""
     out = {}

@@ -6,12 +6,12 @@ fresh cache filled with those tensors expanded along the batch axis (the stored 
 are never mutated). While a batch decodes, each layer's keys/values live in a buffer with spare
 columns (`BufferedLayer`): a step writes one column instead of re-copying the whole cache as
 `DynamicCache`'s concatenation does (that copy was 18% of a decoding step at batch 64 on the 0.5B,
-on a 2-core CPU). Per-sample prompts (few-shot, benchmark problems, chat
-conversations) are left-padded and prefilled per batch; the first tokens they all share (a chat
-template's system turn, an instruction) run once, as one row (`shared_prefix`). Finished rows are dropped from the batch (and from the cache)
-as soon as they finish; `generate_many` (prompts) and `generate_shared_many` (a shared prefix)
-also refill the freed rows with the next samples (continuous batching), so a batch does not decode
-for its longest row alone.
+on a 2-core CPU). Per-sample prompts (few-shot, benchmark problems, chat conversations) are
+left-padded and prefilled per batch; the first tokens they all share (a chat template's system
+turn, an instruction) run once, as one row (`shared_prefix`). Finished rows are dropped from the
+batch (and from the cache) as soon as they finish; `generate_many` (prompts) and
+`generate_shared_many` (a shared prefix) also refill the freed rows with the next samples
+(continuous batching), so a batch does not decode for its longest row alone.
 
 Each row draws its random numbers from its own generator seeded by its sample seed, so a sample
 does not depend on which other samples share its batch (up to float rounding).
