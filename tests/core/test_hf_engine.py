@@ -666,3 +666,13 @@ def test_common_prefix_and_live_width():
     assert _live_width(torch.tensor([[0, 0, 1, 1], [0, 1, 0, 1]])) == 3
     assert _live_width(torch.tensor([[1, 0, 0, 1], [0, 0, 1, 1]])) == 4
     assert _live_width(torch.tensor([[0, 0, 0, 1]])) == 1
+
+
+def test_no_shared_prompt_prefix_over_sliding_window_layers(tiny_backbone):
+    """A sliding window counts cache columns: the padding between a shared prefix and a row's own
+    tokens would take some of it, so such a model prefills every prompt whole."""
+    from transformers import MistralConfig, MistralForCausalLM
+    cfg = MistralConfig(vocab_size=tiny_backbone.model.config.vocab_size, hidden_size=32, intermediate_size=64,
+                        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, sliding_window=16)
+    windowed = HFEngine(MistralForCausalLM(cfg), tiny_backbone.tokenizer, SamplingParams())
+    assert not windowed.shared_prefix and engine(tiny_backbone).shared_prefix

@@ -196,13 +196,17 @@ class HFEngine:
         most `batch_size` rows; prefills run plain F.linear): packed.py, faster on a CPU, the same
         bits except at some row counts, where a few outputs round differently; auto = where
         supported and the copies fit in memory. `shared_prefix` (engine.shared_prefix): whether the
-        first tokens a batch's prompts share are prefilled once (`_prefill_prompts`)."""
-        from transformers import DynamicCache  # noqa: F401 - fail early on an old transformers
+        first tokens a batch's prompts share are prefilled once (`_prefill_prompts`; a model whose
+        cache has other than plain key/value layers never does)."""
+        from transformers import DynamicCache  # fails early on an old transformers
         if batch_size < 1:
             raise ValueError(f"engine.batch_size={batch_size} must be >= 1")
         self.model, self.tok, self.params, self.batch_size = model.eval(), tokenizer, params, batch_size
         self.pack = packed.should_pack(model, packed_weights)
-        self.shared_prefix = bool(shared_prefix)
+        # plain key/value layers only (the cache's layer kinds follow the config): a sliding window
+        # counts columns, and the padding between the prefix and a row's tokens would take some of it
+        self.shared_prefix = bool(shared_prefix) and all(
+            type(layer).__name__ == "DynamicLayer" for layer in DynamicCache(config=model.config).layers)
         self.n_packed = 0  # layers the last call ran on packed weights, for tests and benchmarks
         self.device = next(model.parameters()).device
         self.dtype = model.get_input_embeddings().weight.dtype
@@ -340,17 +344,12 @@ class HFEngine:
         count real tokens only)."""
         B = len(prompts)
         shared = _common_prefix(prompts) if self.shared_prefix and B > 1 else 0
-        head = None
-        if shared >= MIN_SHARED and (B - 1) * shared > shared + FORWARD_COST:
-            _, head = self._prefill_forward(input_ids=torch.tensor([prompts[0][:shared]], device=self.device))
-            # plain key/value layers only: a sliding window counts columns, and the padding between
-            # the prefix and a row's tokens would take some of its width
-            if not all(type(layer).__name__ == "DynamicLayer" for layer in head.layers):
-                shared, head = 0, None
-            else:
-                head = self._expand([(layer.keys, layer.values) for layer in head.layers], B)
-        else:
+        if shared < MIN_SHARED or (B - 1) * shared <= shared + FORWARD_COST:
             shared = 0
+        head = None
+        if shared:
+            _, one = self._prefill_forward(input_ids=torch.tensor([prompts[0][:shared]], device=self.device))
+            head = self._expand([(layer.keys, layer.values) for layer in one.layers], B)
         rest = [p[shared:] for p in prompts]
         T = max(len(p) for p in rest)
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0

@@ -82,7 +82,7 @@ def stop_after(g: Generation, fn: StopFn | None) -> Generation:
     """`fn` applied to a generation decoded to its end (an engine that cannot stop a row on a
     callable, vLLM): asked at each line break of the text in order, as HFEngine asks while decoding;
     its first answer cuts the text (the tokens stay all those decoded)."""
-    if fn is None or g.finish_reason == "stop" and g.stop_reason == "stop_fn":
+    if fn is None:
         return g
     at = g.text.find("\n")
     while at >= 0:
